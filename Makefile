@@ -1,0 +1,38 @@
+# fedasr — `make install`, `make test`, `make demo`. Each installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FEDASR := $(VENV)/bin/fedasr
+STAMP := $(VENV)/.installed
+# The CPU wheel is enough here; on a GPU machine install your CUDA build of torch first.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= demo
+PYTEST_ARGS ?=
+
+.PHONY: install test demo system-deps clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml scripts/install_system_deps.sh
+	scripts/install_system_deps.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+system-deps:
+	scripts/install_system_deps.sh
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The main job on the embedded default: synthetic corpus -> federation.
+demo: $(STAMP)
+	$(FEDASR) synth --out $(DEMO_DIR)/corpus --speakers 24 --utterances-per-speaker 50 --domain small --seed 0 --overwrite
+	$(FEDASR) shard --corpus $(DEMO_DIR)/corpus/LibriSpeech --train-split train --dev-split dev \
+	    --test-split test-clean --test-split test-other --by speaker --vocab-size 128 \
+	    --out $(DEMO_DIR)/federation --overwrite
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

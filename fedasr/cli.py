@@ -1,0 +1,160 @@
+"""The `fedasr` command line: one subcommand per pipeline stage."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fedasr import __version__
+from fedasr.errors import FedasrError
+
+app = typer.Typer(
+    name="fedasr",
+    help="Pruning federated speech-recognition models: synth → shard → train → prune → eval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False,
+        disable=not err_console.is_terminal and os.environ.get("FEDASR_PROGRESS") != "1",
+    )
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"fedasr {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """fedasr — federated pruning of Conformer-Transducer speech recognisers."""
+
+
+def default_jobs() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+@app.command()
+def synth(
+    out: Path = typer.Option(..., "--out", help="Root directory; the corpus is written to OUT/LibriSpeech."),
+    speakers: int = typer.Option(24, help="Training speakers (seen in train, dev and test-clean)."),
+    utterances_per_speaker: int = typer.Option(50, help="Training utterances per speaker."),
+    test_other_speakers: Optional[int] = typer.Option(None, help="Unseen speakers for test-other [default: speakers/4]."),
+    dev_per_speaker: Optional[int] = typer.Option(None, help="Dev utterances per speaker [default: utts/10]."),
+    test_per_speaker: Optional[int] = typer.Option(None, help="test-clean utterances per speaker [default: utts/10]."),
+    chapters_per_speaker: int = typer.Option(3, help="Chapters per speaker and split."),
+    domain: str = typer.Option("small", help="Text domain: 'small' (≤200 words: digits, times, dates, "
+                               "commands) or 'open' (≥1000-word grammar, hard)."),
+    seed: int = typer.Option(0, help="Seed for voices, texts and noise."),
+    jobs: int = typer.Option(default_jobs(), help="Parallel TTS processes."),
+    overwrite: bool = typer.Option(False, help="Replace an existing OUT/LibriSpeech."),
+) -> None:
+    """Generate a synthetic LibriSpeech-layout corpus with text-to-speech (espeak-ng/flite)."""
+    from fedasr.data import synth as S
+
+    t0 = time.time()
+    plan = S.plan_corpus(speakers, utterances_per_speaker, seed, domain, test_other_speakers,
+                         dev_per_speaker, test_per_speaker, chapters_per_speaker)
+    with progress_bar() as prog:
+        task = prog.add_task("synthesizing", total=len(plan.utterances))
+        summary = S.synthesize_corpus(out, plan, jobs=jobs, overwrite=overwrite,
+                                      progress=lambda n: prog.advance(task, n))
+    table = Table(title=f"Synthetic corpus ({domain} domain) — {out / 'LibriSpeech'}")
+    for col in ("split", "speakers", "utterances", "hours"):
+        table.add_column(col, justify="right" if col != "split" else "left")
+    for split in S.SPLITS:
+        if split in summary:
+            s = summary[split]
+            table.add_row(split, str(s["speakers"]), str(s["utterances"]), f"{s['hours']:.3f}")
+    total = sum(s["hours"] for s in summary.values())
+    table.add_row("total", "", str(sum(s["utterances"] for s in summary.values())), f"{total:.3f}")
+    console.print(table)
+    console.print(f"generated {total:.2f} h of audio in {time.time() - t0:.1f} s")
+
+
+@app.command()
+def shard(
+    corpus: Path = typer.Option(..., help="LibriSpeech root (the directory holding the split folders)."),
+    out: Path = typer.Option(..., help="Federation directory to create."),
+    train_split: list[str] = typer.Option(..., "--train-split", help="Training split (repeatable)."),
+    dev_split: list[str] = typer.Option([], "--dev-split", help="Dev split (repeatable)."),
+    test_split: list[str] = typer.Option([], "--test-split", help="Test split (repeatable)."),
+    by: str = typer.Option("speaker", help="Partition: speaker, chapter, iid, dirichlet."),
+    num_clients: Optional[int] = typer.Option(None, help="Clients for iid/dirichlet."),
+    alpha: float = typer.Option(0.5, help="Dirichlet concentration (dirichlet only)."),
+    min_utterances: int = typer.Option(1, help="Drop clients with fewer utterances."),
+    max_clients: Optional[int] = typer.Option(None, help="Keep a seeded random subset of this many clients."),
+    seed: int = typer.Option(0, help="Seed for iid/dirichlet partitions and client subsets."),
+    vocab_size: int = typer.Option(256, help="SentencePiece vocabulary size (including blank and unk)."),
+    tokenizer_type: str = typer.Option("unigram", help="SentencePiece model type: unigram or bpe."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Use this SentencePiece model instead of training one."),
+    skip_invalid: bool = typer.Option(False, help="Drop bad utterances (listed in federation.yaml) instead of failing."),
+    jobs: int = typer.Option(default_jobs(), help="Parallel workers for scanning and features."),
+    overwrite: bool = typer.Option(False, help="Replace an existing federation directory."),
+) -> None:
+    """Shard a LibriSpeech-layout corpus into federated pseudo-clients (+ tokenizer, features)."""
+    from fedasr.data.federation import ShardOptions
+    from fedasr.data.federation import shard as do_shard
+
+    t0 = time.time()
+    opts = ShardOptions(corpus=corpus, train_splits=list(train_split), dev_splits=list(dev_split),
+                        test_splits=list(test_split), out=out, scheme=by, num_clients=num_clients,
+                        alpha=alpha, min_utterances=min_utterances, max_clients=max_clients, seed=seed,
+                        vocab_size=vocab_size, tokenizer_type=tokenizer_type, tokenizer=tokenizer,
+                        skip_invalid=skip_invalid, jobs=jobs, overwrite=overwrite)
+    with err_console.status("sharding") as status:
+        meta = do_shard(opts, log=lambda s: status.update(s))
+    s = meta["summary"]
+    table = Table(title=f"Federation {out} — by {by}")
+    table.add_column("")
+    for col in ("count", "min", "median", "max", "total"):
+        table.add_column(col, justify="right")
+    table.add_row("utterances / client", str(s["clients"]), str(s["utterances_per_client"]["min"]),
+                  f"{s['utterances_per_client']['median']:g}", str(s["utterances_per_client"]["max"]),
+                  str(s["utterances"]))
+    table.add_row("hours / client", "", f"{s['hours_per_client']['min']:.4f}",
+                  f"{s['hours_per_client']['median']:.4f}", f"{s['hours_per_client']['max']:.4f}",
+                  f"{s['hours']:.3f}")
+    for split, e in meta["eval"].items():
+        table.add_row(f"{e['role']}: {split}", str(e["utterances"]), "", "", "", f"{e['hours']:.3f} h")
+    console.print(table)
+    if meta["dropped"]:
+        console.print(f"[yellow]dropped {len(meta['dropped'])} invalid utterances (see federation.yaml)")
+    if meta["excluded_clients"]:
+        console.print(f"[yellow]excluded {len(meta['excluded_clients'])} clients by --min-utterances/--max-clients")
+    console.print(f"tokenizer: {meta['tokenizer']['vocab_size']} pieces; sharded in {time.time() - t0:.1f} s")
+
+
+def main() -> None:
+    try:
+        app()
+    except FedasrError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

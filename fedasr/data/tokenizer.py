@@ -1,0 +1,94 @@
+"""SentencePiece tokenizer with the RNN-T blank at id 0.
+
+The model is trained with ``pad_id=0`` renamed ``<blk>`` (the transducer blank, never
+produced by encoding), ``unk_id=1`` and no BOS/EOS, so token ids index the model's
+output layer directly.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+
+from fedasr.errors import FedasrError
+from fedasr.fsutil import atomic_write_bytes
+
+BLANK_ID = 0
+MODEL_TYPES = ("unigram", "bpe")
+
+
+class Tokenizer:
+    def __init__(self, model_proto: bytes, source: str = "<memory>"):
+        self.proto = model_proto
+        self.source = source
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(model_proto)
+        except Exception:
+            raise FedasrError(f"{source}: not a SentencePiece model") from None
+        if self.sp.id_to_piece(BLANK_ID) != "<blk>" or self.sp.pad_id() != BLANK_ID:
+            raise FedasrError(
+                f"{source}: SentencePiece model must reserve id 0 for the blank "
+                "(train it with pad_id=0, pad_piece=<blk>, e.g. with `fedasr shard`)"
+            )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise FedasrError(f"{path}: tokenizer model does not exist")
+        return cls(path.read_bytes(), str(path))
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_bytes(path, self.proto)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text, out_type=int)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids if i != BLANK_ID])
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, model_type: str = "unigram") -> Tokenizer:
+    """Train a SentencePiece model on ``texts`` (deterministic for the same texts)."""
+    if model_type not in MODEL_TYPES:
+        raise FedasrError(f"--tokenizer-type: unknown type {model_type!r} (choose from {', '.join(MODEL_TYPES)})")
+    if vocab_size < 3:
+        raise FedasrError(f"--vocab-size: must be at least 3, got {vocab_size}")
+    if not texts:
+        raise FedasrError("--vocab-size: no training transcripts to train a tokenizer on")
+    buf = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=buf,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=1.0,
+            pad_id=BLANK_ID,
+            pad_piece="<blk>",
+            unk_id=1,
+            bos_id=-1,
+            eos_id=-1,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            num_threads=1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        m = re.search(r"value <= (\d+)", str(e))
+        if m:
+            raise FedasrError(
+                f"--vocab-size: {vocab_size} is larger than the training transcripts allow "
+                f"(at most {m.group(1)} for {model_type})"
+            ) from None
+        raise FedasrError(f"--vocab-size: SentencePiece training failed: {str(e).splitlines()[0]}") from None
+    return Tokenizer(buf.getvalue(), "<trained>")
