@@ -1,0 +1,213 @@
+"""`fedasr shard`: a LibriSpeech-layout corpus -> a federation directory.
+
+Layout of ``FED_DIR``::
+
+    federation.yaml            source, scheme, seed, clients, eval splits, dropped utterances
+    tokenizer.model            SentencePiece model (blank = id 0)
+    cmvn.json                  global mean/std of the training clients' fbank features
+    clients/CLIENT.jsonl.gz    one lhotse CutSet per client (with stored features)
+    eval/SPLIT.jsonl.gz        dev and test CutSets
+    feats/                     lilcom-compressed fbank features
+
+The directory is built under a temporary name and renamed into place at the end: on any
+error nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+from lhotse import CutSet
+
+from fedasr.data import partition as part
+from fedasr.data.corpus import Problem, scan_split
+from fedasr.data.features import GlobalCMVN, compute_features, load_manifest
+from fedasr.data.tokenizer import Tokenizer, train_tokenizer
+from fedasr.errors import FedasrError
+from fedasr.fsutil import atomic_dir
+
+FEDERATION_FILE = "federation.yaml"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ShardOptions:
+    corpus: Path
+    train_splits: list[str]
+    dev_splits: list[str]
+    test_splits: list[str]
+    out: Path
+    scheme: str = "speaker"
+    num_clients: int | None = None
+    alpha: float = 0.5
+    min_utterances: int = 1
+    max_clients: int | None = None
+    seed: int = 0
+    vocab_size: int = 256
+    tokenizer_type: str = "unigram"
+    tokenizer: Path | None = None
+    skip_invalid: bool = False
+    jobs: int = 2
+    overwrite: bool = False
+
+
+def _hours(cuts: CutSet) -> float:
+    return sum(c.duration for c in cuts) / 3600
+
+
+def shard(opts: ShardOptions, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Build the federation directory; returns the federation.yaml content."""
+    if not opts.train_splits:
+        raise FedasrError("--train-split: at least one training split is required")
+    names = opts.train_splits + opts.dev_splits + opts.test_splits
+    dupes = sorted({s for s in names if names.count(s) > 1})
+    if dupes:
+        raise FedasrError(f"--train-split/--dev-split/--test-split: split {dupes[0]!r} given twice")
+    corpus = Path(opts.corpus).resolve()
+    if not corpus.is_dir():
+        raise FedasrError(f"{opts.corpus}: corpus directory does not exist")
+    if opts.out.exists() and not opts.overwrite:
+        raise FedasrError(f"{opts.out}: already exists (use --overwrite to replace it)")
+    if opts.scheme in ("iid", "dirichlet") and opts.num_clients is not None and opts.num_clients < 1:
+        raise FedasrError(f"--num-clients: must be at least 1, got {opts.num_clients}")
+    given_tok = Tokenizer.load(opts.tokenizer) if opts.tokenizer else None
+
+    dropped: list[Problem] = []
+    scans = {}
+    for split in names:
+        log(f"scanning {split}")
+        scan = scan_split(corpus, split, skip_invalid=opts.skip_invalid, jobs=opts.jobs)
+        scans[split] = scan
+        dropped.extend(scan.dropped)
+
+    train = CutSet.from_cuts(c for s in opts.train_splits for c in scans[s].cuts)
+    utts = [part.Utt(c.id, c.supervisions[0].speaker, c.supervisions[0].custom["chapter"], c.duration)
+            for c in train]
+    partition = part.partition(utts, opts.scheme, seed=opts.seed, num_clients=opts.num_clients,
+                               alpha=opts.alpha, min_utterances=opts.min_utterances,
+                               max_clients=opts.max_clients)
+    kept_ids = {u for ids in partition.clients.values() for u in ids}
+    train_texts = [c.supervisions[0].text for c in train if c.id in kept_ids]
+    if given_tok is None:
+        log("training tokenizer")
+        tokenizer = train_tokenizer(train_texts, opts.vocab_size, opts.tokenizer_type)
+    else:
+        tokenizer = given_tok
+
+    with atomic_dir(opts.out, overwrite=opts.overwrite) as tmp:
+        tokenizer.save(tmp / "tokenizer.model")
+        log("computing features (train)")
+        train_feats = compute_features(train.subset(cut_ids=sorted(kept_ids)), tmp, "train", opts.jobs)
+        by_id = {c.id: c for c in train_feats}
+        clients_meta = {}
+        (tmp / "clients").mkdir()
+        for name, ids in partition.clients.items():
+            cs = CutSet.from_cuts(by_id[i] for i in ids)
+            cs.to_file(tmp / "clients" / f"{name}.jsonl.gz")
+            clients_meta[name] = {
+                "manifest": f"clients/{name}.jsonl.gz",
+                "utterances": len(ids),
+                "hours": round(_hours(cs), 5),
+                "speakers": sorted({c.supervisions[0].speaker for c in cs}),
+            }
+        log("normalisation statistics")
+        cmvn = GlobalCMVN.from_cuts(CutSet.from_cuts(c for c in train_feats).with_features_path_prefix(str(tmp.resolve())))
+        cmvn.save(tmp / "cmvn.json")
+        eval_meta = {}
+        (tmp / "eval").mkdir()
+        for role, splits in (("dev", opts.dev_splits), ("test", opts.test_splits)):
+            for split in splits:
+                log(f"computing features ({split})")
+                cs = compute_features(scans[split].cuts, tmp, split, opts.jobs)
+                cs.to_file(tmp / "eval" / f"{split}.jsonl.gz")
+                eval_meta[split] = {
+                    "role": role,
+                    "manifest": f"eval/{split}.jsonl.gz",
+                    "utterances": len(cs),
+                    "hours": round(_hours(cs), 5),
+                    "speakers": len({c.supervisions[0].speaker for c in cs}),
+                }
+        sizes = [m["utterances"] for m in clients_meta.values()]
+        hours = [m["hours"] for m in clients_meta.values()]
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "source": {"corpus": str(corpus), "train_splits": opts.train_splits,
+                       "dev_splits": opts.dev_splits, "test_splits": opts.test_splits},
+            "scheme": {"by": opts.scheme, "num_clients": opts.num_clients,
+                       "alpha": opts.alpha if opts.scheme == "dirichlet" else None,
+                       "min_utterances": opts.min_utterances, "max_clients": opts.max_clients},
+            "seed": opts.seed,
+            "tokenizer": {"file": "tokenizer.model", "vocab_size": tokenizer.vocab_size,
+                          "type": opts.tokenizer_type if given_tok is None else "given",
+                          "source": str(opts.tokenizer) if opts.tokenizer else "trained on training clients",
+                          "blank_id": 0},
+            "features": {"type": "fbank", "num_mel_bins": 80, "frame_shift": 0.01,
+                         "storage": "lilcom_chunky", "cmvn": "cmvn.json"},
+            "summary": {
+                "clients": len(sizes),
+                "utterances": sum(sizes),
+                "hours": round(sum(hours), 5),
+                "utterances_per_client": {"min": min(sizes), "median": statistics.median(sizes),
+                                          "max": max(sizes)},
+                "hours_per_client": {"min": min(hours), "median": statistics.median(hours),
+                                     "max": max(hours)},
+            },
+            "clients": clients_meta,
+            "eval": eval_meta,
+            "excluded_clients": partition.excluded_clients,
+            "dropped": [{"path": p.path, "reason": p.reason} for p in dropped],
+        }
+        (tmp / FEDERATION_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+    return meta
+
+
+class Federation:
+    """Read access to a federation directory made by :func:`shard`."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        meta_path = self.root / FEDERATION_FILE
+        if not meta_path.is_file():
+            raise FedasrError(f"{self.root}: not a federation directory ({FEDERATION_FILE} missing)")
+        try:
+            self.meta = yaml.safe_load(meta_path.read_text())
+            self.meta["clients"], self.meta["eval"]  # noqa: B018 - presence check
+        except (yaml.YAMLError, KeyError, TypeError) as e:
+            raise FedasrError(f"{meta_path}: unreadable federation file ({e})") from None
+        self._tokenizer: Tokenizer | None = None
+        self._cmvn: GlobalCMVN | None = None
+
+    @property
+    def client_ids(self) -> list[str]:
+        return list(self.meta["clients"])
+
+    @property
+    def eval_splits(self) -> dict[str, dict]:
+        return self.meta["eval"]
+
+    def client_cuts(self, client: str) -> CutSet:
+        if client not in self.meta["clients"]:
+            raise FedasrError(f"{self.root}: unknown client {client!r}")
+        return load_manifest(self.root / self.meta["clients"][client]["manifest"], self.root)
+
+    def split_cuts(self, split: str) -> CutSet:
+        if split not in self.meta["eval"]:
+            raise FedasrError(
+                f"--split: unknown split {split!r} (federation has: {', '.join(self.meta['eval']) or 'none'})")
+        return load_manifest(self.root / self.meta["eval"][split]["manifest"], self.root)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.load(self.root / self.meta["tokenizer"]["file"])
+        return self._tokenizer
+
+    @property
+    def cmvn(self) -> GlobalCMVN:
+        if self._cmvn is None:
+            self._cmvn = GlobalCMVN.load(self.root / self.meta["features"]["cmvn"])
+        return self._cmvn
