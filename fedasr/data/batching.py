@@ -7,6 +7,7 @@ same (seed, epoch) always gives the same batches.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -94,8 +95,18 @@ class AsrDataset:
     def batches(self, max_duration: float, seed: int = 0, epoch: int = 0, shuffle: bool = True,
                 num_buckets: int = 4, max_cuts: int | None = None) -> Iterator[Batch]:
         """One epoch of duration-bucketed batches; SpecAugment (if set) seeded by (seed, epoch)."""
+        with warnings.catch_warnings():
+            # lhotse warns that eager CutSets gain nothing from dynamic samplers; clients are small
+            warnings.filterwarnings("ignore", message=".*eagerly read CutSet.*")
+            sampler = self._sampler(max_duration, seed, shuffle, num_buckets, max_cuts)
+        sampler.set_epoch(epoch)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        for batch_cuts in sampler:
+            yield self.collate(list(batch_cuts), gen if self.spec_augment else None)
+
+    def _sampler(self, max_duration, seed, shuffle, num_buckets, max_cuts):
         if num_buckets > 1 and len(self.cuts) > 1:
-            sampler = DynamicBucketingSampler(
+            return DynamicBucketingSampler(
                 self.cuts, max_duration=max_duration, max_cuts=max_cuts, shuffle=shuffle,
                 num_buckets=min(num_buckets, len(self.cuts)), seed=seed, drop_last=False,
                 world_size=1, rank=0,
@@ -104,7 +115,4 @@ class AsrDataset:
             cuts = self.cuts if shuffle else self.cuts.sort_by_duration()
             sampler = DynamicCutSampler(cuts, max_duration=max_duration, max_cuts=max_cuts,
                                         shuffle=shuffle, seed=seed, drop_last=False, world_size=1, rank=0)
-        sampler.set_epoch(epoch)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        for batch_cuts in sampler:
-            yield self.collate(list(batch_cuts), gen if self.spec_augment else None)
+        return sampler

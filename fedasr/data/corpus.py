@@ -18,6 +18,7 @@ from pathlib import Path
 import soundfile as sf
 from lhotse import CutSet, RecordingSet, SupervisionSet
 from lhotse.recipes.librispeech import parse_utterance
+from lhotse.utils import fastcopy
 
 from fedasr.errors import FedasrError
 
@@ -147,4 +148,6 @@ def scan_split(corpus: str | Path, split: str, skip_invalid: bool = False, jobs:
         recordings=RecordingSet.from_recordings(recordings),
         supervisions=SupervisionSet.from_segments(supervisions),
     )
+    # one cut per utterance, named by the LibriSpeech utterance id
+    cuts = CutSet.from_cuts(fastcopy(c, id=c.supervisions[0].id) for c in cuts)
     return SplitScan(split, cuts, problems)

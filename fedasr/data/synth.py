@@ -218,7 +218,7 @@ def _run_tts(voice: Voice, text: str) -> np.ndarray:
         raise FedasrError(f"{voice.engine}: failed for voice {voice.voice}: "
                           f"{tts.stderr.decode(errors='replace').strip()[:200]}")
     conv = subprocess.run(
-        ["sox", "-q", "-t", "wav", "-", "-t", "wav", "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", "-"],
+        ["sox", "-q", "-D", "-t", "wav", "-", "-t", "wav", "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", "-"],
         input=tts.stdout, capture_output=True, check=False,
     )
     if conv.returncode != 0:

@@ -1,0 +1,37 @@
+"""Shared fixtures: one small synthetic corpus and its federation, built once per session."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedasr.data import synth
+from fedasr.data.federation import ShardOptions, shard
+
+os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+def run_cli(*args, cwd=None, timeout=600):
+    """Run the real `fedasr` CLI in a subprocess; returns CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "fedasr.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """4 training speakers x 12 utterances (+dev/test), 1 unseen test-other speaker."""
+    root = tmp_path_factory.mktemp("corpus")
+    plan = synth.plan_corpus(speakers=4, utterances_per_speaker=12, seed=7, domain="small",
+                             test_other_speakers=1, dev_per_speaker=2, test_per_speaker=2)
+    synth.synthesize_corpus(root, plan, jobs=2)
+    return root / "LibriSpeech"
+
+
+@pytest.fixture(scope="session")
+def federation(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fed") / "federation"
+    shard(ShardOptions(corpus=corpus, train_splits=["train"], dev_splits=["dev"],
+                       test_splits=["test-clean", "test-other"], out=out, vocab_size=48, jobs=2))
+    return out
