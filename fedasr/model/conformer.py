@@ -1,0 +1,280 @@
+"""Conformer encoder.
+
+The layer math follows the Conformer paper (Gulati et al., 2020) in the form used by
+``torchaudio.models.Conformer``: macaron feed-forward halves around multi-head
+self-attention and a convolution module, followed by a final LayerNorm. Positional
+information is added once, after the subsampling front end, so every
+:class:`ConformerLayer` computes exactly what a torchaudio ``ConformerLayer`` computes
+(given the same weights; torchaudio's convolution module has no biases, ours does).
+
+Differences from torchaudio that matter for variable-length batches:
+
+* padded frames are zeroed before the depthwise convolution, so padding never leaks
+  into valid frames (an utterance's output is the same alone or padded in a batch);
+* in training mode the convolution module's BatchNorm computes its batch statistics
+  (and updates its running statistics) over valid frames only.
+
+Parameter names are part of the public interface: pruning masks, group tables and
+checkpoints key on them. See :mod:`fedasr.model.groups`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedasr.model.transducer import ModelConfig
+
+__all__ = [
+    "Conv2dSubsampling",
+    "SinusoidalPositionalEncoding",
+    "FeedForward",
+    "SelfAttention",
+    "MaskedBatchNorm1d",
+    "ConvModule",
+    "ConformerLayer",
+    "ConformerEncoder",
+    "lengths_to_mask",
+]
+
+
+def lengths_to_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Boolean mask ``(B, max_len)``, True on valid frames."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class Conv2dSubsampling(nn.Module):
+    """Two stride-2 3x3 convolutions (4x time reduction) and a linear projection.
+
+    Input ``(B, T, F)``; output ``(B, T', d_model)`` with
+    ``T' = output_lengths(T)``. Inputs shorter than 7 frames are right-padded so the
+    convolutions run; their output length is 0.
+    """
+
+    MIN_FRAMES = 7
+
+    def __init__(self, num_features: int = 80, channels: int = 64, d_model: int = 144) -> None:
+        super().__init__()
+        if num_features < 7:
+            raise ValueError(f"num_features must be >= 7 for Conv2dSubsampling, got {num_features}")
+        self.num_features = num_features
+        self.channels = channels
+        self.conv1 = nn.Conv2d(1, channels, kernel_size=3, stride=2)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, stride=2)
+        self.out_features = self._reduce(self._reduce(num_features))
+        self.linear = nn.Linear(channels * self.out_features, d_model)
+
+    @staticmethod
+    def _reduce(n):
+        # kernel 3, stride 2, no padding: floor((n - 3) / 2) + 1 == floor((n - 1) / 2)
+        return (n - 1) // 2
+
+    @staticmethod
+    def output_lengths(lengths):
+        """Exact number of output frames for ``lengths`` input frames (int or tensor)."""
+        if isinstance(lengths, torch.Tensor):
+            out = torch.div(torch.div(lengths - 1, 2, rounding_mode="floor") - 1, 2, rounding_mode="floor")
+            return out.clamp(min=0)
+        return max(0, (((lengths - 1) // 2) - 1) // 2)
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if feats.size(1) < self.MIN_FRAMES:
+            feats = F.pad(feats, (0, 0, 0, self.MIN_FRAMES - feats.size(1)))
+        x = feats.unsqueeze(1)  # (B, 1, T, F)
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))  # (B, C, T', F')
+        b, c, t, f = x.shape
+        x = x.transpose(1, 2).reshape(b, t, c * f)
+        return self.linear(x), self.output_lengths(lengths)
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """Adds the fixed sinusoidal encoding of Vaswani et al. (no learned parameters)."""
+
+    def __init__(self, d_model: int, max_len: int = 2000) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.register_buffer("pe", self._table(max_len), persistent=False)
+
+    def _table(self, length: int) -> torch.Tensor:
+        pos = torch.arange(length, dtype=torch.float32)[:, None]
+        div = torch.exp(torch.arange(0, self.d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / self.d_model))
+        pe = torch.zeros(length, self.d_model)
+        pe[:, 0::2] = torch.sin(pos * div)
+        pe[:, 1::2] = torch.cos(pos * div)[:, : self.d_model // 2]
+        return pe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.size(1)
+        if t > self.pe.size(0):
+            self.pe = self._table(max(t, 2 * self.pe.size(0))).to(self.pe.device)
+        return x + self.pe[:t].to(dtype=x.dtype)[None]
+
+
+class FeedForward(nn.Module):
+    """LayerNorm -> Linear(d, ffn) -> SiLU -> Dropout -> Linear(ffn, d) -> Dropout."""
+
+    def __init__(self, d_model: int, ffn_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(F.silu(self.linear1(self.norm(x))))
+        return self.dropout(self.linear2(x))
+
+
+class SelfAttention(nn.Module):
+    """Pre-norm multi-head self-attention with a key-padding mask.
+
+    Head ``h`` uses rows ``h*d_head:(h+1)*d_head`` of ``q_proj``/``k_proj``/``v_proj``
+    and the same columns of ``out_proj``.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % num_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.d_head = d_model // num_heads
+        self.norm = nn.LayerNorm(d_model)
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.attn_dropout = dropout
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x`` (B, T, d); ``mask`` (B, T) bool, True on valid frames (None: all valid)."""
+        b, t, _ = x.shape
+        h = self.norm(x)
+
+        def split(proj: nn.Linear) -> torch.Tensor:
+            return proj(h).view(b, t, self.num_heads, self.d_head).transpose(1, 2)
+
+        q, k, v = split(self.q_proj), split(self.k_proj), split(self.v_proj)
+        attn_mask = None
+        if mask is not None:
+            # A query of an utterance with no valid frame would see no key at all (NaN);
+            # let it see the first frame. Its outputs are padding and never used.
+            key_mask = mask.clone()
+            key_mask[:, 0] = True
+            attn_mask = key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.d_head)
+        return self.dropout(self.out_proj(out))
+
+
+class MaskedBatchNorm1d(nn.BatchNorm1d):
+    """``BatchNorm1d`` over ``(B, C, T)`` whose training statistics skip padded frames.
+
+    In training mode with a mask, the valid frames are gathered into an ``(N, C)``
+    batch and normalised by the stock BatchNorm (so batch and running statistics are
+    computed over valid frames only); padded outputs are zero. In eval mode (or with no
+    padding) it is the stock module. State-dict keys are those of ``BatchNorm1d``.
+    """
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:  # type: ignore[override]
+        if mask is None or not self.training or bool(mask.all()):
+            return super().forward(x)
+        xt = x.transpose(1, 2)  # (B, T, C)
+        valid = super().forward(xt[mask])  # (N, C)
+        out = xt.new_zeros(xt.shape)
+        out = out.masked_scatter(mask[..., None], valid.to(out.dtype))
+        return out.transpose(1, 2)
+
+
+class ConvModule(nn.Module):
+    """Conformer convolution module.
+
+    LayerNorm -> pointwise1 (d -> 2d) -> GLU -> depthwise (k, 'same') -> BatchNorm ->
+    SiLU -> pointwise2 (d -> d) -> Dropout. Channel ``c`` after the GLU is
+    ``pointwise1`` output ``c`` gated by output ``c + d``.
+    """
+
+    def __init__(self, d_model: int, kernel_size: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"conv_kernel must be odd for 'same' padding, got {kernel_size}")
+        self.norm = nn.LayerNorm(d_model)
+        self.pointwise1 = nn.Conv1d(d_model, 2 * d_model, 1)
+        self.depthwise = nn.Conv1d(d_model, d_model, kernel_size, padding=(kernel_size - 1) // 2, groups=d_model)
+        self.batch_norm = MaskedBatchNorm1d(d_model)
+        self.pointwise2 = nn.Conv1d(d_model, d_model, 1)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x`` (B, T, d); ``mask`` (B, T) bool, True on valid frames."""
+        h = self.norm(x).transpose(1, 2)  # (B, d, T)
+        h = F.glu(self.pointwise1(h), dim=1)
+        if mask is not None:
+            h = h.masked_fill(~mask[:, None, :], 0.0)
+        h = self.depthwise(h)
+        h = F.silu(self.batch_norm(h, mask))
+        h = self.pointwise2(h)
+        return self.dropout(h.transpose(1, 2))
+
+
+class ConformerLayer(nn.Module):
+    """x += ff1/2; x += attn; x += conv; x += ff2/2; x = final_norm(x)."""
+
+    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, conv_kernel: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.ff1 = FeedForward(d_model, ffn_dim, dropout)
+        self.attn = SelfAttention(d_model, num_heads, dropout)
+        self.conv = ConvModule(d_model, conv_kernel, dropout)
+        self.ff2 = FeedForward(d_model, ffn_dim, dropout)
+        self.final_norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + 0.5 * self.ff1(x)
+        x = x + self.attn(x, mask)
+        x = x + self.conv(x, mask)
+        x = x + 0.5 * self.ff2(x)
+        return self.final_norm(x)
+
+
+class ConformerEncoder(nn.Module):
+    """Subsampling -> positional encoding -> dropout -> Conformer layers.
+
+    ``forward(feats (B, T, F), lengths (B,)) -> (out (B, T', d), out_lengths (B,))``
+    where ``T' = max(out_lengths)`` (trailing all-padding frames are dropped) and
+    padded output frames are zero.
+    """
+
+    def __init__(self, cfg: "ModelConfig") -> None:
+        super().__init__()
+        self.d_model = cfg.d_model
+        self.subsampling = Conv2dSubsampling(cfg.num_features, cfg.subsampling_channels, cfg.d_model)
+        self.pos_enc = SinusoidalPositionalEncoding(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(
+            ConformerLayer(cfg.d_model, cfg.num_heads, cfg.ffn_dim, cfg.conv_kernel, cfg.dropout)
+            for _ in range(cfg.num_layers)
+        )
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if feats.dim() != 3:
+            raise ValueError(f"feats must be (B, T, F), got shape {tuple(feats.shape)}")
+        lengths = lengths.to(device=feats.device, dtype=torch.long)
+        x, out_lengths = self.subsampling(feats, lengths)
+        t_out = int(out_lengths.max()) if out_lengths.numel() else 0
+        x = x[:, :t_out]
+        if t_out == 0:  # every utterance shorter than 7 frames: nothing to encode
+            return x, out_lengths
+        x = self.dropout(self.pos_enc(x))
+        mask = lengths_to_mask(out_lengths, t_out)
+        layer_mask = None if bool(mask.all()) else mask  # no padding: skip the masking work
+        for layer in self.layers:
+            x = layer(x, layer_mask)
+        return x.masked_fill(~mask[..., None], 0.0), out_lengths

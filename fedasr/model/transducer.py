@@ -1,0 +1,234 @@
+"""Conformer-Transducer: configuration, predictor, joiner and the full model.
+
+The model computes the RNN-T joint logits (and optional CTC logits); losses are the
+trainer's job. Shapes follow torchaudio's ``rnnt_loss`` conventions: for a batch with
+encoder lengths ``enc_lens`` and target lengths ``target_lens`` the logits are
+``(B, max(enc_lens), max(target_lens) + 1, V)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from fedasr.errors import FedasrError
+from fedasr.model.conformer import ConformerEncoder
+
+__all__ = [
+    "ModelConfig",
+    "ModelConfigError",
+    "PRESETS",
+    "Predictor",
+    "Joiner",
+    "Transducer",
+    "TransducerOutput",
+]
+
+LSTMState = Tuple[torch.Tensor, torch.Tensor]
+
+
+class ModelConfigError(FedasrError, ValueError):
+    """A bad model configuration (unknown key, unknown preset, invalid value)."""
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of :class:`Transducer`. Defaults are the ``tiny`` preset."""
+
+    num_features: int = 80
+    vocab_size: int = 256
+    d_model: int = 144
+    num_layers: int = 4
+    num_heads: int = 4
+    ffn_dim: int = 576
+    conv_kernel: int = 15
+    subsampling_channels: int = 64
+    dropout: float = 0.1
+    pred_embed_dim: int = 256
+    pred_hidden: int = 256
+    pred_layers: int = 1
+    joint_dim: int = 256
+    ctc_head: bool = True
+    blank_id: int = 0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ModelConfigError(f"model config: {f.name} must be an integer, got {value!r}")
+                if f.name != "blank_id" and value < 1:
+                    raise ModelConfigError(f"model config: {f.name} must be >= 1, got {value}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= float(self.dropout) < 1.0:
+            raise ModelConfigError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
+        if not isinstance(self.ctc_head, bool):
+            raise ModelConfigError(f"model config: ctc_head must be true or false, got {self.ctc_head!r}")
+        if self.vocab_size < 2:
+            raise ModelConfigError(f"model config: vocab_size must be >= 2, got {self.vocab_size}")
+        if not 0 <= self.blank_id < self.vocab_size:
+            raise ModelConfigError(f"model config: blank_id {self.blank_id} not in [0, vocab_size={self.vocab_size})")
+        if self.d_model % self.num_heads != 0:
+            raise ModelConfigError(
+                f"model config: d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.conv_kernel % 2 != 1:
+            raise ModelConfigError(f"model config: conv_kernel must be odd, got {self.conv_kernel}")
+        if self.num_features < 7:
+            raise ModelConfigError(f"model config: num_features must be >= 7, got {self.num_features}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """The named preset (see :data:`PRESETS`) with ``overrides`` applied."""
+        if name not in PRESETS:
+            raise ModelConfigError(f"unknown model preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+        d = dict(PRESETS[name])
+        d.update(overrides)
+        return cls.from_dict(d)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in known:
+                raise ModelConfigError(f"unknown model config key {key!r}")
+        return cls(**d)
+
+
+#: Presets. Parameter counts (vocab 256, CTC head included): tiny ~2.9M, small ~9.2M,
+#: medium ~29M. ``small``/``medium`` follow Conformer-S/M (Gulati et al., 2020).
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "tiny": dict(
+        d_model=144, num_layers=4, num_heads=4, ffn_dim=576, conv_kernel=15,
+        pred_embed_dim=256, pred_hidden=256, pred_layers=1, joint_dim=256,
+    ),
+    "small": dict(
+        d_model=144, num_layers=16, num_heads=4, ffn_dim=576, conv_kernel=31,
+        pred_embed_dim=320, pred_hidden=320, pred_layers=1, joint_dim=320,
+    ),
+    "medium": dict(
+        d_model=256, num_layers=16, num_heads=4, ffn_dim=1024, conv_kernel=31,
+        pred_embed_dim=640, pred_hidden=640, pred_layers=1, joint_dim=640,
+    ),
+}
+
+
+class Predictor(nn.Module):
+    """Label predictor: Embedding -> LSTM -> Dropout.
+
+    The blank id doubles as start-of-sequence. LSTM states are ``(h, c)``, each
+    ``(pred_layers, B, pred_hidden)``.
+    """
+
+    def __init__(
+        self, vocab_size: int, embed_dim: int, hidden: int, num_layers: int = 1, dropout: float = 0.0, blank_id: int = 0
+    ) -> None:
+        super().__init__()
+        self.blank_id = blank_id
+        self.hidden = hidden
+        self.num_layers = num_layers
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        self.lstm = nn.LSTM(
+            embed_dim, hidden, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, y: torch.Tensor, state: Optional[LSTMState] = None) -> Tuple[torch.Tensor, LSTMState]:
+        """``y`` (B, U) token ids -> ``(out (B, U, H), state)``."""
+        out, state = self.lstm(self.embedding(y), state)
+        return self.dropout(out), state
+
+    def forward_with_sos(self, targets: torch.Tensor) -> torch.Tensor:
+        """Prepend blank (start-of-sequence) to ``targets`` (B, U) -> ``(B, U + 1, H)``.
+
+        Negative ids (a common padding value) are read as blank; outputs at padded
+        positions are never used by the loss.
+        """
+        targets = targets.long()
+        targets = torch.where(targets < 0, torch.full_like(targets, self.blank_id), targets)
+        sos = targets.new_full((targets.size(0), 1), self.blank_id)
+        out, _ = self.forward(torch.cat([sos, targets], dim=1))
+        return out
+
+
+class Joiner(nn.Module):
+    """Additive joint network: ``output(tanh(enc_proj(enc) + pred_proj(pred)))``."""
+
+    def __init__(self, enc_dim: int, pred_dim: int, joint_dim: int, vocab_size: int) -> None:
+        super().__init__()
+        self.enc_proj = nn.Linear(enc_dim, joint_dim)
+        self.pred_proj = nn.Linear(pred_dim, joint_dim)
+        self.output = nn.Linear(joint_dim, vocab_size)
+
+    def project_encoder(self, enc: torch.Tensor) -> torch.Tensor:
+        return self.enc_proj(enc)
+
+    def project_predictor(self, pred: torch.Tensor) -> torch.Tensor:
+        return self.pred_proj(pred)
+
+    def joint(self, enc_p: torch.Tensor, pred_p: torch.Tensor) -> torch.Tensor:
+        """Logits from projected inputs; shapes broadcast, e.g. (B,T,1,J) + (B,1,U+1,J) or (N,J) + (N,J)."""
+        return self.output(torch.tanh(enc_p + pred_p))
+
+    def forward(self, enc: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """``enc`` (B, T, D), ``pred`` (B, U+1, H) -> logits (B, T, U+1, V)."""
+        return self.joint(self.project_encoder(enc)[:, :, None, :], self.project_predictor(pred)[:, None, :, :])
+
+
+@dataclass
+class TransducerOutput:
+    logits: torch.Tensor  # (B, T', U+1, V), T' = max(enc_lens), U = max(target_lens)
+    enc_lens: torch.Tensor  # (B,)
+    ctc_logits: Optional[torch.Tensor]  # (B, T', V) unnormalised, or None without a CTC head
+
+
+class Transducer(nn.Module):
+    """Conformer encoder + LSTM predictor + additive joiner (+ optional CTC head)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.blank_id = cfg.blank_id
+        self.encoder = ConformerEncoder(cfg)
+        self.predictor = Predictor(
+            cfg.vocab_size, cfg.pred_embed_dim, cfg.pred_hidden, cfg.pred_layers, cfg.dropout, cfg.blank_id
+        )
+        self.joiner = Joiner(cfg.d_model, cfg.pred_hidden, cfg.joint_dim, cfg.vocab_size)
+        self.ctc_head: Optional[nn.Linear] = nn.Linear(cfg.d_model, cfg.vocab_size) if cfg.ctc_head else None
+
+    def encode(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``feats`` (B, T, F) -> ``(enc (B, T', d_model), enc_lens (B,))``, T' = max(enc_lens)."""
+        return self.encoder(feats, feat_lens)
+
+    def forward(
+        self, feats: torch.Tensor, feat_lens: torch.Tensor, targets: torch.Tensor, target_lens: torch.Tensor
+    ) -> TransducerOutput:
+        """Joint logits for the RNN-T loss (and CTC logits if the model has a CTC head).
+
+        ``targets`` (B, U_pad) is trimmed to ``U = max(target_lens)`` columns, so
+        ``logits`` is ``(B, max(enc_lens), U + 1, V)`` as torchaudio's ``rnnt_loss`` expects.
+        """
+        enc, enc_lens = self.encode(feats, feat_lens)
+        u = int(target_lens.max()) if target_lens.numel() else 0
+        if u > targets.size(1):
+            raise ValueError(f"max(target_lens)={u} exceeds targets width {targets.size(1)}")
+        pred = self.predictor.forward_with_sos(targets[:, :u])
+        logits = self.joiner(enc, pred)
+        ctc_logits = self.ctc_head(enc) if self.ctc_head is not None else None
+        return TransducerOutput(logits=logits, enc_lens=enc_lens, ctc_logits=ctc_logits)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def group_table(self):
+        """The pruning group table, see :func:`fedasr.model.groups.group_families`."""
+        from fedasr.model.groups import group_families
+
+        return group_families(self)
