@@ -1,0 +1,237 @@
+"""Run configuration: YAML recipes -> typed dataclasses.
+
+Unknown keys and values of the wrong type are errors that name the key
+(``fl.rounds: expected int, got 'ten'``). Every key can be overridden on the command
+line with ``--set section.key=value`` (the value is parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from fedasr.errors import FedasrError
+
+
+@dataclass
+class ModelSection:
+    """The model: a named preset plus optional overrides of any ModelConfig field."""
+
+    preset: str = "tiny"
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainSection:
+    """The local trainer, shared by centralized runs and federated clients."""
+
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    warmup_steps: int = 100
+    lr_schedule: str = "noam"  # noam (warm-up then 1/sqrt decay) | constant (after warm-up)
+    grad_clip: float = 5.0
+    max_duration: float = 40.0  # seconds of audio per batch
+    max_batch: Optional[int] = None  # utterances per batch at most
+    num_buckets: int = 4
+    ctc_weight: float = 0.3
+    spec_augment: bool = True
+
+    def validate(self, prefix: str) -> None:
+        p = f"{prefix}." if prefix else ""
+        if not self.lr > 0:
+            raise FedasrError(f"{p}lr: must be positive")
+        if self.max_duration <= 0:
+            raise FedasrError(f"{p}max_duration: must be positive")
+        if self.warmup_steps < 0:
+            raise FedasrError(f"{p}warmup_steps: must be >= 0")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise FedasrError(f"{p}optimizer: unknown {self.optimizer!r} (adamw, sgd)")
+        if self.lr_schedule not in ("noam", "constant"):
+            raise FedasrError(f"{p}lr_schedule: unknown {self.lr_schedule!r} (noam, constant)")
+
+
+@dataclass
+class EvalSection:
+    every: int = 1  # dev evaluation every k rounds (and after the last)
+    dev_max_utterances: Optional[int] = 200
+    beam: int = 1  # 1 = greedy
+    max_duration: float = 120.0
+
+
+AGGREGATIONS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+
+
+@dataclass
+class FLSection:
+    """Federated rounds. A centralized run (``--centralized``) uses the same number of
+    rounds with ``clients_per_round x local_steps`` steps per round on the union of the
+    clients' data, i.e. the same compute as the federated run."""
+
+    rounds: int = 10
+    clients_per_round: int = 4
+    client_fraction: Optional[float] = None  # overrides clients_per_round when set
+    local_steps: Optional[int] = 20
+    local_epochs: Optional[int] = None  # instead of local_steps
+    aggregation: str = "fedavg"
+    weighting: str = "examples"  # examples | uniform
+    server_lr: float = 1.0
+    server_momentum: float = 0.9  # fedavgm
+    beta1: float = 0.9  # fedadam / fedyogi
+    beta2: float = 0.99
+    tau: float = 1e-3  # adaptivity (epsilon) of fedadam / fedyogi
+    min_clients: int = 1
+    lr_warmup_rounds: bool = True  # client lr schedule position follows global progress
+
+    def validate(self, prefix: str) -> None:
+        p = f"{prefix}." if prefix else ""
+        if self.rounds < 1:
+            raise FedasrError(f"{p}rounds: must be at least 1")
+        if self.clients_per_round < 1:
+            raise FedasrError(f"{p}clients_per_round: must be at least 1")
+        if self.client_fraction is not None and not 0 < self.client_fraction <= 1:
+            raise FedasrError(f"{p}client_fraction: must be in (0, 1]")
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise FedasrError(f"{p}local_steps: set exactly one of local_steps and local_epochs")
+        if self.local_steps is not None and self.local_steps < 1:
+            raise FedasrError(f"{p}local_steps: must be at least 1")
+        if self.local_epochs is not None and self.local_epochs < 1:
+            raise FedasrError(f"{p}local_epochs: must be at least 1")
+        if self.aggregation not in AGGREGATIONS:
+            raise FedasrError(f"{p}aggregation: unknown {self.aggregation!r} ({', '.join(AGGREGATIONS)})")
+        if self.weighting not in ("examples", "uniform"):
+            raise FedasrError(f"{p}weighting: unknown {self.weighting!r} (examples, uniform)")
+        if self.min_clients < 1:
+            raise FedasrError(f"{p}min_clients: must be at least 1")
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    keep_checkpoints: int = 3  # newest round checkpoints kept (0 = all)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    fl: FLSection = field(default_factory=FLSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except FedasrError:
+                continue
+        raise FedasrError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise FedasrError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise FedasrError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise FedasrError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise FedasrError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise FedasrError(f"{key}: expected a string, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise FedasrError(f"{key}: expected a mapping, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, list):
+            (inner,) = typing.get_args(tp) or (Any,)
+            return [v if inner is Any else _coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        raise FedasrError(f"{key}: expected a list, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from ``data``; unknown keys and bad types name the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise FedasrError(f"{key}: unknown key (known: {', '.join(sorted(names))})")
+        kwargs[k] = _coerce(v, hints[k], key)
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate:
+        validate(prefix)
+    return obj
+
+
+def parse_config(data: dict | None) -> RunConfig:
+    return from_dict(RunConfig, dict(data or {}))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``--set a.b=value`` overrides (value parsed as YAML) to a raw config dict."""
+    data = yaml.safe_load(yaml.safe_dump(data or {}))  # deep copy
+    for item in overrides:
+        if "=" not in item:
+            raise FedasrError(f"--set {item}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise FedasrError(f"--set {key}: {p} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FedasrError(f"{path}: config file does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise FedasrError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise FedasrError(f"{path}: expected a mapping at the top level")
+    data = apply_overrides(data, overrides or [])
+    return parse_config(data)

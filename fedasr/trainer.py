@@ -1,0 +1,143 @@
+"""The local trainer: one optimisation loop used by centralized runs and by every
+federated client.
+
+Loss = RNN-T loss (+ ``ctc_weight`` x CTC loss on the encoder output; the auxiliary CTC
+loss keeps the predictor from dominating early training of a small model). AdamW (or
+SGD), warm-up + inverse-square-root ("noam") or constant learning rate, gradient-norm
+clipping, SpecAugment and duration-bucketed batches come from the config.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from fedasr.config import TrainSection
+from fedasr.data.batching import AsrDataset, Batch
+from fedasr.errors import FedasrError
+from fedasr.model.loss import rnnt_loss
+from fedasr.model.transducer import Transducer
+
+
+def transducer_loss(model: Transducer, batch: Batch, ctc_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    out = model(batch.feats, batch.feat_lens, batch.targets, batch.target_lens)
+    U = int(batch.target_lens.max())
+    targets = batch.targets[:, :U].int()
+    loss_rnnt = rnnt_loss(out.logits, targets, out.enc_lens.int(), batch.target_lens.int(),
+                          blank=model.blank_id, reduction="mean")
+    loss = loss_rnnt
+    stats = {"rnnt": float(loss_rnnt.detach())}
+    if ctc_weight > 0 and out.ctc_logits is not None:
+        log_probs = out.ctc_logits.log_softmax(-1).transpose(0, 1)  # (T, B, V)
+        loss_ctc = F.ctc_loss(log_probs, batch.targets[:, :U], out.enc_lens, batch.target_lens,
+                              blank=model.blank_id, reduction="sum", zero_infinity=True) / len(batch)
+        loss = loss + ctc_weight * loss_ctc
+        stats["ctc"] = float(loss_ctc.detach())
+    stats["loss"] = float(loss.detach())
+    return loss, stats
+
+
+def lr_at(cfg: TrainSection, step: int) -> float:
+    """Learning rate for 0-based ``step``: linear warm-up, then 1/sqrt decay (noam) or constant."""
+    s = step + 1
+    w = max(1, cfg.warmup_steps)
+    if cfg.lr_schedule == "noam":
+        return cfg.lr * min(s / w, math.sqrt(w / s))
+    if cfg.lr_schedule == "constant":
+        return cfg.lr * min(s / w, 1.0)
+    raise FedasrError(f"train.lr_schedule: unknown schedule {cfg.lr_schedule!r} (noam, constant)")
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainSection) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    raise FedasrError(f"train.optimizer: unknown optimizer {cfg.optimizer!r} (adamw, sgd)")
+
+
+def batch_stream(dataset: AsrDataset, cfg: TrainSection, seed: int, first_epoch: int = 0) -> Iterator[tuple[int, Batch]]:
+    """Endless (epoch, batch) stream over ``dataset``, reshuffled each epoch."""
+    epoch = first_epoch
+    while True:
+        empty = True
+        for batch in dataset.batches(cfg.max_duration, seed=seed, epoch=epoch, shuffle=True,
+                                     num_buckets=cfg.num_buckets, max_cuts=cfg.max_batch):
+            empty = False
+            yield epoch, batch
+        if empty:
+            raise FedasrError("training data: no batch could be formed (empty client?)")
+        epoch += 1
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    examples: int
+    loss: float  # mean training loss over the steps
+    time: float  # seconds
+    epochs: int
+    stats: dict
+
+
+def train_steps(
+    model: Transducer,
+    optimizer: torch.optim.Optimizer,
+    dataset: AsrDataset,
+    cfg: TrainSection,
+    *,
+    seed: int,
+    num_steps: int | None = None,
+    num_epochs: int | None = None,
+    global_step: int = 0,
+    after_step: Callable[[Transducer], None] | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+    first_epoch: int = 0,
+) -> TrainResult:
+    """Run ``num_steps`` optimizer steps (or ``num_epochs`` passes) on ``dataset``.
+
+    ``global_step`` positions the step within the learning-rate schedule; ``after_step``
+    runs after every optimizer step (pruning masks are re-applied there).
+    A non-finite loss raises :class:`FloatingPointError`.
+    """
+    if (num_steps is None) == (num_epochs is None):
+        raise ValueError("give exactly one of num_steps and num_epochs")
+    model.train()
+    t0 = time.perf_counter()
+    total, steps, examples = 0.0, 0, 0
+    sums: dict[str, float] = {}
+    last_epoch = first_epoch
+    stream = batch_stream(dataset, cfg, seed, first_epoch)
+    for epoch, batch in stream:
+        if num_epochs is not None and epoch >= first_epoch + num_epochs:
+            break
+        last_epoch = epoch
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, global_step + steps)
+        loss, stats = transducer_loss(model, batch, cfg.ctc_weight)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {float(loss)} at step {global_step + steps}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        if after_step is not None:
+            after_step(model)
+        steps += 1
+        examples += len(batch)
+        total += stats["loss"]
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if on_step is not None:
+            on_step(global_step + steps, stats)
+        if num_steps is not None and steps >= num_steps:
+            break
+    return TrainResult(steps=steps, examples=examples, loss=total / max(1, steps),
+                       time=time.perf_counter() - t0, epochs=last_epoch - first_epoch + 1,
+                       stats={k: v / max(1, steps) for k, v in sums.items()})

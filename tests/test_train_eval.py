@@ -1,0 +1,113 @@
+"""Local trainer, checkpoints and `fedasr eval`."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from fedasr.checkpoint import load_checkpoint, save_checkpoint
+from fedasr.config import TrainSection
+from fedasr.data.batching import AsrDataset
+from fedasr.data.federation import Federation
+from fedasr.errors import FedasrError
+from fedasr.evaluate import evaluate, score
+from fedasr.model.transducer import ModelConfig, Transducer
+from fedasr.trainer import lr_at, make_optimizer, train_steps
+
+
+def test_tiny_model_overfits_a_handful_of_utterances_to_wer_zero(federation):
+    fed = Federation(federation)
+    cuts = fed.client_cuts(fed.client_ids[0]).subset(first=4)
+    torch.manual_seed(0)
+    model = Transducer(ModelConfig.preset("tiny", vocab_size=fed.tokenizer.vocab_size, dropout=0.0))
+    cfg = TrainSection(lr=2e-3, warmup_steps=10, lr_schedule="constant", max_duration=60.0,
+                       spec_augment=False, ctc_weight=0.3)
+    ds = AsrDataset(cuts, fed.tokenizer, fed.cmvn)
+    opt = make_optimizer(model, cfg)
+    wer = None
+    for chunk in range(8):  # at most 200 steps
+        res = train_steps(model, opt, ds, cfg, seed=0, num_steps=25, global_step=25 * chunk)
+        result, decoded = evaluate(model, cuts, fed.tokenizer, fed.cmvn)
+        wer = result["wer"]
+        if wer == 0.0:
+            break
+    assert wer == 0.0, f"WER {wer} after {25 * (chunk + 1)} steps, last loss {res.loss}"
+    assert [d.hyp for d in decoded] == [d.ref for d in decoded]
+
+
+def test_lr_schedule():
+    cfg = TrainSection(lr=1e-3, warmup_steps=100, lr_schedule="noam")
+    assert lr_at(cfg, 0) == pytest.approx(1e-5)
+    assert lr_at(cfg, 99) == pytest.approx(1e-3)
+    assert lr_at(cfg, 399) == pytest.approx(5e-4)
+    const = TrainSection(lr=1e-3, warmup_steps=10, lr_schedule="constant")
+    assert lr_at(const, 4) == pytest.approx(5e-4) and lr_at(const, 1000) == pytest.approx(1e-3)
+
+
+def test_score_counts_errors():
+    r = score(["A B C D", "E F"], ["A X C", "E F G"])
+    assert (r["substitutions"], r["deletions"], r["insertions"], r["words"]) == (1, 1, 1, 6)
+    assert r["wer"] == pytest.approx(3 / 6)
+
+
+def test_checkpoint_round_trip_and_mismatches(federation, tmp_path):
+    fed = Federation(federation)
+    model = Transducer(ModelConfig.preset("tiny", vocab_size=fed.tokenizer.vocab_size))
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, model, fed.tokenizer, config={"seed": 1})
+    loaded, tok, ckpt = load_checkpoint(path)
+    assert tok.proto == fed.tokenizer.proto and ckpt["config"] == {"seed": 1}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+    # another architecture: weights do not fit the stored config
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model_config"]["num_layers"] = 2
+    torch.save(ckpt, tmp_path / "arch.pt")
+    with pytest.raises(FedasrError, match=r"arch.pt: weights do not fit the model architecture"):
+        load_checkpoint(tmp_path / "arch.pt")
+    # another vocabulary size than the tokenizer's
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model_config"]["vocab_size"] = 99
+    torch.save(ckpt, tmp_path / "vocab.pt")
+    with pytest.raises(FedasrError, match=r"vocab.pt: model vocabulary has 99 tokens but the tokenizer has"):
+        load_checkpoint(tmp_path / "vocab.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(FedasrError, match="junk.pt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+@pytest.fixture(scope="module")
+def short_run(federation, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    r = run_cli("train", "--federation", federation, "--out", out, "--set", "fl.rounds=1",
+                "--set", "fl.clients_per_round=2", "--set", "fl.local_steps=2", "--set", "train.max_duration=20")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_eval_cli_writes_results(short_run, federation):
+    r = run_cli("eval", "--run", short_run, "--split", "test-clean", "--split", "test-other", "--beam", "2")
+    assert r.returncode == 0, r.stderr
+    results = json.loads((short_run / "results.json").read_text())
+    assert set(results) == {"test-clean", "test-other"}
+    for split, res in results.items():
+        assert res["utterances"] == 8 and res["beam"] == 2
+        assert res["wer"] >= 0 and 0 <= res["cer"]
+        assert res["substitutions"] + res["deletions"] <= res["words"]
+        assert res["rtf"] > 0
+        lines = (short_run / "decode" / f"{split}-beam2.tsv").read_text().splitlines()
+        assert len(lines) == 9
+    # test-clean speakers are the training clients' speakers; test-other speakers are unseen
+    assert set(results["test-clean"]["per_client"]) == set(Federation(federation).client_ids)
+    assert "per_client" not in results["test-other"]
+    assert "WER" in r.stdout
+
+
+def test_eval_cli_errors(short_run, tmp_path):
+    r = run_cli("eval", "--run", short_run, "--split", "nope")
+    assert r.returncode != 0 and "--split: unknown split 'nope'" in r.stderr
+    r = run_cli("eval", "--run", tmp_path)
+    assert r.returncode != 0 and "not a run directory" in r.stderr
+    r = run_cli("eval", "--run", short_run, "--checkpoint", tmp_path / "missing.pt")
+    assert r.returncode != 0 and "missing.pt: checkpoint does not exist" in r.stderr
