@@ -145,6 +145,130 @@ def shard(
     console.print(f"tokenizer: {meta['tokenizer']['vocab_size']} pieces; sharded in {time.time() - t0:.1f} s")
 
 
+class _RoundProgress:
+    """Rich progress for rounds and the clients inside a round."""
+
+    def __init__(self, prog: Progress, rounds: int, done: int):
+        self.prog = prog
+        self.rounds = prog.add_task("rounds", total=rounds, completed=done)
+        self.clients = prog.add_task("clients", total=1, visible=False)
+
+    def round_start(self, rnd, clients):
+        self.prog.update(self.clients, total=len(clients), completed=0, visible=True,
+                         description=f"round {rnd} clients")
+
+    def client_done(self, client, ok):
+        self.prog.advance(self.clients)
+
+    def round_end(self, row):
+        self.prog.advance(self.rounds)
+        dev = f" dev_wer={row['dev_wer']:.3f}" if "dev_wer" in row else ""
+        loss = f" loss={row['train_loss']:.3f}" if row.get("train_loss") is not None else ""
+        drop = f" dropped={len(row['dropped'])}" if row.get("dropped") else ""
+        self.prog.console.print(f"round {row['round']}:{loss}{dev}{drop} ({row['round_time']:.1f} s)")
+
+
+@app.command()
+def train(
+    federation: Optional[Path] = typer.Option(None, help="Federation directory made by `fedasr shard`."),
+    config: Optional[Path] = typer.Option(None, help="Recipe YAML (e.g. recipes/ci.yaml)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory to create."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set fl.rounds=20 (repeatable)."),
+    centralized: bool = typer.Option(False, help="Train on the union of the clients' data (baseline)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory from its latest checkpoint."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
+) -> None:
+    """Train the Conformer-Transducer federatedly (or centrally) over the federation's clients."""
+    from fedasr.config import load_config
+    from fedasr.data.federation import Federation
+    from fedasr.fl.runner import Runner
+
+    if resume is not None:
+        if config is not None or set_ or centralized:
+            raise FedasrError("--resume: the run's own config.yaml is used; drop --config/--set/--centralized")
+        runner = Runner.resume(resume, federation=federation)
+    else:
+        if federation is None or out is None:
+            raise FedasrError("--federation and --out are required (or --resume RUN_DIR)")
+        cfg = load_config(config, set_)
+        runner = Runner(out, Federation(federation), cfg, centralized=centralized)
+        runner.start(overwrite=overwrite)
+    with progress_bar() as prog:
+        runner.events = _RoundProgress(prog, runner.cfg.fl.rounds, runner.round)
+        history = runner.run_rounds()
+    _print_history(history, runner.run.root)
+
+
+def _print_history(history: list[dict], root: Path) -> None:
+    table = Table(title=f"Training — {root}")
+    for col in ("round", "clients", "examples", "train loss", "dev loss", "dev WER", "MB down", "MB up", "time s"):
+        table.add_column(col, justify="right")
+    for r in history:
+        table.add_row(
+            str(r["round"]), str(len(r["clients"]) - len(r.get("dropped", []))), str(r["examples"]),
+            f"{r['train_loss']:.3f}" if r.get("train_loss") is not None else "-",
+            f"{r['dev_loss']:.3f}" if "dev_loss" in r else "-",
+            f"{100 * r['dev_wer']:.2f}%" if "dev_wer" in r else "-",
+            f"{r['bytes_down'] / 1e6:.1f}", f"{r['bytes_up'] / 1e6:.1f}", f"{r['round_time']:.1f}")
+    console.print(table)
+
+
+@app.command(name="eval")
+def eval_(
+    run: Path = typer.Option(..., help="Run directory (made by `fedasr train`)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint to evaluate [default: the run's latest]."),
+    split: list[str] = typer.Option([], "--split", help="Split to evaluate (repeatable) [default: all test splits]."),
+    beam: int = typer.Option(1, help="Beam size; 1 = greedy search."),
+    federation: Optional[Path] = typer.Option(None, help="Federation directory [default: the run's]."),
+    max_duration: float = typer.Option(120.0, help="Seconds of audio per decoding batch."),
+) -> None:
+    """Decode test splits and report WER/CER (per split and per client) into RUN_DIR/results.json."""
+    import json
+
+    from fedasr.checkpoint import load_checkpoint
+    from fedasr.data.federation import Federation
+    from fedasr.evaluate import evaluate, speaker_client_map
+    from fedasr.fl.runner import RunDir
+    from fedasr.fsutil import atomic_write_text
+
+    rd = RunDir(run)
+    raw = rd.read_config()
+    fed = Federation(federation or raw["federation"])
+    ckpt_path = checkpoint or rd.latest()
+    if ckpt_path is None:
+        raise FedasrError(f"{run}: no checkpoint yet (train first, or pass --checkpoint)")
+    model, tok, _ = load_checkpoint(ckpt_path)
+    if tok.proto != fed.tokenizer.proto:
+        raise FedasrError(f"{ckpt_path}: the checkpoint's tokenizer differs from {fed.root}/tokenizer.model")
+    if beam < 1:
+        raise FedasrError("--beam: must be at least 1")
+    splits = list(split) or [s for s, m in fed.eval_splits.items() if m["role"] == "test"]
+    spk2client = speaker_client_map(fed.meta["clients"])
+    results_path = rd.root / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    with progress_bar() as prog:
+        for s in splits:
+            cuts = fed.split_cuts(s)
+            task = prog.add_task(f"decoding {s}", total=len(cuts))
+            res, decoded = evaluate(model, cuts, tok, fed.cmvn, beam=beam, max_duration=max_duration,
+                                    speaker_to_client=spk2client, progress=lambda n, t=task: prog.advance(t, n))
+            res["checkpoint"] = str(ckpt_path)
+            results[s] = res
+            lines = "".join(f"{d.id}\t{d.ref}\t{d.hyp}\n" for d in decoded)
+            atomic_write_text(rd.root / "decode" / f"{s}-beam{beam}.tsv", "id\tref\thyp\n" + lines)
+    atomic_write_text(results_path, json.dumps(results, indent=2))
+    table = Table(title=f"WER — {ckpt_path}")
+    for col in ("split", "utts", "WER", "CER", "sub", "del", "ins", "RTF", "clients"):
+        table.add_column(col, justify="right" if col != "split" else "left")
+    for s in splits:
+        r = results[s]
+        table.add_row(s, str(r["utterances"]), f"{100 * r['wer']:.2f}%", f"{100 * r['cer']:.2f}%",
+                      str(r["substitutions"]), str(r["deletions"]), str(r["insertions"]), f"{r['rtf']:.3f}",
+                      str(len(r.get("per_client", {}))))
+    console.print(table)
+    console.print(f"results: {results_path}")
+
+
 def main() -> None:
     try:
         app()

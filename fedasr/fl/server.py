@@ -1,0 +1,117 @@
+"""Server side: streaming aggregation of client updates and the server optimisers.
+
+Clients return *updates* Δ_i = w_i − w (float parameters) and their BatchNorm running
+statistics. The server keeps one running weighted sum, so memory does not grow with the
+number of clients, and then applies the server optimiser to the averaged update
+Δ = Σ p_i Δ_i (p_i ∝ examples, or uniform):
+
+- ``fedavg``:  w ← w + η Δ                     (η = server_lr; 1.0 is plain FedAvg)
+- ``fedavgm``: v ← β v + Δ;  w ← w + η v        (Hsu et al., 2019)
+- ``fedadam``: m ← β1 m + (1−β1) Δ;  v ← β2 v + (1−β2) Δ²;  w ← w + η m / (√v + τ)
+- ``fedyogi``: as fedadam but v ← v − (1−β2) Δ² sign(v − Δ²)     (Reddi et al., 2021)
+
+BatchNorm rule: running means and variances are not trained by gradients, so they bypass
+the server optimiser: the new global statistics are the weighted average (same p_i) of
+the clients' final running statistics; ``num_batches_tracked`` takes the maximum.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedasr.config import FLSection
+
+
+class ClientRejected(Exception):
+    """A client update that cannot be aggregated (non-finite, wrong shape/keys)."""
+
+
+class StreamingAggregator:
+    def __init__(self, global_state: dict[str, torch.Tensor]):
+        self.reference = {k: (tuple(v.shape), v.dtype) for k, v in global_state.items()}
+        self.sum: dict[str, torch.Tensor] = {}
+        self.weight = 0.0
+        self.count = 0
+
+    def check(self, update: dict[str, torch.Tensor]) -> None:
+        if set(update) != set(self.reference):
+            extra = sorted(set(update) ^ set(self.reference))
+            raise ClientRejected(f"update keys differ from the model ({extra[0]})")
+        for k, v in update.items():
+            shape, _ = self.reference[k]
+            if tuple(v.shape) != shape:
+                raise ClientRejected(f"{k}: shape {tuple(v.shape)}, expected {shape}")
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise ClientRejected(f"{k}: non-finite values")
+
+    def add(self, update: dict[str, torch.Tensor], weight: float) -> None:
+        """Validate and fold one client's update (deltas and BN statistics) into the sum."""
+        self.check(update)
+        if not weight > 0 or not math.isfinite(weight):
+            raise ClientRejected(f"bad aggregation weight {weight}")
+        for k, v in update.items():
+            if k.endswith("num_batches_tracked"):
+                self.sum[k] = torch.maximum(self.sum[k], v) if k in self.sum else v.clone()
+                continue
+            v64 = v.double() * weight
+            if k in self.sum:
+                self.sum[k] += v64
+            else:
+                self.sum[k] = v64
+        self.weight += weight
+        self.count += 1
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        return {k: v if k.endswith("num_batches_tracked") else v / self.weight for k, v in self.sum.items()}
+
+
+def is_bn_stat(name: str) -> bool:
+    return name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
+class ServerOptimizer:
+    """Applies the averaged update to the global weights; holds fedavgm/fedadam/fedyogi state."""
+
+    def __init__(self, cfg: FLSection):
+        self.cfg = cfg
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+
+    def state_dict(self) -> dict:
+        return {"state": {k: {n: t.clone() for n, t in s.items()} for k, s in self.state.items()}}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.state = {k: dict(s) for k, s in d.get("state", {}).items()}
+
+    @torch.no_grad()
+    def step(self, params: dict[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> None:
+        """``params``: the global state dict (modified in place); ``mean``: averaged client
+        deltas for trainable tensors and averaged *values* for BatchNorm statistics."""
+        c = self.cfg
+        for name, p in params.items():
+            if name not in mean:
+                continue
+            if is_bn_stat(name):
+                p.copy_(mean[name].to(p.dtype))
+                continue
+            if not p.is_floating_point():
+                continue
+            delta = mean[name].to(torch.float64)
+            if c.aggregation == "fedavg":
+                step = c.server_lr * delta
+            elif c.aggregation == "fedavgm":
+                s = self.state.setdefault(name, {"v": torch.zeros_like(delta)})
+                s["v"].mul_(c.server_momentum).add_(delta)
+                step = c.server_lr * s["v"]
+            else:
+                s = self.state.setdefault(name, {"m": torch.zeros_like(delta),
+                                                 "v": torch.full_like(delta, c.tau**2)})
+                s["m"].mul_(c.beta1).add_((1 - c.beta1) * delta)
+                d2 = delta * delta
+                if c.aggregation == "fedadam":
+                    s["v"].mul_(c.beta2).add_((1 - c.beta2) * d2)
+                else:  # fedyogi
+                    s["v"].sub_((1 - c.beta2) * d2 * torch.sign(s["v"] - d2))
+                step = c.server_lr * s["m"] / (s["v"].sqrt() + c.tau)
+            p.add_(step.to(p.dtype))

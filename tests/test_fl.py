@@ -1,0 +1,218 @@
+"""Federated engine: aggregation rules, server optimisers, faults, resume, determinism."""
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from conftest import run_cli
+from fedasr.checkpoint import read_checkpoint
+from fedasr.config import FLSection, load_config
+from fedasr.data.federation import Federation
+from fedasr.errors import FedasrError
+from fedasr.fl import comm
+from fedasr.fl.client import ClientResult, train_client
+from fedasr.fl.runner import Runner
+from fedasr.fl.server import ClientRejected, ServerOptimizer, StreamingAggregator
+from fedasr.model.transducer import ModelConfig, Transducer
+
+FAST = ["fl.clients_per_round=2", "fl.local_steps=2", "train.max_duration=20", "eval.dev_max_utterances=4",
+        "train.warmup_steps=5", "model.overrides={num_layers: 1, d_model: 64, ffn_dim: 128, pred_hidden: 64, "
+        "pred_embed_dim: 64, joint_dim: 64}"]
+
+
+def small_cfg(*extra):
+    return load_config(None, FAST + list(extra))
+
+
+def toy_state(v):
+    return {"w": torch.tensor([v, 2 * v], dtype=torch.float32), "bn.running_mean": torch.tensor([v]),
+            "bn.num_batches_tracked": torch.tensor(int(v))}
+
+
+def test_fedavg_of_identical_clients_returns_that_client():
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=32, num_layers=1)
+    glob, client = Transducer(cfg), Transducer(cfg)
+    g, c = glob.state_dict(), client.state_dict()
+    agg = StreamingAggregator(g)
+    upd = {k: (c[k] - g[k]) if v.is_floating_point() and "running" not in k else c[k] for k, v in g.items()}
+    for w in (3.0, 1.0, 7.0):
+        agg.add(upd, w)
+    ServerOptimizer(FLSection(aggregation="fedavg")).step(glob.state_dict(), agg.mean())
+    for k, v in glob.state_dict().items():
+        assert torch.allclose(v.float(), c[k].float(), atol=1e-6), k
+
+
+def test_weighted_average_matches_hand_computation():
+    glob = toy_state(0.0)
+    agg = StreamingAggregator(glob)
+    agg.add({"w": torch.tensor([1.0, 2.0]), "bn.running_mean": torch.tensor([10.0]),
+             "bn.num_batches_tracked": torch.tensor(4)}, 1.0)
+    agg.add({"w": torch.tensor([5.0, -2.0]), "bn.running_mean": torch.tensor([2.0]),
+             "bn.num_batches_tracked": torch.tensor(9)}, 3.0)
+    ServerOptimizer(FLSection(aggregation="fedavg")).step(glob, agg.mean())
+    assert torch.allclose(glob["w"], torch.tensor([(1 + 15) / 4, (2 - 6) / 4]))
+    assert torch.allclose(glob["bn.running_mean"], torch.tensor([(10 + 6) / 4]))  # BN: weighted mean of values
+    assert int(glob["bn.num_batches_tracked"]) == 9
+
+
+@pytest.mark.parametrize("rule", ["fedadam", "fedyogi", "fedavgm"])
+def test_server_optimisers_follow_their_update_rules(rule):
+    cfg = FLSection(aggregation=rule, server_lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3, server_momentum=0.8)
+    opt = ServerOptimizer(cfg)
+    w = {"w": torch.tensor([1.0])}
+    x, m, v, mom = 1.0, 0.0, cfg.tau**2, 0.0
+    for delta in (0.5, -0.2, 0.3):
+        opt.step(w, {"w": torch.tensor([delta])})
+        if rule == "fedavgm":
+            mom = 0.8 * mom + delta
+            x += 0.1 * mom
+        else:
+            m = 0.9 * m + 0.1 * delta
+            if rule == "fedadam":
+                v = 0.99 * v + 0.01 * delta**2
+            else:
+                v = v - 0.01 * delta**2 * (1 if v - delta**2 > 0 else -1 if v - delta**2 < 0 else 0)
+            x += 0.1 * m / (v**0.5 + cfg.tau)
+        assert float(w["w"]) == pytest.approx(x, rel=1e-6)
+
+
+def test_aggregator_rejects_bad_updates():
+    agg = StreamingAggregator(toy_state(0.0))
+    bad = toy_state(1.0)
+    bad["w"] = torch.tensor([float("nan"), 1.0])
+    with pytest.raises(ClientRejected, match="non-finite"):
+        agg.add(bad, 1.0)
+    bad = toy_state(1.0)
+    bad["w"] = torch.zeros(3)
+    with pytest.raises(ClientRejected, match="shape"):
+        agg.add(bad, 1.0)
+    bad = toy_state(1.0)
+    del bad["w"]
+    with pytest.raises(ClientRejected, match="keys"):
+        agg.add(bad, 1.0)
+    assert agg.count == 0
+
+
+def test_payload_round_trip_and_masked_size():
+    t = {"a": torch.randn(64, 32), "b": torch.arange(5)}
+    back = comm.decode(comm.encode(t))
+    assert torch.equal(back["a"], t["a"]) and torch.equal(back["b"], t["b"])
+    mask = torch.rand(64, 32) > 0.75
+    masked = comm.decode(comm.encode(t, {"a": mask}))
+    assert torch.equal(masked["a"], t["a"] * mask)
+    def data_bytes(payload):  # payload minus magic, header length and JSON header
+        return len(payload) - 8 - struct.unpack("<I", payload[4:8])[0]
+
+    kept = int(mask.sum())
+    assert data_bytes(comm.encode({"a": t["a"]})) == 4 * 64 * 32
+    assert data_bytes(comm.encode({"a": t["a"]}, {"a": mask})) == 64 * 32 // 8 + 4 * kept
+
+
+def weights(run_dir):
+    ckpt = read_checkpoint(run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip())
+    return ckpt["model"], ckpt
+
+
+def test_same_seed_same_result_and_seed_matters(federation, tmp_path):
+    outs = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        r = Runner(tmp_path / name, Federation(federation), small_cfg("fl.rounds=2", f"seed={seed}"))
+        r.start()
+        r.run_rounds()
+        outs.append(weights(tmp_path / name)[0])
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    assert not all(torch.equal(outs[0][k], outs[2][k]) for k in outs[0])
+    rows = [yaml.safe_load(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    for key in ("round_time", "client_time", "examples", "bytes_down", "bytes_up", "dev_wer"):
+        assert key in rows[-1]
+    assert rows[0]["bytes_up"] == rows[0]["bytes_down"] > 0
+
+
+def test_failing_clients_are_dropped_and_logged(federation, tmp_path):
+    fed = Federation(federation)
+    victims = {}
+
+    def flaky(name, model, state, data, cfg, **kw):
+        res = train_client(name, model, state, data, cfg, **kw)
+        kind = victims.setdefault(name, ["raise", "nan", "shape", "ok"][len(victims) % 4])
+        if kind == "raise":
+            raise RuntimeError("client crashed")
+        if kind == "nan":
+            k = next(iter(res.update))
+            res.update[k] = res.update[k] * float("nan")
+        if kind == "shape":
+            k = next(iter(res.update))
+            res.update[k] = torch.zeros(3)
+        return ClientResult(res.client, res.update, res.num_examples, res.metrics)
+
+    r = Runner(tmp_path / "run", fed, small_cfg("fl.rounds=1", "fl.clients_per_round=4"), client_fn=flaky)
+    r.start()
+    rows = r.run_rounds()
+    reasons = sorted(d["reason"].split(":")[0] for d in rows[0]["dropped"])
+    assert reasons == ["ClientRejected", "ClientRejected", "RuntimeError"]
+    assert len(rows[0]["clients"]) == 4
+    # not enough clients left: a clear error, and the last good checkpoint stays intact
+    before = (tmp_path / "run" / "checkpoints" / "round_0001.pt").read_bytes()
+    r2 = Runner.resume(tmp_path / "run", client_fn=flaky)
+    r2.cfg.fl.rounds = 2
+    r2.cfg.fl.min_clients = 2
+    with pytest.raises(FedasrError, match=r"round 2: only 1 of 4 clients succeeded .*last good checkpoint: .*round_0001.pt"):
+        r2.run_rounds()
+    assert (tmp_path / "run" / "checkpoints" / "round_0001.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("agg", ["fedavg", "fedadam"])
+def test_sigkill_and_resume_gives_the_same_weights(federation, tmp_path, agg):
+    args = ["--federation", federation, *[a for s in FAST + ["fl.rounds=3", f"fl.aggregation={agg}",
+                                                               "fl.server_lr=0.5", "eval.every=2"] for a in ("--set", s)]]
+    straight = run_cli("train", *args, "--out", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "fedasr.cli", "train", *map(str, args), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "latest").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere inside round 2
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = int(yaml.safe_load((out / "checkpoints" / "latest").read_text()).split("_")[1].split(".")[0])
+    assert done < 3, "the run finished before it could be killed"
+    resumed = run_cli("train", "--resume", out)
+    assert resumed.returncode == 0, resumed.stderr
+    a, ca = weights(tmp_path / "straight")
+    b, cb = weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert ca["state"]["server_optimizer"].keys() == cb["state"]["server_optimizer"].keys()
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert [yaml.safe_load(r)["round"] for r in rows] == [1, 2, 3]
+
+
+def test_centralized_baseline_runs_same_compute(federation, tmp_path):
+    r = Runner(tmp_path / "c", Federation(federation), small_cfg("fl.rounds=1"), centralized=True)
+    r.start()
+    rows = r.run_rounds()
+    assert rows[0]["clients"] == ["centralized"] and rows[0]["bytes_up"] == 0
+    assert r.lr_step == 2 * 2  # clients_per_round x local_steps
+
+
+@pytest.mark.parametrize("setting,expect", [
+    ("fl.rounds=ten", "fl.rounds: expected an integer, got 'ten'"),
+    ("fl.bogus=1", "fl.bogus: unknown key"),
+    ("fl.aggregation=fedmagic", "fl.aggregation: unknown 'fedmagic'"),
+    ("train.lr=-1", "train.lr: must be positive"),
+])
+def test_bad_config_names_the_key(federation, tmp_path, setting, expect):
+    r = run_cli("train", "--federation", federation, "--out", tmp_path / "r", "--set", setting)
+    assert r.returncode != 0
+    assert expect in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
