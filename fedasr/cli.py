@@ -176,6 +176,8 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set fl.rounds=20 (repeatable)."),
     centralized: bool = typer.Option(False, help="Train on the union of the clients' data (baseline)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory from its latest checkpoint."),
+    init_from: Optional[Path] = typer.Option(None, help="Start from this checkpoint's weights and masks "
+                                             "(e.g. the output of `fedasr prune`) and fine-tune."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
 ) -> None:
     """Train the Conformer-Transducer federatedly (or centrally) over the federation's clients."""
@@ -184,15 +186,15 @@ def train(
     from fedasr.fl.runner import Runner
 
     if resume is not None:
-        if config is not None or set_ or centralized:
-            raise FedasrError("--resume: the run's own config.yaml is used; drop --config/--set/--centralized")
+        if config is not None or set_ or centralized or init_from is not None:
+            raise FedasrError("--resume: the run's own config.yaml is used; drop --config/--set/--centralized/--init-from")
         runner = Runner.resume(resume, federation=federation)
     else:
         if federation is None or out is None:
             raise FedasrError("--federation and --out are required (or --resume RUN_DIR)")
         cfg = load_config(config, set_)
         runner = Runner(out, Federation(federation), cfg, centralized=centralized)
-        runner.start(overwrite=overwrite)
+        runner.start(overwrite=overwrite, init_from=init_from)
     with progress_bar() as prog:
         runner.events = _RoundProgress(prog, runner.cfg.fl.rounds, runner.round)
         history = runner.run_rounds()
@@ -201,11 +203,13 @@ def train(
 
 def _print_history(history: list[dict], root: Path) -> None:
     table = Table(title=f"Training — {root}")
-    for col in ("round", "clients", "examples", "train loss", "dev loss", "dev WER", "MB down", "MB up", "time s"):
+    for col in ("round", "clients", "examples", "sparsity", "train loss", "dev loss", "dev WER", "MB down",
+                "MB up", "time s"):
         table.add_column(col, justify="right")
     for r in history:
         table.add_row(
             str(r["round"]), str(len(r["clients"]) - len(r.get("dropped", []))), str(r["examples"]),
+            f"{100 * r.get('sparsity', 0):.1f}%",
             f"{r['train_loss']:.3f}" if r.get("train_loss") is not None else "-",
             f"{r['dev_loss']:.3f}" if "dev_loss" in r else "-",
             f"{100 * r['dev_wer']:.2f}%" if "dev_wer" in r else "-",
@@ -267,6 +271,66 @@ def eval_(
                       str(len(r.get("per_client", {}))))
     console.print(table)
     console.print(f"results: {results_path}")
+
+
+@app.command()
+def prune(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint to prune (e.g. RUN_DIR/checkpoints/round_0020.pt)."),
+    out: Path = typer.Option(..., help="Pruned checkpoint to write."),
+    sparsity: float = typer.Option(..., help="Target share of prunable weights set to zero, in [0, 1)."),
+    pattern: str = typer.Option("unstructured", help="unstructured, row, column, half_row, half_column, unit."),
+    importance: str = typer.Option("magnitude", help="magnitude, gradient (needs --federation), random."),
+    allocation: str = typer.Option("uniform", help="uniform, global, adaptive."),
+    norm: str = typer.Option("l2", help="Group norm for magnitude importance: l1 or l2."),
+    federation: Optional[Path] = typer.Option(None, help="Federation whose training data gives gradients."),
+    batches: int = typer.Option(8, help="Training batches for gradient importance."),
+    seed: int = typer.Option(0, help="Seed (random importance, gradient batches)."),
+) -> None:
+    """One-shot pruning of a trained checkpoint (the centralized-pruning baseline).
+
+    The output can be fine-tuned with `fedasr train --init-from OUT`."""
+    from fedasr.prune.oneshot import prune_checkpoint
+
+    rep = prune_checkpoint(checkpoint, out, sparsity=sparsity, pattern=pattern, importance=importance,
+                           allocation=allocation, norm=norm, federation=federation, batches=batches, seed=seed)
+    console.print(f"pruned {checkpoint} -> {out}: sparsity {100 * rep['sparsity']:.2f}% of "
+                  f"{rep['prunable']:,} prunable weights ({pattern}, {importance}, {allocation})")
+
+
+@app.command()
+def info(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint to describe."),
+    seconds: float = typer.Option(10.0, help="Utterance length for the FLOP count."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers to this JSON file."),
+) -> None:
+    """Per-layer shape, sparsity and nonzeros; parameter, byte and FLOP totals of a checkpoint."""
+    import json
+
+    from fedasr.fsutil import atomic_write_text
+    from fedasr.prune.oneshot import checkpoint_info
+
+    d = checkpoint_info(checkpoint, seconds)
+    table = Table(title=f"{checkpoint}")
+    for col in ("layer", "shape", "sparsity", "nonzeros"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for l in d["layers"]:
+        table.add_row(l["name"] + ("" if l["prunable"] else " [dim](not prunable)[/]"),
+                      "×".join(map(str, l["shape"])), f"{100 * l['sparsity']:.1f}%", f"{l['nonzeros']:,}")
+    console.print(table)
+    tot = Table(title="Totals")
+    tot.add_column("")
+    tot.add_column("value", justify="right")
+    tot.add_row("parameters", f"{d['parameters']:,}")
+    tot.add_row("nonzero parameters", f"{d['nonzeros']:,}")
+    tot.add_row("prunable share of parameters", f"{100 * d['prunable_fraction']:.1f}%")
+    tot.add_row("sparsity of prunable weights", f"{100 * d['sparsity']:.2f}%")
+    tot.add_row("dense size (fp32 payload)", f"{d['dense_bytes']:,} B")
+    tot.add_row("sparse-encoded size (bitmask + values)", f"{d['sparse_bytes']:,} B")
+    tot.add_row(f"FLOPs / {seconds:g} s utterance (dense)", f"{d['flops'] / 1e9:.3f} G")
+    tot.add_row(f"FLOPs / {seconds:g} s utterance (nonzero weights)", f"{d['flops_nonzero'] / 1e9:.3f} G")
+    console.print(tot)
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(d, indent=2))
 
 
 def main() -> None:

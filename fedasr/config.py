@@ -111,6 +111,58 @@ class FLSection:
             raise FedasrError(f"{p}min_clients: must be at least 1")
 
 
+PATTERNS = ("unstructured", "row", "column", "half_row", "half_column", "unit")
+IMPORTANCES = ("magnitude", "gradient", "random")
+SCHEDULES = ("constant", "step", "cubic")
+ALLOCATIONS = ("uniform", "global", "adaptive")
+DEFAULT_PRUNABLE = ["encoder.layers.*", "predictor.lstm.*", "joiner.*"]
+
+
+@dataclass
+class PruningSection:
+    """In-round pruning (Federated Pruning, Lin et al. 2022). ``method: none`` trains dense."""
+
+    method: str = "none"  # none | federated_pruning
+    pattern: str = "unstructured"
+    importance: str = "magnitude"
+    norm: str = "l2"  # group norm for magnitude importance: l1 | l2
+    target_sparsity: float = 0.5
+    schedule: str = "constant"
+    start_round: int = 1  # first round trained with masks
+    end_round: Optional[int] = None  # cubic: round where the target is reached [default: 3/4 of rounds]
+    initial_sparsity: float = 0.0  # cubic: s0
+    step_size: float = 0.1  # step: raise by this much ...
+    step_every: int = 2  # ... every this many rounds
+    allocation: str = "uniform"
+    max_layer_sparsity: float = 0.95  # no layer is pruned beyond this (adaptive/global)
+    refine: bool = True  # recompute masks from dense shadow weights, so pruned weights can return
+    update_every: int = 1  # recompute masks every k rounds
+    include: list = field(default_factory=lambda: list(DEFAULT_PRUNABLE))  # name globs (>= 2-D tensors)
+    exclude: list = field(default_factory=list)
+
+    def validate(self, prefix: str) -> None:
+        p = f"{prefix}." if prefix else ""
+        choices = {"method": ("none", "federated_pruning"), "pattern": PATTERNS, "importance": IMPORTANCES,
+                    "schedule": SCHEDULES, "allocation": ALLOCATIONS, "norm": ("l1", "l2")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise FedasrError(f"{p}{key}: unknown {getattr(self, key)!r} ({', '.join(allowed)})")
+        for key in ("target_sparsity", "initial_sparsity", "step_size"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise FedasrError(f"{p}{key}: must be in [0, 1), got {getattr(self, key)}")
+        if not 0.0 < self.max_layer_sparsity < 1.0:
+            raise FedasrError(f"{p}max_layer_sparsity: must be in (0, 1)")
+        if self.target_sparsity > self.max_layer_sparsity:
+            raise FedasrError(f"{p}target_sparsity: {self.target_sparsity} exceeds max_layer_sparsity "
+                              f"{self.max_layer_sparsity}")
+        if self.start_round < 1 or self.update_every < 1 or self.step_every < 1:
+            raise FedasrError(f"{p}start_round/update_every/step_every: must be at least 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
 @dataclass
 class RunConfig:
     seed: int = 0
@@ -119,6 +171,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     fl: FLSection = field(default_factory=FLSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    pruning: PruningSection = field(default_factory=PruningSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

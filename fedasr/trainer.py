@@ -95,14 +95,16 @@ def train_steps(
     num_steps: int | None = None,
     num_epochs: int | None = None,
     global_step: int = 0,
+    after_backward: Callable[[Transducer], None] | None = None,
     after_step: Callable[[Transducer], None] | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     first_epoch: int = 0,
 ) -> TrainResult:
     """Run ``num_steps`` optimizer steps (or ``num_epochs`` passes) on ``dataset``.
 
-    ``global_step`` positions the step within the learning-rate schedule; ``after_step``
-    runs after every optimizer step (pruning masks are re-applied there).
+    ``global_step`` positions the step within the learning-rate schedule;
+    ``after_backward`` runs before clipping (pruning masks gradients there) and
+    ``after_step`` after every optimizer step (pruning re-applies its masks there).
     A non-finite loss raises :class:`FloatingPointError`.
     """
     if (num_steps is None) == (num_epochs is None):
@@ -124,6 +126,8 @@ def train_steps(
             raise FloatingPointError(f"non-finite training loss {float(loss)} at step {global_step + steps}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if after_backward is not None:
+            after_backward(model)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()

@@ -8,8 +8,6 @@ so memory does not grow with the number of clients.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
-
 import numpy as np
 import torch
 from lhotse import CutSet
@@ -19,6 +17,7 @@ from fedasr.data.batching import AsrDataset
 from fedasr.data.features import GlobalCMVN, SpecAugment
 from fedasr.data.tokenizer import Tokenizer
 from fedasr.fl.server import is_bn_stat
+from fedasr.prune.pruner import ClientPruning
 from fedasr.model.transducer import Transducer
 from fedasr.trainer import make_optimizer, train_steps
 
@@ -34,6 +33,7 @@ class ClientResult:
     update: dict[str, torch.Tensor]  # deltas of trainable tensors, values of BN statistics
     num_examples: int
     metrics: dict = field(default_factory=dict)
+    report: dict[str, torch.Tensor] = field(default_factory=dict)  # pruning extras (e.g. mean |grad|)
 
 
 def make_dataset(cuts: CutSet, tokenizer: Tokenizer, cmvn: GlobalCMVN, cfg: RunConfig) -> AsrDataset:
@@ -49,14 +49,16 @@ def train_client(
     *,
     seed: int,
     global_step: int,
-    after_step: Callable[[Transducer], None] | None = None,
+    pruning: ClientPruning | None = None,
 ) -> ClientResult:
     model.load_state_dict(global_state)
     torch.manual_seed(seed)  # dropout
     optimizer = make_optimizer(model, cfg.train)
     fl = cfg.fl
+    pruning = pruning or ClientPruning({})
     res = train_steps(model, optimizer, dataset, cfg.train, seed=seed, num_steps=fl.local_steps,
-                      num_epochs=fl.local_epochs, global_step=global_step, after_step=after_step)
+                      num_epochs=fl.local_epochs, global_step=global_step,
+                      after_backward=pruning.after_backward, after_step=pruning.after_step)
     local = model.state_dict()
     update = {}
     for k, v in local.items():
@@ -65,4 +67,4 @@ def train_client(
         else:
             update[k] = (v.detach() - global_state[k]).clone()
     metrics = {"loss": res.loss, "steps": res.steps, "time": res.time, **{f"loss_{k}": v for k, v in res.stats.items() if k != "loss"}}
-    return ClientResult(name, update, res.examples, metrics)
+    return ClientResult(name, update, res.examples, metrics, pruning.report())

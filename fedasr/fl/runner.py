@@ -15,6 +15,7 @@ weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from fedasr.fl.client import derive_seed, make_dataset, train_client
 from fedasr.fl.server import ClientRejected, ServerOptimizer, StreamingAggregator
 from fedasr.fsutil import atomic_write_text
 from fedasr.model.transducer import ModelConfig, Transducer
+from fedasr.prune.masks import prunable_names, sparsity_report
+from fedasr.prune.pruner import make_pruner
 from fedasr.trainer import make_optimizer, train_steps, transducer_loss
 
 CONFIG_FILE = "config.yaml"
@@ -127,6 +130,9 @@ class Runner:
         self.lr_step = 0
         self.history: list[dict] = []
         self.masks: dict[str, torch.Tensor] = {}
+        self.pruner = make_pruner(cfg.pruning, self.model, cfg.fl.rounds, cfg.seed)
+        self.prunable = prunable_names(self.model, cfg.pruning.include, cfg.pruning.exclude)
+        self.shadow: dict[str, torch.Tensor] | None = None  # dense weights kept for mask refinement
         self._central_data = None
         dev_splits = [s for s, m in fed.eval_splits.items() if m["role"] == "dev"]
         self.dev_cuts = dev_subset(fed.split_cuts(dev_splits[0]), cfg.eval.dev_max_utterances) if dev_splits else None
@@ -138,7 +144,8 @@ class Runner:
 
     def state(self) -> dict:
         s = {"round": self.round, "lr_step": self.lr_step, "history": self.history,
-             "server_optimizer": self.server_opt.state_dict(), "torch_rng": torch.get_rng_state()}
+             "server_optimizer": self.server_opt.state_dict(), "torch_rng": torch.get_rng_state(),
+             "pruner": self.pruner.state_dict(), "shadow": self.shadow or {}}
         if self.central_opt is not None:
             s["central_optimizer"] = self.central_opt.state_dict()
         return s
@@ -166,8 +173,29 @@ class Runner:
         if self.central_opt is not None:
             self.central_opt.load_state_dict(st["central_optimizer"])
         torch.set_rng_state(st["torch_rng"])
+        self.pruner.load_state_dict(st.get("pruner", {}))
+        self.shadow = dict(st["shadow"]) if st.get("shadow") else None
 
-    def start(self, overwrite: bool = False) -> None:
+    # ---------------------------------------------------------------- masks
+    def dense_weights(self) -> dict[str, torch.Tensor]:
+        """Current weights with the dense shadow in place of the masked tensors (refinement)."""
+        w = {n: p.detach() for n, p in self.model.named_parameters()}
+        return {**w, **self.shadow} if self.shadow else w
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        params = dict(self.model.named_parameters())
+        for n, m in self.masks.items():
+            src = self.shadow[n] if self.shadow and n in self.shadow else params[n]
+            params[n].copy_(src * m.to(src.dtype))
+
+    def init_masks(self, init_masks: dict[str, torch.Tensor] | None = None) -> None:
+        if self.pruner.refine:
+            self.shadow = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in self.prunable}
+        self.masks = self.pruner.init(self.dense_weights(), dict(init_masks or {}))
+        self.apply_masks()
+
+    def start(self, overwrite: bool = False, init_from: str | Path | None = None) -> None:
         root = self.run.root
         if root.exists() and any(root.iterdir()) and not overwrite:
             raise FedasrError(f"{root}: run directory exists (use --resume to continue it or --overwrite)")
@@ -175,7 +203,20 @@ class Runner:
             for p in self.run.ckpt_dir.iterdir():
                 p.unlink()
         self.run.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run.config_path, yaml.safe_dump(self.config_dict(), sort_keys=False))
+        init_masks = None
+        if init_from is not None:
+            ckpt = read_checkpoint(init_from)
+            if ckpt["tokenizer"]["sha256"] != hashlib.sha256(self.tokenizer.proto).hexdigest():
+                raise FedasrError(f"{init_from}: its tokenizer differs from the federation's")
+            if ckpt["model_config"] != self.model.cfg.to_dict():
+                raise FedasrError(f"{init_from}: model architecture differs from the run's model config")
+            load_weights(self.model, ckpt["model"], init_from)
+            init_masks = ckpt["masks"]
+        self.init_masks(init_masks)
+        cfg = self.config_dict()
+        if init_from is not None:
+            cfg["init_from"] = str(init_from)
+        atomic_write_text(self.run.config_path, yaml.safe_dump(cfg, sort_keys=False))
         self.run.metrics_path.unlink(missing_ok=True)
 
     @classmethod
@@ -185,11 +226,13 @@ class Runner:
         raw = rd.read_config()
         fed = Federation(federation or raw.pop("federation"))
         raw.pop("federation", None)
+        raw.pop("init_from", None)
         mode = raw.pop("mode", "federated")
         runner = cls(run_dir, fed, parse_config(raw), centralized=(mode == "centralized"), events=events, **kw)
         latest = rd.latest()
-        if latest is not None:
-            runner.restore(latest)
+        if latest is None:
+            raise FedasrError(f"{run_dir}: no complete checkpoint to resume from; start the run again")
+        runner.restore(latest)
         return runner
 
     # ---------------------------------------------------------------- rounds
@@ -214,13 +257,16 @@ class Runner:
         client_time = 0.0
         examples = 0
         losses, dropped, steps = [], [], []
+        report_sum: dict[str, torch.Tensor] = {}
+        report_weight = 0.0
         for name in chosen:
             idx = self.clients.index(name)
             try:
                 data = make_dataset(self.fed.client_cuts(name), self.tokenizer, self.fed.cmvn, self.cfg)
                 t0 = time.perf_counter()
                 res = self.client_fn(name, self.local, received, data, self.cfg,
-                                     seed=derive_seed(self.cfg.seed, rnd, idx), global_step=self.lr_step)
+                                     seed=derive_seed(self.cfg.seed, rnd, idx), global_step=self.lr_step,
+                                     pruning=self.pruner.client_plan(rnd, self.masks))
                 client_time += time.perf_counter() - t0
                 if not np.isfinite(res.metrics.get("loss", 0.0)):
                     raise ClientRejected(f"non-finite loss {res.metrics['loss']}")
@@ -228,6 +274,12 @@ class Runner:
                 bytes_up += len(payload)
                 weight = float(res.num_examples) if fl.weighting == "examples" else 1.0
                 agg.add(comm.decode(payload), weight)
+                if res.report:
+                    rep = comm.encode(res.report)
+                    bytes_up += len(rep)
+                    for k, v in comm.decode(rep).items():
+                        report_sum[k] = report_sum.get(k, 0) + weight * v.double()
+                    report_weight += weight
                 examples += res.num_examples
                 losses.append(res.metrics.get("loss", float("nan")))
                 steps.append(res.metrics.get("steps", 0))
@@ -241,8 +293,10 @@ class Runner:
                 f"round {rnd}: only {agg.count} of {len(chosen)} clients succeeded (fl.min_clients="
                 f"{fl.min_clients}); first failure: {dropped[0]['reason'] if dropped else 'none'}; "
                 f"last good checkpoint: {last if last else 'none'}")
-        self.server_opt.step(self.model.state_dict(), agg.mean())
+        state = self.model.state_dict()
+        self.server_opt.step({**state, **self.shadow} if self.shadow else state, agg.mean())
         self.lr_step += max(steps) if steps else 0
+        self._update_masks(rnd, {k: v / report_weight for k, v in report_sum.items()} if report_weight else None)
         return {"clients": chosen, "dropped": dropped, "examples": examples, "client_time": client_time,
                 "bytes_down": len(down) * len(chosen), "bytes_up": bytes_up,
                 "train_loss": float(np.mean(losses)) if losses else None}
@@ -256,14 +310,32 @@ class Runner:
         torch.manual_seed(derive_seed(self.cfg.seed, rnd, 0))
         t0 = time.perf_counter()
         n_steps = fl.clients_per_round * fl.local_steps if fl.local_steps is not None else None
+        plan = self.pruner.client_plan(rnd, self.masks)
+        before = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in (self.shadow or {})}
         res = train_steps(self.model, self.central_opt, self._central_data, self.cfg.train,
                           seed=derive_seed(self.cfg.seed, rnd), num_steps=n_steps,
-                          num_epochs=fl.local_epochs if n_steps is None else None, global_step=self.lr_step)
+                          num_epochs=fl.local_epochs if n_steps is None else None, global_step=self.lr_step,
+                          after_backward=plan.after_backward, after_step=plan.after_step)
         self.lr_step += res.steps
+        if self.shadow:
+            for n, p in self.model.named_parameters():
+                if n in self.shadow:
+                    self.shadow[n] += p.detach() - before[n]
+        self._update_masks(rnd, plan.report() or None)
         self.events.client_done("centralized", True)
         return {"clients": ["centralized"], "dropped": [], "examples": res.examples,
                 "client_time": time.perf_counter() - t0, "bytes_down": 0, "bytes_up": 0,
                 "train_loss": res.loss}
+
+    def _update_masks(self, rnd: int, reports: dict[str, torch.Tensor] | None) -> None:
+        self.masks = self.pruner.update(rnd, self.dense_weights(), self.masks, reports)
+        self.apply_masks()
+
+    def sparsity_metrics(self) -> dict:
+        rep = sparsity_report(self.model.state_dict(), self.prunable)
+        return {"sparsity": rep["sparsity"], "prunable_fraction": rep["prunable_fraction"],
+                "nonzero_params": sum(int((p != 0).sum()) for p in self.model.parameters()),
+                "layer_sparsity": {k: round(v, 5) for k, v in rep["per_layer"].items()}}
 
     @torch.no_grad()
     def dev_eval(self) -> dict:
@@ -288,7 +360,7 @@ class Runner:
             rnd = self.round + 1
             t0 = time.perf_counter()
             info = self._centralized_round(rnd) if self.centralized else self._federated_round(rnd)
-            row = {"round": rnd, **info}
+            row = {"round": rnd, **info, **self.sparsity_metrics()}
             if rnd % self.cfg.eval.every == 0 or rnd == fl.rounds:
                 row.update(self.dev_eval())
             row["round_time"] = time.perf_counter() - t0

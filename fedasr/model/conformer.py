@@ -257,6 +257,7 @@ class ConformerEncoder(nn.Module):
         self.d_model = cfg.d_model
         self.subsampling = Conv2dSubsampling(cfg.num_features, cfg.subsampling_channels, cfg.d_model)
         self.pos_enc = SinusoidalPositionalEncoding(cfg.d_model)
+        self.xscale = math.sqrt(cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
             ConformerLayer(cfg.d_model, cfg.num_heads, cfg.ffn_dim, cfg.conv_kernel, cfg.dropout)
@@ -272,7 +273,9 @@ class ConformerEncoder(nn.Module):
         x = x[:, :t_out]
         if t_out == 0:  # every utterance shorter than 7 frames: nothing to encode
             return x, out_lengths
-        x = self.dropout(self.pos_enc(x))
+        # scale the content up before adding positions (x * sqrt(d), as in ESPnet): the
+        # projection's outputs start near 0.3 std and the encoding would otherwise swamp them
+        x = self.dropout(self.pos_enc(x * self.xscale))
         mask = lengths_to_mask(out_lengths, t_out)
         layer_mask = None if bool(mask.all()) else mask  # no padding: skip the masking work
         for layer in self.layers:

@@ -1,0 +1,28 @@
+"""Sparsity schedules: the target sparsity of the masks used in round r.
+
+- ``constant``: the target from ``start_round`` on (0 before).
+- ``step``: from ``start_round``, raised by ``step_size`` every ``step_every`` rounds
+  until the target.
+- ``cubic``: Zhu & Gupta (2017): s(r) = s_f + (s_0 − s_f)(1 − (r − r_0)/(r_1 − r_0))³ between
+  ``start_round`` r_0 and ``end_round`` r_1 (default: 3/4 of the rounds), s_f after.
+"""
+
+from __future__ import annotations
+
+from fedasr.config import PruningSection
+
+
+def sparsity_at(cfg: PruningSection, rnd: int, total_rounds: int) -> float:
+    s_f = cfg.target_sparsity
+    r0 = cfg.start_round
+    if rnd < r0:
+        return 0.0
+    if cfg.schedule == "constant":
+        return s_f
+    if cfg.schedule == "step":
+        return min(s_f, cfg.step_size * (1 + (rnd - r0) // cfg.step_every))
+    r1 = cfg.end_round if cfg.end_round is not None else max(r0, (3 * total_rounds) // 4)
+    if rnd >= r1:
+        return s_f
+    frac = (rnd - r0) / (r1 - r0)
+    return s_f + (cfg.initial_sparsity - s_f) * (1 - frac) ** 3

@@ -1,0 +1,300 @@
+"""Federated Pruning: masks, patterns, allocations, schedules, refinement, runner integration."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from fedasr.config import PruningSection, load_config
+from fedasr.data.federation import Federation
+from fedasr.fl import comm
+from fedasr.fl.runner import Runner
+from fedasr.model.transducer import ModelConfig, Transducer
+from fedasr.prune.allocation import adaptive_fractions
+from fedasr.prune.pruner import ClientPruning, FederatedPruning
+from fedasr.prune.schedule import sparsity_at
+
+SMALL = dict(num_layers=2, d_model=64, num_heads=4, ffn_dim=128, pred_hidden=64, pred_embed_dim=32, joint_dim=48)
+
+
+def model(seed=0):
+    torch.manual_seed(seed)
+    m = Transducer(ModelConfig.preset("tiny", vocab_size=40, **SMALL))
+    with torch.no_grad():  # give layers different scales so that allocations differ
+        for i, (n, p) in enumerate(m.named_parameters()):
+            p.mul_(1 + (i % 5))
+    return m
+
+
+def weights(m):
+    return {n: p.detach().clone() for n, p in m.named_parameters()}
+
+
+def pruner(m, **kw):
+    cfg = PruningSection(method="federated_pruning", **kw)
+    cfg.validate("pruning")
+    return FederatedPruning(cfg, m, total_rounds=10, seed=0)
+
+
+def max_group(pattern, w):
+    return {"unstructured": 1, "row": w[0].numel(), "column": w[:, 0].numel(),
+            "half_row": (w[0].numel() + 1) // 2, "half_column": (w[:, 0].numel() + 1) // 2}[pattern]
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "row", "column", "half_row", "half_column", "unit"])
+@pytest.mark.parametrize("alloc", ["uniform", "global", "adaptive"])
+@pytest.mark.parametrize("target", [0.5, 0.8])
+def test_allocation_hits_target_within_one_group(pattern, alloc, target):
+    m = model()
+    pr = pruner(m, pattern=pattern, allocation=alloc, target_sparsity=target)
+    w = weights(m)
+    masks = pr.compute(1, w, {})
+    total = sum(w[n].numel() for n in pr.names)
+    pruned = sum(int((~masks[n]).sum()) for n in pr.names if n in masks)
+    if pattern == "unit":
+        biggest = max(int(l.sizes.max()) for l in pr.layers(w, "magnitude", "l2", None, None))
+    else:
+        biggest = max(max_group(pattern, w[n]) for n in pr.names)
+    slack = biggest if alloc == "global" or pattern == "unit" else biggest * len(pr.names) / 2
+    assert abs(pruned - target * total) <= slack, (pruned / total, target)
+    if alloc == "uniform" and pattern != "unit":
+        for n in pr.names:  # every layer within one group of the target
+            assert abs(int((~masks[n]).sum()) - target * w[n].numel()) <= max_group(pattern, w[n]) / 2 + 1e-9
+
+
+@pytest.mark.parametrize("pattern", ["row", "column", "half_row", "half_column"])
+def test_structured_patterns_zero_whole_groups(pattern):
+    m = model()
+    pr = pruner(m, pattern=pattern, allocation="uniform", target_sparsity=0.5)
+    masks = pr.compute(1, weights(m), {})
+    for n in pr.names:
+        mk = masks[n]
+        if pattern == "column" and mk.shape[1] == 1:
+            pattern_here = "row"  # depthwise kernels fall back to channels
+        else:
+            pattern_here = pattern
+        rows = mk.reshape(mk.shape[0], -1)
+        if pattern_here == "row":
+            assert torch.all(rows.all(1) | (~rows).all(1)), n
+        elif pattern_here == "column":
+            cols = mk.transpose(0, 1).reshape(mk.shape[1], -1)
+            assert torch.all(cols.all(1) | (~cols).all(1)), n
+        elif pattern_here == "half_row":
+            h = (rows.shape[1] + 1) // 2
+            for part in (rows[:, :h], rows[:, h:]):
+                assert torch.all(part.all(1) | (~part).all(1)), n
+        else:
+            h = (mk.shape[0] + 1) // 2
+            for part in (mk[:h], mk[h:]):
+                cols = part.transpose(0, 1).reshape(part.shape[1], -1)
+                assert torch.all(cols.all(1) | (~cols).all(1)), n
+        assert 0 < int((~mk).sum()) < mk.numel()
+
+
+def test_unit_pattern_removes_whole_units_everywhere():
+    m = model()
+    pr = pruner(m, pattern="unit", allocation="uniform", target_sparsity=0.5)
+    masks = pr.compute(1, weights(m), {})
+    params = dict(m.named_parameters())
+    for fam in m.group_table():
+        members = [mm for mm in fam.members if mm.param in params]
+        pruned_units = 0
+        for u in range(fam.num_units):
+            states = [bool(masks.get(mm.param, torch.ones_like(params[mm.param], dtype=torch.bool))
+                           .index_select(mm.dim, mm.index[u]).any()) for mm in members]
+            if fam.kind != "predictor_unit" and fam.kind != "joiner_unit":
+                assert all(states) or not any(states), (fam.name, u)
+            pruned_units += not states[0]
+        assert pruned_units > 0, fam.name
+    # biases of pruned FFN units are masked too, so the unit is disconnected
+    assert "encoder.layers.0.ff1.linear1.bias" in masks
+
+
+def test_adaptive_prunes_less_important_layers_more():
+    m = model()
+    pr = pruner(m, pattern="row", allocation="adaptive", target_sparsity=0.5)
+    layers = pr.layers(weights(m), "magnitude", "l2", None, None)
+    frac = adaptive_fractions(layers, 0.5, 0.95)
+    imp = {l.name: float((l.scores * l.sizes).sum() / l.sizes.sum()) for l in layers}
+    names = sorted(frac, key=lambda n: imp[n])
+    assert frac[names[0]] >= frac[names[-1]]
+    sizes = {l.name: l.numel for l in layers}
+    mean = sum(frac[n] * sizes[n] for n in frac) / sum(sizes.values())
+    assert mean == pytest.approx(0.5, abs=1e-6)
+    assert len({round(f, 3) for f in frac.values()}) > 3
+
+
+def test_schedules():
+    c = PruningSection(method="federated_pruning", target_sparsity=0.6, start_round=3)
+    assert [sparsity_at(c, r, 10) for r in (1, 2, 3, 9)] == [0.0, 0.0, 0.6, 0.6]
+    s = PruningSection(method="federated_pruning", target_sparsity=0.5, schedule="step", step_size=0.2,
+                       step_every=2, start_round=1)
+    assert [round(sparsity_at(s, r, 10), 6) for r in range(1, 8)] == [0.2, 0.2, 0.4, 0.4, 0.5, 0.5, 0.5]
+    cu = PruningSection(method="federated_pruning", target_sparsity=0.8, schedule="cubic", start_round=1,
+                        end_round=5, initial_sparsity=0.0)
+    vals = [sparsity_at(cu, r, 10) for r in range(1, 8)]
+    assert vals[0] == 0.0 and vals[4:] == [0.8, 0.8, 0.8]
+    assert vals[1] == pytest.approx(0.8 * (1 - (1 - 0.25) ** 3))
+    assert all(a <= b for a, b in zip(vals, vals[1:]))
+
+
+def test_refinement_regrows_and_fixed_masks_do_not():
+    m = model()
+    w = weights(m)
+    name = "encoder.layers.0.ff1.linear1.weight"
+    for refine in (True, False):
+        pr = pruner(m, pattern="row", allocation="uniform", target_sparsity=0.5, refine=refine)
+        masks = pr.compute(1, w, {})
+        dropped = int(torch.nonzero(~masks[name].all(1))[0])
+        grown = {k: v.clone() for k, v in w.items()}
+        grown[name][dropped] *= 1000  # the shadow weight of a pruned row became important
+        again = pr.compute(2, grown, masks)
+        assert bool(again[name][dropped].all()) is refine
+        if not refine:  # a fixed mask only ever shrinks
+            for n in masks:
+                assert not torch.any(again[n] & ~masks[n])
+
+
+def test_gradient_importance_uses_client_reports():
+    m = model()
+    w = weights(m)
+    pr = pruner(m, pattern="row", allocation="uniform", target_sparsity=0.5, importance="gradient")
+    name = "encoder.layers.0.ff1.linear1.weight"
+    first = pr.compute(1, w, {})  # no report yet: magnitude
+    dropped = int(torch.nonzero(~first[name].all(1))[0])
+    reports = {n: torch.full_like(w[n], 1e-6) for n in pr.names}
+    reports[name][dropped] = 1e6  # clients say this row matters
+    pr.update(1, w, first, reports)
+    assert pr.reports is reports
+    assert bool(pr.compute(2, w, first)[name][dropped].all())
+    # the client side accumulates mean |grad| before masking
+    cp = ClientPruning(first, [name])
+    p = dict(m.named_parameters())[name]
+    for g in (1.0, -3.0):
+        p.grad = torch.full_like(p, g)
+        cp.after_backward(m)
+    assert torch.allclose(cp.report()[name], torch.full_like(p, 2.0))
+    assert torch.all(p.grad[~first[name]] == 0)
+
+
+FAST = ["fl.clients_per_round=2", "fl.local_steps=2", "train.max_duration=20", "eval.dev_max_utterances=4",
+        "model.overrides={num_layers: 1, d_model: 64, ffn_dim: 128, pred_hidden: 64, pred_embed_dim: 64, joint_dim: 64}",
+        "pruning.method=federated_pruning", "pruning.pattern=column", "pruning.allocation=adaptive",
+        "pruning.target_sparsity=0.5"]
+
+
+@pytest.mark.parametrize("agg,refine", [("fedavg", True), ("fedadam", False)])
+def test_pruned_weights_stay_zero_through_training_and_aggregation(federation, tmp_path, agg, refine):
+    cfg = load_config(None, FAST + ["fl.rounds=2", f"fl.aggregation={agg}", f"pruning.refine={str(refine).lower()}",
+                                    "fl.server_lr=0.05"])
+    r = Runner(tmp_path / "run", Federation(federation), cfg)
+    r.start()
+    seen = []
+
+    def check(name, model, state, data, c, **kw):
+        from fedasr.fl.client import train_client
+        res = train_client(name, model, state, data, c, **kw)
+        for n, mk in kw["pruning"].masks.items():
+            assert torch.all(dict(model.named_parameters())[n][~mk] == 0), n
+        seen.append(name)
+        return res
+
+    r.client_fn = check
+    rows = r.run_rounds()
+    assert len(seen) == 4
+    params = dict(r.model.named_parameters())
+    for n, mk in r.masks.items():
+        assert torch.all(params[n][~mk] == 0), n
+    assert rows[-1]["sparsity"] == pytest.approx(0.5, abs=0.02)
+    n_prunable = sum(params[n].numel() for n in r.prunable)
+    assert rows[-1]["prunable_fraction"] == pytest.approx(n_prunable / sum(p.numel() for p in params.values()))
+    assert set(rows[-1]["layer_sparsity"]) == set(r.prunable)
+    # bytes: bitmask + kept values down; the same masks shape the upload
+    down = len(comm.encode(r.model.state_dict(), r.masks))
+    dense = len(comm.encode(r.model.state_dict()))
+    pruned = sum(int((~m).sum()) for m in r.masks.values())
+    masked = sum(m.numel() for m in r.masks.values())
+    assert dense - down >= 4 * pruned - masked / 8 - 4096  # 4 B saved per pruned weight, 1 bit per masked one
+
+
+def test_byte_counts_match_formula(federation, tmp_path):
+    cfg = load_config(None, FAST + ["fl.rounds=1", "pruning.pattern=unstructured", "pruning.allocation=uniform"])
+    r = Runner(tmp_path / "run", Federation(federation), cfg)
+    r.start()
+    state = {k: v.clone() for k, v in r.model.state_dict().items()}
+    masks = {k: v.clone() for k, v in r.masks.items()}
+    row = r.run_rounds()[0]
+    payload = comm.encode(state, masks)
+    header = int.from_bytes(payload[4:8], "little")
+    expected = 0
+    for k, v in state.items():
+        item = v.element_size() if not v.is_floating_point() else 4
+        if k in masks:
+            expected += (v.numel() + 7) // 8 + 4 * int(masks[k].sum())
+        else:
+            expected += item * v.numel()
+    assert len(payload) == 8 + header + expected
+    assert row["bytes_down"] == 2 * len(payload)
+    s = row["sparsity"]
+    prunable = sum(state[k].numel() for k in masks)
+    ratio_prunable = sum((state[k].numel() + 7) // 8 + 4 * int(masks[k].sum()) for k in masks) / (4 * prunable)
+    assert ratio_prunable <= (1 - s) + 1 / 32 + 0.01
+
+
+def test_resumed_pruned_run_equals_straight_run(federation, tmp_path):
+    base = FAST + ["fl.rounds=3", "pruning.schedule=step", "pruning.step_size=0.25", "pruning.step_every=1",
+                   "pruning.importance=gradient"]
+    straight = Runner(tmp_path / "a", Federation(federation), load_config(None, base))
+    straight.start()
+    straight.run_rounds()
+    class Killed(Exception):
+        pass
+
+    class KillAfterRound1:
+        def round_start(self, rnd, clients): pass
+        def client_done(self, client, ok): pass
+        def round_end(self, row):
+            raise Killed  # the round's checkpoint is already written
+
+    half = Runner(tmp_path / "b", Federation(federation), load_config(None, base), events=KillAfterRound1())
+    half.start()
+    with pytest.raises(Killed):
+        half.run_rounds()
+    resumed = Runner.resume(tmp_path / "b")
+    assert resumed.round == 1 and resumed.masks
+    resumed.run_rounds()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(straight.masks[k], resumed.masks[k]) for k in straight.masks)
+
+
+def test_prune_info_and_finetune_cli(federation, tmp_path):
+    run = tmp_path / "dense"
+    r = run_cli("train", "--federation", federation, "--out", run, *[x for s in FAST[:5] + ["fl.rounds=1"]
+                                                                     for x in ("--set", s)])
+    assert r.returncode == 0, r.stderr
+    ckpt = run / "checkpoints" / "round_0001.pt"
+    out = tmp_path / "pruned.pt"
+    r = run_cli("prune", ckpt, "--sparsity", "0.6", "--pattern", "row", "--allocation", "global", "--out", out)
+    assert r.returncode == 0, r.stderr and "60.0" in r.stdout
+    r = run_cli("info", out, "--json", tmp_path / "info.json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert info["sparsity"] == pytest.approx(0.6, abs=0.01)
+    pruned = info["sparsity"] * info["prunable"]
+    assert info["dense_bytes"] - info["sparse_bytes"] >= 4 * pruned - info["prunable"] / 8 - 4096
+    assert info["flops_nonzero"] < info["flops"]
+    assert info["encoder_flops_nonzero"] < info["encoder_flops"]
+    assert "nonzero" in r.stdout or "Totals" in r.stdout
+    r = run_cli("prune", ckpt, "--sparsity", "0.5", "--importance", "gradient", "--out", tmp_path / "g.pt")
+    assert r.returncode != 0 and "--federation" in r.stderr
+    r = run_cli("prune", ckpt, "--sparsity", "0.5", "--importance", "gradient", "--federation", federation,
+                "--batches", "2", "--out", tmp_path / "g.pt")
+    assert r.returncode == 0, r.stderr
+    # fine-tune the pruned checkpoint federatedly: its masks stay fixed
+    r = run_cli("train", "--federation", federation, "--out", tmp_path / "ft", "--init-from", out,
+                *[x for s in FAST[:5] + ["fl.rounds=1"] for x in ("--set", s)])
+    assert r.returncode == 0, r.stderr
+    row = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["sparsity"] >= 0.6 - 0.01
