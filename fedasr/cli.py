@@ -24,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-console = Console(stderr=False)
+console = Console(stderr=False, soft_wrap=True)
 err_console = Console(stderr=True)
 
 
@@ -225,6 +225,7 @@ def eval_(
     beam: int = typer.Option(1, help="Beam size; 1 = greedy search."),
     federation: Optional[Path] = typer.Option(None, help="Federation directory [default: the run's]."),
     max_duration: float = typer.Option(120.0, help="Seconds of audio per decoding batch."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Decode test splits and report WER/CER (per split and per client) into RUN_DIR/results.json."""
     import json
@@ -241,7 +242,10 @@ def eval_(
     ckpt_path = checkpoint or rd.latest()
     if ckpt_path is None:
         raise FedasrError(f"{run}: no checkpoint yet (train first, or pass --checkpoint)")
+    from fedasr.config import resolve_device
+
     model, tok, _ = load_checkpoint(ckpt_path)
+    model.to(resolve_device(device))
     if tok.proto != fed.tokenizer.proto:
         raise FedasrError(f"{ckpt_path}: the checkpoint's tokenizer differs from {fed.root}/tokenizer.model")
     if beam < 1:
@@ -331,6 +335,69 @@ def info(
     console.print(tot)
     if json_out is not None:
         atomic_write_text(json_out, json.dumps(d, indent=2))
+
+
+def _parse_sparsities(text: Optional[str]) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise FedasrError(f"--sparsities: expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0 <= v < 1 for v in values):
+        raise FedasrError(f"--sparsities: each value must be in [0, 1), got {text!r}")
+    return values
+
+
+@app.command()
+def sweep(
+    recipe: Path = typer.Argument(..., help="Recipe YAML with a sweep: section (e.g. recipes/ci.yaml)."),
+    federation: Path = typer.Option(..., help="Federation directory."),
+    out: Path = typer.Option(..., help="Sweep directory (runs/ inside; re-running skips finished runs)."),
+    sparsities: Optional[str] = typer.Option(None, help="Override the recipe's sparsities, e.g. 0,0.5,0.9."),
+    jobs: int = typer.Option(1, help="Runs in parallel (threads are split between them)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key for every run (repeatable)."),
+) -> None:
+    """Train and evaluate one run per (pruning scheme, sparsity) of a recipe."""
+    import time
+
+    from fedasr.sweep import plan_runs, resolved_recipe, run_sweep
+
+    t0 = time.time()
+    planned = plan_runs(resolved_recipe(recipe, set_, _parse_sparsities(sparsities)), out)
+    with progress_bar() as prog:
+        task = prog.add_task("sweep runs", total=len(planned))
+
+        def step(run, status):
+            prog.advance(task)
+            prog.console.print(f"{run.scheme} @ {run.sparsity:.2f}: {status}")
+
+        run_sweep(recipe, federation, out, sparsities=_parse_sparsities(sparsities), overrides=set_, jobs=jobs,
+                  progress=step)
+    console.print(f"sweep finished in {time.time() - t0:.0f} s; `fedasr report {out}` for the curve")
+    _report(out)
+
+
+def _report(sweep_dir: Path) -> None:
+    from fedasr.sweep import write_report
+
+    rows, splits, csv_path, png_path = write_report(sweep_dir)
+    table = Table(title=f"WER vs sparsity — {sweep_dir}")
+    for col in ("scheme", "sparsity", "achieved", *[f"WER {s}" for s in splits], "nonzero params",
+                "model MB", "comm MB"):
+        table.add_column(col, justify="left" if col == "scheme" else "right")
+    for r in rows:
+        table.add_row(r["scheme"], f"{r['sparsity']:.2f}", f"{100 * r['achieved_sparsity']:.1f}%",
+                      *[f"{100 * r[f'wer_{s}']:.2f}%" if f"wer_{s}" in r else "-" for s in splits],
+                      f"{r['nonzero_params']:,}", f"{r['model_bytes'] / 1e6:.2f}", f"{r['comm_bytes'] / 1e6:.0f}")
+    console.print(table)
+    console.print(f"wrote {csv_path} and {png_path}")
+
+
+@app.command()
+def report(sweep_dir: Path = typer.Argument(..., help="Sweep directory made by `fedasr sweep`.")) -> None:
+    """Gather a sweep into wer_vs_sparsity.csv and wer_vs_sparsity.png (+ a table)."""
+    _report(sweep_dir)
 
 
 def main() -> None:

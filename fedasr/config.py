@@ -164,17 +164,67 @@ class PruningSection:
 
 
 @dataclass
+class SweepScheme:
+    name: str = "scheme"
+    pruning: dict = field(default_factory=dict)  # pruning.* keys of this scheme
+    overrides: list = field(default_factory=list)  # further "key=value" settings
+
+
+@dataclass
+class SweepSection:
+    """Used by `fedasr sweep`: one run per (scheme, sparsity); sparsity 0 is one shared dense run."""
+
+    sparsities: list = field(default_factory=lambda: [0.0, 0.5])
+    schemes: list = field(default_factory=list)  # of SweepScheme mappings
+    splits: list = field(default_factory=list)  # test splits to evaluate [default: all]
+    beam: int = 1
+
+    def validate(self, prefix: str) -> None:
+        p = f"{prefix}." if prefix else ""
+        for i, s in enumerate(self.sparsities):
+            if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0 <= s < 1:
+                raise FedasrError(f"{p}sparsities[{i}]: must be a number in [0, 1), got {s!r}")
+        names = []
+        for i, sch in enumerate(self.schemes):
+            if not isinstance(sch, dict):
+                raise FedasrError(f"{p}schemes[{i}]: expected a mapping with name and pruning")
+            obj = from_dict(SweepScheme, sch, f"{p}schemes[{i}]")
+            names.append(obj.name)
+            if obj.name == "dense":
+                raise FedasrError(f"{p}schemes[{i}].name: 'dense' is reserved for the sparsity-0 run")
+        if len(set(names)) != len(names):
+            raise FedasrError(f"{p}schemes: scheme names must be unique")
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N — where clients train
     keep_checkpoints: int = 3  # newest round checkpoints kept (0 = all)
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
     fl: FLSection = field(default_factory=FLSection)
     eval: EvalSection = field(default_factory=EvalSection)
     pruning: PruningSection = field(default_factory=PruningSection)
+    sweep: SweepSection = field(default_factory=SweepSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def validate(self, prefix: str) -> None:
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise FedasrError(f"device: unknown {self.device!r} (auto, cpu, cuda, cuda:N)")
+
+
+def resolve_device(name: str):
+    """A torch.device for ``auto``/``cpu``/``cuda[:N]``; asking for CUDA without one is an error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FedasrError(f"device: {name} requested but no CUDA device is available")
+    return torch.device(name)
 
 
 def _type_name(tp) -> str:

@@ -25,6 +25,7 @@ from fedasr.model.transducer import Transducer
 
 
 def transducer_loss(model: Transducer, batch: Batch, ctc_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    batch = batch.to(next(model.parameters()).device)
     out = model(batch.feats, batch.feat_lens, batch.targets, batch.target_lens)
     U = int(batch.target_lens.max())
     targets = batch.targets[:, :U].int()

@@ -32,6 +32,12 @@ class Batch:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def to(self, device) -> "Batch":
+        if self.feats.device == torch.device(device):
+            return self
+        return Batch(self.ids, self.texts, self.feats.to(device), self.feat_lens.to(device),
+                     self.targets.to(device), self.target_lens.to(device))
+
 
 class AsrDataset:
     """Cuts + tokenizer + normalisation; yields :class:`Batch` objects.

@@ -59,7 +59,7 @@ def train_client(
     res = train_steps(model, optimizer, dataset, cfg.train, seed=seed, num_steps=fl.local_steps,
                       num_epochs=fl.local_epochs, global_step=global_step,
                       after_backward=pruning.after_backward, after_step=pruning.after_step)
-    local = model.state_dict()
+    local = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     update = {}
     for k, v in local.items():
         if is_bn_stat(k) or not v.is_floating_point():

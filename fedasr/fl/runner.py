@@ -28,7 +28,7 @@ import yaml
 from lhotse import CutSet
 
 from fedasr.checkpoint import read_checkpoint, save_checkpoint, load_weights
-from fedasr.config import RunConfig, parse_config
+from fedasr.config import RunConfig, parse_config, resolve_device
 from fedasr.data.federation import Federation
 from fedasr.errors import FedasrError
 from fedasr.evaluate import evaluate
@@ -121,10 +121,12 @@ class Runner:
         self.tokenizer = fed.tokenizer
         mcfg = model_config(cfg, self.tokenizer.vocab_size)
         torch.manual_seed(derive_seed(cfg.seed, 0))
-        self.model = Transducer(mcfg)
-        self.local = Transducer(mcfg)  # reused by every client
+        self.device = resolve_device(cfg.device)
+        self.model = Transducer(mcfg)  # the global model: on the CPU (server side)
+        self.local = Transducer(mcfg).to(self.device)  # reused by every client; dev evaluation
         self.server_opt = ServerOptimizer(cfg.fl)
         self.central_opt = make_optimizer(self.model, cfg.train) if centralized else None
+        self._central_opt_state = None  # restored optimizer state, loaded once the model is placed
         self.clients = sorted(fed.client_ids)
         self.round = 0
         self.lr_step = 0
@@ -170,8 +172,8 @@ class Runner:
         self.history = list(st["history"])
         self.masks = dict(ckpt["masks"])
         self.server_opt.load_state_dict(st["server_optimizer"])
-        if self.central_opt is not None:
-            self.central_opt.load_state_dict(st["central_optimizer"])
+        if self.centralized:
+            self._central_opt_state = st["central_optimizer"]
         torch.set_rng_state(st["torch_rng"])
         self.pruner.load_state_dict(st.get("pruner", {}))
         self.shadow = dict(st["shadow"]) if st.get("shadow") else None
@@ -179,7 +181,7 @@ class Runner:
     # ---------------------------------------------------------------- masks
     def dense_weights(self) -> dict[str, torch.Tensor]:
         """Current weights with the dense shadow in place of the masked tensors (refinement)."""
-        w = {n: p.detach() for n, p in self.model.named_parameters()}
+        w = {n: p.detach().cpu() for n, p in self.model.named_parameters()}
         return {**w, **self.shadow} if self.shadow else w
 
     @torch.no_grad()
@@ -187,11 +189,12 @@ class Runner:
         params = dict(self.model.named_parameters())
         for n, m in self.masks.items():
             src = self.shadow[n] if self.shadow and n in self.shadow else params[n]
-            params[n].copy_(src * m.to(src.dtype))
+            params[n].copy_(src * m.to(device=src.device, dtype=src.dtype))
 
     def init_masks(self, init_masks: dict[str, torch.Tensor] | None = None) -> None:
         if self.pruner.refine:
-            self.shadow = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in self.prunable}
+            self.shadow = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()
+                           if n in self.prunable}
         self.masks = self.pruner.init(self.dense_weights(), dict(init_masks or {}))
         self.apply_masks()
 
@@ -304,6 +307,12 @@ class Runner:
     def _centralized_round(self, rnd: int) -> dict:
         fl = self.cfg.fl
         self.events.round_start(rnd, ["centralized"])
+        if self.model is not self.local:  # centralized: the global model itself trains on the device
+            self.local.load_state_dict(self.model.state_dict())
+            self.model = self.local
+            self.central_opt = make_optimizer(self.model, self.cfg.train)
+            if self._central_opt_state is not None:
+                self.central_opt.load_state_dict(self._central_opt_state)
         if self._central_data is None:
             union = CutSet.from_cuts(c for name in self.clients for c in self.fed.client_cuts(name))
             self._central_data = make_dataset(union, self.tokenizer, self.fed.cmvn, self.cfg)
@@ -320,7 +329,7 @@ class Runner:
         if self.shadow:
             for n, p in self.model.named_parameters():
                 if n in self.shadow:
-                    self.shadow[n] += p.detach() - before[n]
+                    self.shadow[n] += (p.detach() - before[n]).cpu()
         self._update_masks(rnd, plan.report() or None)
         self.events.client_done("centralized", True)
         return {"clients": ["centralized"], "dropped": [], "examples": res.examples,
@@ -341,17 +350,20 @@ class Runner:
     def dev_eval(self) -> dict:
         if self.dev_cuts is None:
             return {}
-        self.model.eval()
+        model = self.local  # on the device; holds the global weights for evaluation
+        if model is not self.model:
+            model.load_state_dict(self.model.state_dict())
+        model.eval()
         ds = make_dataset(self.dev_cuts, self.tokenizer, self.fed.cmvn, self.cfg)
         ds.spec_augment = None
         total, n = 0.0, 0
         for batch in ds.batches(self.cfg.eval.max_duration, shuffle=False, num_buckets=1):
-            loss, _ = transducer_loss(self.model, batch, 0.0)
+            loss, _ = transducer_loss(model, batch, 0.0)
             total += float(loss) * len(batch)
             n += len(batch)
-        res, _ = evaluate(self.model, self.dev_cuts, self.tokenizer, self.fed.cmvn, beam=1,
+        res, _ = evaluate(model, self.dev_cuts, self.tokenizer, self.fed.cmvn, beam=1,
                           max_duration=self.cfg.eval.max_duration)
-        self.model.train()
+        model.train()
         return {"dev_loss": total / max(1, n), "dev_wer": res["wer"], "dev_cer": res["cer"]}
 
     def run_rounds(self) -> list[dict]:

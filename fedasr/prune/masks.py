@@ -33,7 +33,8 @@ def prunable_names(model: nn.Module, include: list[str], exclude: list[str] | No
 def apply_masks(model: nn.Module, masks: Masks) -> None:
     params = dict(model.named_parameters())
     for name, m in masks.items():
-        params[name].mul_(m.to(params[name].dtype))
+        p = params[name]
+        p.mul_(m.to(device=p.device, dtype=p.dtype))
 
 
 @torch.no_grad()
@@ -42,7 +43,7 @@ def mask_gradients(model: nn.Module, masks: Masks) -> None:
     for name, m in masks.items():
         g = params[name].grad
         if g is not None:
-            g.mul_(m.to(g.dtype))
+            g.mul_(m.to(device=g.device, dtype=g.dtype))
 
 
 def sparsity_report(state: dict[str, torch.Tensor], names: list[str]) -> dict:

@@ -54,7 +54,7 @@ class ClientPruning:
             apply_masks(model, self.masks)
 
     def report(self) -> dict[str, torch.Tensor]:
-        return {n: g / max(1, self._steps) for n, g in self._grad_sum.items()}
+        return {n: (g / max(1, self._steps)).cpu() for n, g in self._grad_sum.items()}
 
 
 class Pruner:

@@ -1,0 +1,238 @@
+"""`fedasr sweep` and `fedasr report`: WER-vs-sparsity curves from one recipe.
+
+A sweep runs one training run per (scheme, sparsity) of the recipe's ``sweep:`` section
+(sparsity 0 is a single shared dense run), evaluates each on the federation's test
+splits, and ``report`` gathers them into ``wer_vs_sparsity.csv`` and ``.png``::
+
+    SWEEP_DIR/recipe.yaml                 the recipe as given (with --sparsities applied)
+    SWEEP_DIR/runs/dense/                 a normal run directory (+ results.json, log.txt)
+    SWEEP_DIR/runs/SCHEME/s0.50/          ...
+    SWEEP_DIR/wer_vs_sparsity.csv / .png
+
+Each run is a subprocess of the `fedasr` CLI (its output goes to the run's log.txt), so
+runs can go in parallel (``--jobs``) and a crash of one does not take the others down.
+Re-running skips finished runs and resumes unfinished ones from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from fedasr.config import SweepScheme, apply_overrides, from_dict, parse_config
+from fedasr.data.federation import Federation
+from fedasr.errors import FedasrError
+from fedasr.fsutil import atomic_write_bytes, atomic_write_text
+
+SWEEP_FILE = "sweep.json"
+
+
+@dataclass
+class SweepRun:
+    scheme: str
+    sparsity: float
+    path: Path
+    settings: list[str]  # --set overrides on top of the recipe
+
+
+def load_recipe(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FedasrError(f"{path}: recipe does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise FedasrError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise FedasrError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def plan_runs(recipe: dict, out: Path) -> list[SweepRun]:
+    cfg = parse_config(recipe)  # validates everything, sweep section included
+    schemes = [from_dict(SweepScheme, s, "sweep.schemes") for s in cfg.sweep.schemes]
+    if not schemes:
+        raise FedasrError("sweep.schemes: the recipe lists no pruning scheme")
+    runs: list[SweepRun] = []
+    if any(s == 0 for s in cfg.sweep.sparsities):
+        runs.append(SweepRun("dense", 0.0, out / "runs" / "dense", ["pruning.method=none"]))
+    for sch in schemes:
+        base = [f"pruning.{k}={json.dumps(v)}" for k, v in sch.pruning.items()] + list(sch.overrides)
+        if not any(x.startswith("pruning.method=") for x in base):
+            base.insert(0, "pruning.method=federated_pruning")
+        for s in sorted(set(cfg.sweep.sparsities)):
+            if s == 0:
+                continue
+            runs.append(SweepRun(sch.name, float(s), out / "runs" / sch.name / f"s{s:.2f}",
+                                 base + [f"pruning.target_sparsity={s}"]))
+    # fail now, not in the middle of the sweep, when a scheme's settings are wrong
+    for r in runs:
+        parse_config(apply_overrides(recipe, r.settings))
+    return runs
+
+
+def _finished(run: SweepRun, splits: list[str], rounds: int) -> bool:
+    res = run.path / "results.json"
+    metrics = run.path / "metrics.jsonl"
+    if not res.is_file() or not metrics.is_file():
+        return False
+    results = json.loads(res.read_text())
+    lines = metrics.read_text().splitlines()
+    return all(s in results for s in splits) and bool(lines) and json.loads(lines[-1])["round"] >= rounds
+
+
+def _cli(args: list[str], log: Path, threads: int) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    with open(log, "a") as f:
+        f.write(f"$ fedasr {' '.join(args)}\n")
+        f.flush()
+        proc = subprocess.run([sys.executable, "-m", "fedasr.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+                              env=env)
+    if proc.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise FedasrError(f"{log.parent}: `fedasr {args[0]}` failed: {tail[0]}")
+
+
+def resolved_recipe(recipe_path: str | Path, overrides: list[str] | None = None,
+                    sparsities: list[float] | None = None) -> dict:
+    """The recipe with ``--set`` overrides and ``--sparsities`` applied."""
+    extra = list(overrides or [])
+    if sparsities is not None:
+        extra.append(f"sweep.sparsities={json.dumps(sparsities)}")
+    return apply_overrides(load_recipe(recipe_path), extra)
+
+
+def run_sweep(recipe_path: str | Path, federation: str | Path, out: str | Path, *,
+              sparsities: list[float] | None = None, overrides: list[str] | None = None, jobs: int = 1,
+              progress: Callable[[SweepRun, str], None] | None = None) -> list[SweepRun]:
+    out = Path(out)
+    recipe = resolved_recipe(recipe_path, overrides, sparsities)
+    fed = Federation(federation)
+    runs = plan_runs(recipe, out)
+    cfg = parse_config(recipe)
+    splits = cfg.sweep.splits or [s for s, m in fed.eval_splits.items() if m["role"] == "test"]
+    for s in splits:
+        if s not in fed.eval_splits:
+            raise FedasrError(f"sweep.splits: unknown split {s!r} (federation has: {', '.join(fed.eval_splits)})")
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_file = out / "recipe.yaml"
+    text = yaml.safe_dump(recipe, sort_keys=False)
+    if recipe_file.is_file() and recipe_file.read_text() != text:
+        raise FedasrError(f"{recipe_file}: this sweep directory was made with another recipe; use a new --out")
+    atomic_write_text(recipe_file, text)
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+
+    def one(run: SweepRun) -> SweepRun:
+        if _finished(run, splits, cfg.fl.rounds):
+            if progress:
+                progress(run, "skipped (finished)")
+            return run
+        run.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.path / SWEEP_FILE, json.dumps({"scheme": run.scheme, "sparsity": run.sparsity,
+                                                             "settings": run.settings}))
+        log = run.path / "log.txt"
+        if (run.path / "checkpoints" / "latest").is_file():
+            _cli(["train", "--resume", str(run.path)], log, threads)
+        else:
+            sets = [a for s in run.settings for a in ("--set", s)]
+            _cli(["train", "--federation", str(fed.root), "--config", str(recipe_file), "--out", str(run.path),
+                  "--overwrite", *sets], log, threads)
+        evals = [a for s in splits for a in ("--split", s)]
+        _cli(["eval", "--run", str(run.path), "--beam", str(cfg.sweep.beam), *evals], log, threads)
+        if progress:
+            progress(run, "done")
+        return run
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
+        list(ex.map(one, runs))
+    return runs
+
+
+# ---------------------------------------------------------------------------- report
+def collect(sweep_dir: str | Path) -> tuple[list[dict], list[str]]:
+    from fedasr.checkpoint import read_checkpoint
+    from fedasr.fl import comm
+
+    sweep_dir = Path(sweep_dir)
+    rows, splits = [], []
+    run_files = sorted((sweep_dir / "runs").glob(f"**/{SWEEP_FILE}"))
+    if not run_files:
+        raise FedasrError(f"{sweep_dir}: no sweep runs found (run `fedasr sweep` first)")
+    for f in run_files:
+        run = f.parent
+        meta = json.loads(f.read_text())
+        res_file = run / "results.json"
+        if not res_file.is_file():
+            continue  # unfinished run
+        results = json.loads(res_file.read_text())
+        metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        latest = (run / "checkpoints" / "latest").read_text().strip()
+        ckpt = read_checkpoint(run / "checkpoints" / latest)
+        params = {k: v for k, v in ckpt["model"].items() if not k.endswith(("running_mean", "running_var",
+                                                                            "num_batches_tracked"))}
+        row = {"scheme": meta["scheme"], "sparsity": meta["sparsity"],
+               "achieved_sparsity": round(metrics[-1].get("sparsity", 0.0), 5)}
+        for split, r in sorted(results.items()):
+            row[f"wer_{split}"] = round(r["wer"], 5)
+            if split not in splits:
+                splits.append(split)
+        row["nonzero_params"] = sum(int((v != 0).sum()) for v in params.values())
+        row["model_bytes"] = len(comm.encode(params, ckpt["masks"]))
+        row["comm_bytes"] = sum(m["bytes_down"] + m["bytes_up"] for m in metrics)
+        row["rounds"] = metrics[-1]["round"]
+        rows.append(row)
+    rows.sort(key=lambda r: (r["scheme"] != "dense", r["scheme"], r["sparsity"]))
+    return rows, sorted(splits)
+
+
+def write_report(sweep_dir: str | Path) -> tuple[list[dict], list[str], Path, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep_dir = Path(sweep_dir)
+    rows, splits = collect(sweep_dir)
+    if not rows:
+        raise FedasrError(f"{sweep_dir}: no finished run to report")
+    cols = ["scheme", "sparsity", "achieved_sparsity", *[f"wer_{s}" for s in splits], "nonzero_params",
+            "model_bytes", "comm_bytes", "rounds"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    csv_path = sweep_dir / "wer_vs_sparsity.csv"
+    atomic_write_text(csv_path, buf.getvalue())
+
+    dense = [r for r in rows if r["scheme"] == "dense"]
+    schemes = sorted({r["scheme"] for r in rows} - {"dense"})
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits), 4), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        key = f"wer_{split}"
+        for sch in schemes or ["dense"]:
+            pts = dense + [r for r in rows if r["scheme"] == sch]
+            pts = sorted((r for r in pts if key in r), key=lambda r: r["sparsity"])
+            ax.plot([100 * r["sparsity"] for r in pts], [100 * r[key] for r in pts], marker="o", label=sch)
+        ax.set_title(split)
+        ax.set_xlabel("sparsity of prunable weights (%)")
+        ax.set_ylabel("WER (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"WER vs sparsity — {sweep_dir.name}")
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    plt.close(fig)
+    png_path = sweep_dir / "wer_vs_sparsity.png"
+    atomic_write_bytes(png_path, png.getvalue())
+    return rows, splits, csv_path, png_path

@@ -1,0 +1,66 @@
+"""End to end through the real CLI: a reduced ci recipe swept over two sparsities, then reported."""
+
+import csv
+import math
+
+import pytest
+import yaml
+
+from conftest import run_cli
+from fedasr.config import load_config
+from fedasr.model.transducer import ModelConfig, Transducer
+
+REDUCED = ["fl.rounds=2", "fl.clients_per_round=2", "fl.local_steps=2", "eval.dev_max_utterances=4",
+           "pruning.start_round=1", "pruning.end_round=2",
+           "model.overrides={num_layers: 1, d_model: 64, ffn_dim: 128, pred_hidden: 64, pred_embed_dim: 64, "
+           "joint_dim: 64}"]
+
+
+def test_reduced_ci_sweep_and_report(federation, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep", "recipes/ci.yaml", "--federation", federation, "--out", out, "--sparsities", "0,0.5",
+            "--jobs", "2", *[a for s in REDUCED for a in ("--set", s)]]
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr + r.stdout
+    rows = list(csv.DictReader((out / "wer_vs_sparsity.csv").open()))
+    recipe = yaml.safe_load(open("recipes/ci.yaml"))
+    schemes = [s["name"] for s in recipe["sweep"]["schemes"]]
+    assert sorted((row["scheme"], float(row["sparsity"])) for row in rows) == sorted(
+        [("dense", 0.0)] + [(s, 0.5) for s in schemes])
+    for row in rows:
+        for split in ("test-clean", "test-other"):
+            wer = float(row[f"wer_{split}"])
+            assert math.isfinite(wer) and wer >= 0
+        assert int(row["nonzero_params"]) > 0 and int(row["comm_bytes"]) > 0
+        if row["scheme"] == "dense":
+            assert float(row["achieved_sparsity"]) == 0.0
+        else:  # within one group: the column pattern's largest column is a 576-row FFN column
+            assert abs(float(row["achieved_sparsity"]) - 0.5) < 0.02
+    dense = next(r for r in rows if r["scheme"] == "dense")
+    sparse = next(r for r in rows if r["scheme"] != "dense")
+    assert int(sparse["model_bytes"]) < int(dense["model_bytes"])
+    png = (out / "wer_vs_sparsity.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # re-running skips the finished runs; report alone works too
+    again = run_cli(*args)
+    assert again.returncode == 0 and again.stderr.count("skipped (finished)") == len(rows)
+    rep = run_cli("report", out)
+    assert rep.returncode == 0 and "WER vs sparsity" in rep.stdout
+
+
+def test_sweep_rejects_bad_recipe(federation, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sweep: {sparsities: [0, 1.5], schemes: [{name: x, pruning: {pattern: column}}]}\n")
+    r = run_cli("sweep", bad, "--federation", federation, "--out", tmp_path / "s")
+    assert r.returncode != 0 and "sweep.sparsities[1]" in r.stderr
+    bad.write_text("sweep: {schemes: [{name: x, pruning: {pattern: diagonal}}]}\n")
+    r = run_cli("sweep", bad, "--federation", federation, "--out", tmp_path / "s")
+    assert r.returncode != 0 and "pruning.pattern: unknown 'diagonal'" in r.stderr
+
+
+@pytest.mark.parametrize("recipe", ["recipes/ci.yaml", "recipes/librispeech100/federated_pruning.yaml"])
+def test_recipes_parse_and_build_the_model(recipe):
+    cfg = load_config(recipe)
+    model = Transducer(ModelConfig.preset(cfg.model.preset, vocab_size=256, **cfg.model.overrides))
+    assert model.num_parameters() > 1e6
+    assert cfg.sweep.schemes and all(0 <= s < 1 for s in cfg.sweep.sparsities)
