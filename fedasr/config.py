@@ -324,17 +324,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
+    """A YAML file whose top level is a mapping; problems are errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedasrError(f"{path}: {what} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise FedasrError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise FedasrError(f"{path}: expected a mapping at the top level")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FedasrError(f"{path}: config file does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise FedasrError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise FedasrError(f"{path}: expected a mapping at the top level")
-    data = apply_overrides(data, overrides or [])
-    return parse_config(data)
+    data = read_yaml_mapping(path) if path is not None else {}
+    return parse_config(apply_overrides(data, overrides or []))

@@ -29,7 +29,7 @@ from typing import Callable
 
 import yaml
 
-from fedasr.config import SweepScheme, apply_overrides, from_dict, parse_config
+from fedasr.config import SweepScheme, apply_overrides, from_dict, parse_config, read_yaml_mapping
 from fedasr.data.federation import Federation
 from fedasr.errors import FedasrError
 from fedasr.fsutil import atomic_write_bytes, atomic_write_text
@@ -46,16 +46,7 @@ class SweepRun:
 
 
 def load_recipe(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FedasrError(f"{path}: recipe does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise FedasrError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise FedasrError(f"{path}: expected a mapping at the top level")
-    return data
+    return read_yaml_mapping(path, "recipe")
 
 
 def plan_runs(recipe: dict, out: Path) -> list[SweepRun]:

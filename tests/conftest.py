@@ -19,6 +19,17 @@ def run_cli(*args, cwd=None, timeout=600):
                           text=True, cwd=cwd, timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models: extra intra-op threads only contend on a shared CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """4 training speakers x 12 utterances (+dev/test), 1 unseen test-other speaker."""

@@ -12,13 +12,7 @@ from fedasr.model.decode import beam_search, beam_search_nbest, greedy_search
 from fedasr.model.transducer import ModelConfig, Transducer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These models are tiny: extra intra-op threads only contend on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: threads only contend
 
 MICRO = dict(
     num_features=20,

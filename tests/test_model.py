@@ -14,13 +14,7 @@ from fedasr.model.groups import KINDS, group_families
 from fedasr.model.transducer import PRESETS, ModelConfig, Transducer, TransducerOutput
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These models are tiny: extra intra-op threads only contend on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: threads only contend
 
 MICRO = dict(
     num_features=20,
