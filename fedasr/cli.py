@@ -26,6 +26,8 @@ app = typer.Typer(
 )
 console = Console(stderr=False, soft_wrap=True)
 err_console = Console(stderr=True)
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    console.width = 160  # logs and pipes: keep tables readable instead of 80 columns
 
 
 def progress_bar() -> Progress:

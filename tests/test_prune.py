@@ -116,7 +116,7 @@ def test_adaptive_prunes_less_important_layers_more():
     pr = pruner(m, pattern="row", allocation="adaptive", target_sparsity=0.5)
     layers = pr.layers(weights(m), "magnitude", "l2", None, None)
     frac = adaptive_fractions(layers, 0.5, 0.95)
-    imp = {l.name: float((l.scores * l.sizes).sum() / l.sizes.sum()) for l in layers}
+    imp = {l.name: float((l.scores * l.sizes).sum() / l.sizes.sum()) * l.scale for l in layers}
     names = sorted(frac, key=lambda n: imp[n])
     assert frac[names[0]] >= frac[names[-1]]
     sizes = {l.name: l.numel for l in layers}

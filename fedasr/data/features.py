@@ -37,16 +37,22 @@ def compute_features(cuts: CutSet, fed_dir: Path, name: str, jobs: int = 1) -> C
     """
     feats_dir = Path(fed_dir) / "feats"
     feats_dir.mkdir(parents=True, exist_ok=True)
+    num_jobs = max(1, jobs) if len(cuts) >= 64 else 1
+    threads = torch.get_num_threads()
+    if num_jobs > 1:
+        torch.set_num_threads(1)  # lhotse: worker processes with several threads each can hang
     try:
         with_feats = cuts.compute_and_store_features(
             extractor=fbank_extractor(),
             storage_path=feats_dir / name,
-            num_jobs=max(1, jobs) if len(cuts) >= 64 else 1,
+            num_jobs=num_jobs,
             storage_type=LilcomChunkyWriter,
             progress_bar=False,
         )
     except Exception as e:  # name the audio file when decoding fails midway
         raise FedasrError(f"feature extraction failed for split/client {name!r}: {str(e).splitlines()[0][:200]}") from None
+    finally:
+        torch.set_num_threads(threads)
     root = str(Path(fed_dir).resolve())
 
     def relative(cut):

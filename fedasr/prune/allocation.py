@@ -3,10 +3,11 @@
 - ``uniform``: every layer is pruned to the target (to one group).
 - ``global``: one threshold on the per-element group importance over all layers; the
   lowest groups are pruned until the target share of prunable weights is reached. Scores
-  are per element (mean |w| or RMS), i.e. normalised by group size, so layers of
-  different sizes compare. No layer goes beyond ``max_layer_sparsity``.
+  are per element (mean |w| or RMS), i.e. normalised by group size, and multiplied by the
+  layer's sqrt(fan-in) — weights are initialised at ~1/sqrt(fan-in), so raw magnitudes
+  would always sacrifice the wide layers. No layer goes beyond ``max_layer_sparsity``.
 - ``adaptive``: each layer gets its own sparsity from its importance. With I_l the mean
-  per-element importance of layer l and Ī the size-weighted mean over layers,
+  per-element importance of layer l times its sqrt(fan-in), Ī the size-weighted mean,
   s_l = min(s_max, c · Ī / I_l), where c is solved (bisection) so that the size-weighted
   mean of s_l equals the target. Layers whose weights matter less (smaller magnitude, or
   smaller |w·g|) are pruned more; then groups are chosen within each layer as in uniform.
@@ -47,7 +48,7 @@ def uniform(layers: list[Layer], target: float, forced=None) -> dict[str, torch.
 
 def adaptive_fractions(layers: list[Layer], target: float, max_layer: float) -> dict[str, float]:
     sizes = torch.tensor([l.numel for l in layers], dtype=torch.float64)
-    imp = torch.stack([(l.scores * l.sizes).sum() / l.sizes.sum() for l in layers]).double()
+    imp = torch.stack([(l.scores * l.sizes).sum() / l.sizes.sum() * l.scale for l in layers]).double()
     imp = imp.clamp(min=1e-30)
     mean = (imp * sizes).sum() / sizes.sum()
     rel = mean / imp
@@ -72,8 +73,8 @@ def adaptive(layers: list[Layer], target: float, max_layer: float, forced=None) 
 
 def global_threshold(layers: list[Layer], target: float, max_layer: float, forced=None) -> dict[str, torch.Tensor]:
     forced = forced or {}
-    scores = torch.cat([torch.where(forced[l.name], -torch.inf, l.scores) if l.name in forced else l.scores
-                        for l in layers])
+    scores = torch.cat([torch.where(forced[l.name], -torch.inf, l.scores * l.scale) if l.name in forced
+                        else l.scores * l.scale for l in layers])
     sizes = torch.cat([l.sizes for l in layers])
     owner = torch.cat([torch.full((len(l.scores),), i) for i, l in enumerate(layers)])
     budget = [max_layer * l.numel for l in layers]

@@ -37,6 +37,7 @@ class Layer:
     scores: torch.Tensor  # (G,) per-element importance of each group
     sizes: torch.Tensor  # (G,) prunable elements in each group
     expand: Callable[[torch.Tensor], dict[str, torch.Tensor]]  # keep (G,) bool -> {param: mask}
+    scale: float = 1.0  # sqrt(fan-in): weights start at ~1/scale, so scores*scale compare across layers
 
     @property
     def numel(self) -> int:
@@ -104,8 +105,13 @@ def tensor_layers(weights: dict[str, torch.Tensor], names: list[str], pattern: s
         def expand(keep: torch.Tensor, n=n, gid=gid, shape=w.shape) -> dict[str, torch.Tensor]:
             return {n: keep[gid].view(shape)}
 
-        layers.append(Layer(n, _finish(total, sizes, importance, norm), sizes, expand))
+        layers.append(Layer(n, _finish(total, sizes, importance, norm), sizes, expand, fan_in_scale(w)))
     return layers
+
+
+def fan_in_scale(w: torch.Tensor) -> float:
+    """sqrt(fan-in) of a weight (inputs x kernel per output unit; LSTM: per gate row)."""
+    return float(w[0].numel()) ** 0.5
 
 
 def unit_layers(weights: dict[str, torch.Tensor], families, prunable: set[str], importance: str, norm: str,
@@ -120,6 +126,8 @@ def unit_layers(weights: dict[str, torch.Tensor], families, prunable: set[str], 
             continue
         total = torch.zeros(fam.num_units, dtype=torch.float64)
         sizes = torch.zeros(fam.num_units, dtype=torch.float64)
+        scale = sum(fan_in_scale(weights[m.param]) * weights[m.param].numel() for m in scored) / sum(
+            weights[m.param].numel() for m in scored)
         for m in scored:
             e = element_importance(weights[m.param], importance, norm, (grads or {}).get(m.param), generator)
             moved = e.movedim(m.dim, 0)  # (D, ...)
@@ -138,5 +146,5 @@ def unit_layers(weights: dict[str, torch.Tensor], families, prunable: set[str], 
                 out[m.param] = mask
             return out
 
-        layers.append(Layer(fam.name, _finish(total, sizes, importance, norm), sizes, expand))
+        layers.append(Layer(fam.name, _finish(total, sizes, importance, norm), sizes, expand, scale))
     return layers
