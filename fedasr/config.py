@@ -87,7 +87,6 @@ class FLSection:
     beta2: float = 0.99
     tau: float = 1e-3  # adaptivity (epsilon) of fedadam / fedyogi
     min_clients: int = 1
-    lr_warmup_rounds: bool = True  # client lr schedule position follows global progress
 
     def validate(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""
