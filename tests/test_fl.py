@@ -216,3 +216,18 @@ def test_bad_config_names_the_key(federation, tmp_path, setting, expect):
     assert r.returncode != 0
     assert expect in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_centralized_resume_equals_straight_run(federation, tmp_path):
+    straight = Runner(tmp_path / "a", Federation(federation), small_cfg("fl.rounds=2"), centralized=True)
+    straight.start()
+    straight.run_rounds()
+    first = Runner(tmp_path / "b", Federation(federation), small_cfg("fl.rounds=2"), centralized=True)
+    first.start()
+    first.cfg.fl.rounds = 1  # stop after round 1; the config on disk still says 2
+    first.run_rounds()
+    resumed = Runner.resume(tmp_path / "b")
+    assert resumed.round == 1 and resumed.cfg.fl.rounds == 2
+    resumed.run_rounds()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -125,8 +125,8 @@ class Runner:
         self.model = Transducer(mcfg)  # the global model: on the CPU (server side)
         self.local = Transducer(mcfg).to(self.device)  # reused by every client; dev evaluation
         self.server_opt = ServerOptimizer(cfg.fl)
-        self.central_opt = make_optimizer(self.model, cfg.train) if centralized else None
-        self._central_opt_state = None  # restored optimizer state, loaded once the model is placed
+        self.central_opt: torch.optim.Optimizer | None = None  # centralized: made once the model is placed
+        self._central_opt_state = None  # restored optimizer state, loaded then
         self.clients = sorted(fed.client_ids)
         self.round = 0
         self.lr_step = 0
