@@ -298,3 +298,20 @@ def test_prune_info_and_finetune_cli(federation, tmp_path):
     assert r.returncode == 0, r.stderr
     row = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["sparsity"] >= 0.6 - 0.01
+
+
+@pytest.mark.parametrize("centralized", [False, True])
+def test_refinement_changes_nothing_before_pruning_starts(federation, tmp_path, centralized):
+    """Rounds before pruning.start_round must train exactly like a dense run (shadow copied back)."""
+    dense = Runner(tmp_path / "d", Federation(federation), load_config(None, FAST[:5] + ["fl.rounds=2"]),
+                   centralized=centralized)
+    dense.start()
+    dense.run_rounds()
+    later = Runner(tmp_path / "p", Federation(federation),
+                   load_config(None, FAST + ["fl.rounds=2", "pruning.start_round=5", "pruning.refine=true"]),
+                   centralized=centralized)
+    later.start()
+    later.run_rounds()
+    assert later.shadow and not later.masks
+    a, b = dense.model.state_dict(), later.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

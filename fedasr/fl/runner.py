@@ -186,10 +186,15 @@ class Runner:
 
     @torch.no_grad()
     def apply_masks(self) -> None:
+        """Served weights = dense shadow (refinement) or current weights, times the masks.
+
+        With refinement the server steps update the shadow, so every shadow tensor is
+        copied back, masked or not (before pruning starts there are no masks at all)."""
         params = dict(self.model.named_parameters())
-        for n, m in self.masks.items():
+        for n in set(self.masks) | set(self.shadow or {}):
             src = self.shadow[n] if self.shadow and n in self.shadow else params[n]
-            params[n].copy_(src * m.to(device=src.device, dtype=src.dtype))
+            m = self.masks.get(n)
+            params[n].copy_(src if m is None else src * m.to(device=src.device, dtype=src.dtype))
 
     def init_masks(self, init_masks: dict[str, torch.Tensor] | None = None) -> None:
         if self.pruner.refine:
@@ -320,16 +325,17 @@ class Runner:
         t0 = time.perf_counter()
         n_steps = fl.clients_per_round * fl.local_steps if fl.local_steps is not None else None
         plan = self.pruner.client_plan(rnd, self.masks)
-        before = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in (self.shadow or {})}
         res = train_steps(self.model, self.central_opt, self._central_data, self.cfg.train,
                           seed=derive_seed(self.cfg.seed, rnd), num_steps=n_steps,
                           num_epochs=fl.local_epochs if n_steps is None else None, global_step=self.lr_step,
                           after_backward=plan.after_backward, after_step=plan.after_step)
         self.lr_step += res.steps
-        if self.shadow:
+        if self.shadow:  # kept weights were trained; pruned ones keep their shadow value
             for n, p in self.model.named_parameters():
                 if n in self.shadow:
-                    self.shadow[n] += (p.detach() - before[n]).cpu()
+                    m = self.masks.get(n)
+                    trained = p.detach().cpu().clone()
+                    self.shadow[n] = trained if m is None else torch.where(m, trained, self.shadow[n])
         self._update_masks(rnd, plan.report() or None)
         self.events.client_done("centralized", True)
         return {"clients": ["centralized"], "dropped": [], "examples": res.examples,
