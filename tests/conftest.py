@@ -12,6 +12,11 @@ from fedasr.data.federation import ShardOptions, shard
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
+# A model small enough for exhaustive checks (model, decoding tests).
+MICRO_MODEL = dict(num_features=20, vocab_size=7, d_model=16, num_layers=1, num_heads=2, ffn_dim=24,
+                   conv_kernel=5, subsampling_channels=4, dropout=0.0, pred_embed_dim=8, pred_hidden=12,
+                   pred_layers=2, joint_dim=10)
+
 
 def run_cli(*args, cwd=None, timeout=600):
     """Run the real `fedasr` CLI in a subprocess; returns CompletedProcess."""

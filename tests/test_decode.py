@@ -8,27 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import MICRO_MODEL
 from fedasr.model.decode import beam_search, beam_search_nbest, greedy_search
 from fedasr.model.transducer import ModelConfig, Transducer
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: threads only contend
 
-MICRO = dict(
-    num_features=20,
-    vocab_size=7,
-    d_model=16,
-    num_layers=1,
-    num_heads=2,
-    ffn_dim=24,
-    conv_kernel=5,
-    subsampling_channels=4,
-    dropout=0.0,
-    pred_embed_dim=8,
-    pred_hidden=12,
-    pred_layers=2,
-    joint_dim=10,
-)
+MICRO = dict(MICRO_MODEL, num_layers=1)
 
 
 def make_model(seed: int = 3, blank_bias: float = 1.0, **overrides) -> Transducer:

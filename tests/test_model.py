@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import MICRO_MODEL
 from fedasr.errors import FedasrError
 from fedasr.model.conformer import Conv2dSubsampling, MaskedBatchNorm1d, lengths_to_mask
 from fedasr.model.groups import KINDS, group_families
@@ -16,21 +17,7 @@ from fedasr.model.transducer import PRESETS, ModelConfig, Transducer, Transducer
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: threads only contend
 
-MICRO = dict(
-    num_features=20,
-    vocab_size=7,
-    d_model=16,
-    num_layers=2,
-    num_heads=2,
-    ffn_dim=24,
-    conv_kernel=5,
-    subsampling_channels=4,
-    dropout=0.0,
-    pred_embed_dim=8,
-    pred_hidden=12,
-    pred_layers=2,
-    joint_dim=10,
-)
+MICRO = dict(MICRO_MODEL, num_layers=2)
 
 
 def micro_model(seed: int = 0, **overrides) -> Transducer:
