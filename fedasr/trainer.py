@@ -62,9 +62,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainSection) -> torch.optim.Opt
     raise FedasrError(f"train.optimizer: unknown optimizer {cfg.optimizer!r} (adamw, sgd)")
 
 
-def batch_stream(dataset: AsrDataset, cfg: TrainSection, seed: int, first_epoch: int = 0) -> Iterator[tuple[int, Batch]]:
+def batch_stream(dataset: AsrDataset, cfg: TrainSection, seed: int) -> Iterator[tuple[int, Batch]]:
     """Endless (epoch, batch) stream over ``dataset``, reshuffled each epoch."""
-    epoch = first_epoch
+    epoch = 0
     while True:
         empty = True
         for batch in dataset.batches(cfg.max_duration, seed=seed, epoch=epoch, shuffle=True,
@@ -98,15 +98,14 @@ def train_steps(
     global_step: int = 0,
     after_backward: Callable[[Transducer], None] | None = None,
     after_step: Callable[[Transducer], None] | None = None,
-    on_step: Callable[[int, dict], None] | None = None,
-    first_epoch: int = 0,
 ) -> TrainResult:
     """Run ``num_steps`` optimizer steps (or ``num_epochs`` passes) on ``dataset``.
 
     ``global_step`` positions the step within the learning-rate schedule;
     ``after_backward`` runs before clipping (pruning masks gradients there) and
     ``after_step`` after every optimizer step (pruning re-applies its masks there).
-    A non-finite loss raises :class:`FloatingPointError`.
+    A non-finite loss or gradient raises :class:`FloatingPointError` before the
+    optimizer step, so the weights are never updated with it.
     """
     if (num_steps is None) == (num_epochs is None):
         raise ValueError("give exactly one of num_steps and num_epochs")
@@ -114,10 +113,9 @@ def train_steps(
     t0 = time.perf_counter()
     total, steps, examples = 0.0, 0, 0
     sums: dict[str, float] = {}
-    last_epoch = first_epoch
-    stream = batch_stream(dataset, cfg, seed, first_epoch)
-    for epoch, batch in stream:
-        if num_epochs is not None and epoch >= first_epoch + num_epochs:
+    last_epoch = 0
+    for epoch, batch in batch_stream(dataset, cfg, seed):
+        if num_epochs is not None and epoch >= num_epochs:
             break
         last_epoch = epoch
         for group in optimizer.param_groups:
@@ -129,8 +127,11 @@ def train_steps(
         loss.backward()
         if after_backward is not None:
             after_backward(model)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        # clip (or, without clipping, just measure: max_norm=inf scales by 1)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                              cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if not torch.isfinite(norm):
+            raise FloatingPointError(f"non-finite gradient norm {float(norm)} at step {global_step + steps}")
         optimizer.step()
         if after_step is not None:
             after_step(model)
@@ -139,10 +140,8 @@ def train_steps(
         total += stats["loss"]
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
-        if on_step is not None:
-            on_step(global_step + steps, stats)
         if num_steps is not None and steps >= num_steps:
             break
     return TrainResult(steps=steps, examples=examples, loss=total / max(1, steps),
-                       time=time.perf_counter() - t0, epochs=last_epoch - first_epoch + 1,
+                       time=time.perf_counter() - t0, epochs=last_epoch + 1,
                        stats={k: v / max(1, steps) for k, v in sums.items()})

@@ -369,3 +369,35 @@ def test_padding_targets_are_not_validated():
     args["targets"][0, int(args["target_lengths"][0]):] = 10**6  # out of range, but padding
     args["targets"][1, int(args["target_lengths"][1]):] = -5
     assert torch.isfinite(rnnt_loss(**args))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_impossible_arcs_give_finite_gradient_equal_to_reference(dtype):
+    """A -inf log-probability (masked vocabulary, fp16 overflow) on some arcs: the loss and the
+    gradient stay finite and equal the reference's, which handles -inf through autograd."""
+    logits, targets, t_lens, u_lens = _random_batch(3, 7, 4, 6, seed=11, dtype=dtype)
+    assert t_lens.tolist() == [7, 2, 5] and u_lens.tolist() == [1, 0, 4]
+    logits[0, 2, 1, 0] = -math.inf  # the blank at one node
+    logits[2, 1, :3, 0] = -math.inf  # most blanks of a frame
+    logits[2, 3, 0, int(targets[2, 0])] = -math.inf  # the label arc of one node
+    ours = logits.clone().requires_grad_()
+    ref = logits.clone().requires_grad_()
+    loss = rnnt_loss(ours, targets, t_lens, u_lens, reduction="none")
+    want = rnnt_loss_reference(ref, targets, t_lens, u_lens, reduction="none")
+    assert torch.isfinite(loss).all() and torch.isfinite(want).all()
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(loss.double(), want.double(), atol=tol, rtol=tol)
+    loss.sum().backward()
+    want.sum().backward()
+    assert torch.isfinite(ours.grad).all()
+    assert torch.allclose(ours.grad.double(), ref.grad.double(), atol=tol, rtol=tol)
+
+
+def test_utterance_with_no_possible_alignment_gets_a_huge_finite_loss():
+    logits, targets, t_lens, u_lens = _random_batch(3, 7, 4, 6, seed=11)
+    logits[1, 0, :, 0] = -math.inf  # utterance 1 (T=2, U=0) must emit a blank in frame 0
+    x = logits.clone().requires_grad_()
+    loss = rnnt_loss(x, targets, t_lens, u_lens, reduction="none")
+    assert 1e4 <= float(loss[1]) < 1e5
+    loss.sum().backward()
+    assert torch.isfinite(x.grad).all()

@@ -111,3 +111,24 @@ def test_eval_cli_errors(short_run, tmp_path):
     assert r.returncode != 0 and "not a run directory" in r.stderr
     r = run_cli("eval", "--run", short_run, "--checkpoint", tmp_path / "missing.pt")
     assert r.returncode != 0 and "missing.pt: checkpoint does not exist" in r.stderr
+
+
+def test_non_finite_gradient_is_rejected_before_the_step(federation):
+    """A NaN gradient (with a finite loss) stops training like a non-finite loss does,
+    before the optimizer touches the weights."""
+    fed = Federation(federation)
+    cuts = fed.client_cuts(fed.client_ids[0]).subset(first=2)
+    torch.manual_seed(0)
+    model = Transducer(ModelConfig.preset("tiny", vocab_size=fed.tokenizer.vocab_size, num_layers=1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for clip in (5.0, 0.0):
+        cfg = TrainSection(max_duration=60.0, spec_augment=False, grad_clip=clip)
+
+        def poison(m):
+            m.joiner.output.weight.grad[0, 0] = float("nan")
+
+        with pytest.raises(FloatingPointError, match="non-finite gradient"):
+            train_steps(model, make_optimizer(model, cfg), AsrDataset(cuts, fed.tokenizer, fed.cmvn), cfg,
+                        seed=0, num_steps=1, after_backward=poison)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if "running" not in k
+                   and "num_batches" not in k)

@@ -55,6 +55,15 @@ _REDUCTIONS = ("mean", "sum", "none")
 # log_softmax on CPU, where a fresh full-size buffer costs page faults).
 _CHUNK_ELEMENTS = 1 << 19
 
+# Floor of the lattice log-probabilities, in nats.  An arc with probability 0 (a -inf
+# log-probability from a masked vocabulary entry or an fp16 overflow) would make the
+# closed-form recursion compute -inf - (-inf) = NaN; at -1e4 nats its probability is
+# still exactly 0 in float64 (exp underflows below -745), so losses and gradients are
+# those of the -inf lattice, and the float64 sums of floored values (|E| <= 1e4 * T)
+# keep ~1e-8 absolute precision.  Only a path whose every alignment needs an arc below
+# the floor (a loss above 1e4 nats) differs: its loss is reported large but finite.
+LOGP_FLOOR = -1.0e4
+
 
 # --------------------------------------------------------------------------
 # validation
@@ -215,7 +224,7 @@ def _gather_lattice(
             # log_softmax is fused and fast (logsumexp measured 2-3x slower on CPU)
             logp = torch.log_softmax(logits[b, t0:t1, :ub1].to(cdtype), dim=-1)
             lat[b, t0:t1, :ub1] = logp.gather(-1, idx_b.expand(t1 - t0, ub1, 2))
-    return lat.transpose(1, 2).to(torch.float64).contiguous()
+    return lat.transpose(1, 2).to(torch.float64).clamp_(min=LOGP_FLOOR).contiguous()
 
 
 def _alpha(blank_lp: torch.Tensor, emit_lp: torch.Tensor, u_max: int) -> tuple[torch.Tensor, torch.Tensor]:
