@@ -59,13 +59,33 @@ class TrainSection:
 
 @dataclass
 class EvalSection:
-    every: int = 1  # dev evaluation every k rounds (and after the last)
+    every: int = 1  # dev evaluation every k rounds and after the last (0: after the last only)
     dev_max_utterances: Optional[int] = 200
-    beam: int = 1  # 1 = greedy
+    beam: int = 1  # dev decoding: 1 = greedy, more = modified beam search
     max_duration: float = 120.0
+
+    def validate(self, prefix: str) -> None:
+        p = f"{prefix}." if prefix else ""
+        if self.every < 0:
+            raise FedasrError(f"{p}every: must be >= 0 (0 = only after the last round)")
+        if self.beam < 1:
+            raise FedasrError(f"{p}beam: must be at least 1")
+        if self.dev_max_utterances is not None and self.dev_max_utterances < 1:
+            raise FedasrError(f"{p}dev_max_utterances: must be at least 1 (or null for all)")
+        if not self.max_duration > 0:
+            raise FedasrError(f"{p}max_duration: must be positive")
+
+    def due(self, rnd: int, last: int) -> bool:
+        return rnd == last or (self.every > 0 and rnd % self.every == 0)
 
 
 AGGREGATIONS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+WEIGHTINGS = ("examples", "processed", "uniform")
+# fl.server_lr when the recipe gives none. FedAvg/FedAvgM: 1.0 is plain averaging (FedAvgM's
+# effective step is 1/(1-momentum) times larger). FedAdam/FedYogi normalise each weight's
+# step to ~server_lr, so 1.0 would move every weight by ~1 in round one; Reddi et al. (2021)
+# found their best server learning rates around 1e-2 (tau = 1e-3).
+SERVER_LR_DEFAULTS = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01}
 
 
 @dataclass
@@ -80,8 +100,10 @@ class FLSection:
     local_steps: Optional[int] = 20
     local_epochs: Optional[int] = None  # instead of local_steps
     aggregation: str = "fedavg"
-    weighting: str = "examples"  # examples | uniform
-    server_lr: float = 1.0
+    # examples: the client's dataset size n_k (utterances; McMahan et al.) | processed:
+    # utterances the client processed this round (repeats included) | uniform
+    weighting: str = "examples"
+    server_lr: Optional[float] = None  # [default: per aggregation, see SERVER_LR_DEFAULTS]
     server_momentum: float = 0.9  # fedavgm
     beta1: float = 0.9  # fedadam / fedyogi
     beta2: float = 0.99
@@ -104,10 +126,16 @@ class FLSection:
             raise FedasrError(f"{p}local_epochs: must be at least 1")
         if self.aggregation not in AGGREGATIONS:
             raise FedasrError(f"{p}aggregation: unknown {self.aggregation!r} ({', '.join(AGGREGATIONS)})")
-        if self.weighting not in ("examples", "uniform"):
-            raise FedasrError(f"{p}weighting: unknown {self.weighting!r} (examples, uniform)")
+        if self.weighting not in WEIGHTINGS:
+            raise FedasrError(f"{p}weighting: unknown {self.weighting!r} ({', '.join(WEIGHTINGS)})")
+        if self.server_lr is not None and not self.server_lr > 0:
+            raise FedasrError(f"{p}server_lr: must be positive")
         if self.min_clients < 1:
             raise FedasrError(f"{p}min_clients: must be at least 1")
+
+    @property
+    def effective_server_lr(self) -> float:
+        return self.server_lr if self.server_lr is not None else SERVER_LR_DEFAULTS[self.aggregation]
 
 
 PATTERNS = ("unstructured", "row", "column", "half_row", "half_column", "unit")
@@ -156,10 +184,6 @@ class PruningSection:
                               f"{self.max_layer_sparsity}")
         if self.start_round < 1 or self.update_every < 1 or self.step_every < 1:
             raise FedasrError(f"{p}start_round/update_every/step_every: must be at least 1")
-
-    @property
-    def enabled(self) -> bool:
-        return self.method != "none"
 
 
 @dataclass

@@ -231,3 +231,73 @@ def test_centralized_resume_equals_straight_run(federation, tmp_path):
     resumed.run_rounds()
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "fedavgm", "fedadam", "fedyogi"])
+def test_pruned_positions_are_frozen_in_weights_and_optimiser_state(rule):
+    """Five rounds of +0.01, then 20 rounds pruned (clients send 0 there): the pruned weight
+    keeps its value at pruning, its optimiser state does not move, and it resumes from both."""
+    opt = ServerOptimizer(FLSection(aggregation=rule, server_lr=0.1 if rule in ("fedadam", "fedyogi") else 1.0))
+    w = {"w": torch.tensor([0.5, 0.5])}
+    for _ in range(5):
+        opt.step(w, {"w": torch.tensor([0.01, 0.01])})
+    at_pruning = w["w"].clone()
+    state_at_pruning = {k: v.clone() for k, v in opt.state.get("w", {}).items()}
+    mask = {"w": torch.tensor([False, True])}
+    for _ in range(20):
+        opt.step(w, {"w": torch.tensor([0.0, 0.01])}, mask)
+    assert float(w["w"][0]) == float(at_pruning[0])  # exactly: no drift at all
+    assert float(w["w"][1]) > float(at_pruning[1])  # the live weight kept training
+    for k, v in opt.state.get("w", {}).items():
+        assert float(v[0]) == float(state_at_pruning[k][0]), k
+    # regrown: the next step is the one the weight would have taken right after round 5
+    fresh = ServerOptimizer(opt.cfg)
+    fresh.state = {"w": {k: v.clone() for k, v in state_at_pruning.items()}}
+    ref = {"w": at_pruning.clone()}
+    fresh.step(ref, {"w": torch.tensor([0.01, 0.01])})
+    opt.step(w, {"w": torch.tensor([0.01, 0.01])})
+    assert float(w["w"][0]) == pytest.approx(float(ref["w"][0]), abs=1e-7)
+
+
+def test_server_lr_defaults_per_aggregation():
+    assert FLSection(aggregation="fedavg").effective_server_lr == 1.0
+    assert FLSection(aggregation="fedavgm").effective_server_lr == 1.0
+    assert FLSection(aggregation="fedadam").effective_server_lr == 0.01
+    assert FLSection(aggregation="fedyogi").effective_server_lr == 0.01
+    assert FLSection(aggregation="fedadam", server_lr=0.3).effective_server_lr == 0.3
+    opt = ServerOptimizer(FLSection(aggregation="fedadam"))
+    w = {"w": torch.tensor([0.0])}
+    opt.step(w, {"w": torch.tensor([1.0])})
+    assert abs(float(w["w"])) < 0.011  # round one moves a weight by ~server_lr, not by ~1
+
+
+def test_batchnorm_variance_is_the_variance_of_the_pooled_data():
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(n, 3, generator=g) * s + m for n, s, m in ((50, 1.0, -2.0), (150, 0.5, 3.0), (30, 2.0, 0.0))]
+    glob = {"bn.running_mean": torch.zeros(3), "bn.running_var": torch.ones(3)}
+    agg = StreamingAggregator(glob)
+    for x in data:
+        agg.add({"bn.running_mean": x.mean(0), "bn.running_var": x.var(0, unbiased=False)}, float(len(x)))
+    ServerOptimizer(FLSection()).step(glob, agg.mean())
+    pooled = torch.cat(data)
+    assert torch.allclose(glob["bn.running_mean"], pooled.mean(0), atol=1e-5)
+    assert torch.allclose(glob["bn.running_var"], pooled.var(0, unbiased=False), atol=1e-4)
+
+
+def test_fedavg_weights_by_client_dataset_size(federation, tmp_path):
+    """weighting: examples is the client's dataset size n_k, not the utterances it processed."""
+    fed = Federation(federation)
+    seen = []
+
+    def spy(name, model, state, data, cfg, **kw):
+        res = train_client(name, model, state, data, cfg, **kw)
+        seen.append((len(data), res.num_examples, res.metrics["processed"]))
+        return res
+
+    r = Runner(tmp_path / "run", fed, small_cfg("fl.rounds=1", "fl.local_steps=3"), client_fn=spy)
+    r.start()
+    row = r.run_rounds()[0]
+    assert all(size == n for size, n, _ in seen)
+    assert row["examples"] == sum(n for _, n, _ in seen)
+    assert row["processed"] == sum(p for _, _, p in seen)
+    assert row["processed"] != row["examples"]  # 3 steps of 20 s batches: not one epoch

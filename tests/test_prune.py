@@ -315,3 +315,49 @@ def test_refinement_changes_nothing_before_pruning_starts(federation, tmp_path, 
     assert later.shadow and not later.masks
     a, b = dense.model.state_dict(), later.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refinement_with_server_momentum_keeps_pruned_shadow_weights(federation, tmp_path):
+    """fedadam + refinement: a weight pruned in a round keeps its shadow value through it."""
+    cfg = load_config(None, FAST + ["fl.rounds=3", "fl.aggregation=fedadam", "pruning.refine=true",
+                                    "pruning.schedule=constant", "pruning.start_round=2"])
+    r = Runner(tmp_path / "run", Federation(federation), cfg)
+    r.start()
+    r.cfg.fl.rounds = 2
+    r.run_rounds()  # round 1 dense (moments built up), masks from round 2 on
+    assert r.masks
+    before = {n: t.clone() for n, t in r.shadow.items()}
+    masks = {n: m.clone() for n, m in r.masks.items()}
+    r.cfg.fl.rounds = 3
+    r.run_rounds()
+    moved = 0
+    for n, m in masks.items():
+        assert torch.equal(r.shadow[n][~m], before[n][~m]), n
+        moved += int((r.shadow[n][m] != before[n][m]).sum())
+    assert moved > 0
+
+
+def test_regrown_units_get_their_biases_and_batchnorm_back(federation, tmp_path):
+    """Unit pattern + refinement: a pruned conv channel is zero everywhere in the served model
+    (biases and BatchNorm affine too) and comes back with all of them when it regrows."""
+    cfg = load_config(None, FAST + ["fl.rounds=2", "pruning.pattern=unit", "pruning.allocation=uniform",
+                                    "pruning.schedule=constant", "pruning.start_round=2", "pruning.refine=true"])
+    r = Runner(tmp_path / "run", Federation(federation), cfg)
+    r.start()
+    r.cfg.fl.rounds = 1
+    r.run_rounds()  # a dense round trains biases and BatchNorm; masks for round 2 follow it
+    pre = "encoder.layers.0.conv"
+    dw = r.masks[f"{pre}.depthwise.weight"]
+    gone = torch.nonzero(~dw.reshape(dw.shape[0], -1).any(1)).flatten()
+    assert len(gone) > 0
+    names = [f"{pre}.batch_norm.weight", f"{pre}.batch_norm.bias", f"{pre}.depthwise.bias"]
+    params = dict(r.model.named_parameters())
+    for n in names:
+        assert torch.all(params[n][gone] == 0), n  # disconnected while pruned ...
+        assert torch.all(r.shadow[n][gone] != 0), n  # ... and kept in the shadow
+    expected = {n: r.shadow[n][gone].clone() for n in names}
+    r.shadow[f"{pre}.depthwise.weight"][gone] *= 1e6  # the pruned channels become the most important
+    r._update_masks(1, None)
+    params = dict(r.model.named_parameters())
+    for n, want in expected.items():
+        assert torch.equal(params[n][gone], want), n

@@ -31,8 +31,8 @@ def derive_seed(*keys: int) -> int:
 class ClientResult:
     client: str
     update: dict[str, torch.Tensor]  # deltas of trainable tensors, values of BN statistics
-    num_examples: int
-    metrics: dict = field(default_factory=dict)
+    num_examples: int  # the client's dataset size n_k (utterances): FedAvg's weight
+    metrics: dict = field(default_factory=dict)  # loss, steps, processed (utterances, repeats included), ...
     report: dict[str, torch.Tensor] = field(default_factory=dict)  # pruning extras (e.g. mean |grad|)
 
 
@@ -66,5 +66,6 @@ def train_client(
             update[k] = v.detach().clone()
         else:
             update[k] = (v.detach() - global_state[k]).clone()
-    metrics = {"loss": res.loss, "steps": res.steps, "time": res.time, **{f"loss_{k}": v for k, v in res.stats.items() if k != "loss"}}
-    return ClientResult(name, update, res.examples, metrics, pruning.report())
+    metrics = {"loss": res.loss, "steps": res.steps, "time": res.time, "processed": res.examples,
+               **{f"loss_{k}": v for k, v in res.stats.items() if k != "loss"}}
+    return ClientResult(name, update, len(dataset), metrics, pruning.report())

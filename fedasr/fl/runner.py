@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,15 @@ from fedasr.trainer import make_optimizer, train_steps, transducer_loss
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+# Test hook: `FEDASR_TEST_KILL_IN_ROUND=N` makes the process SIGKILL itself in round N, right
+# after the first client finished (mid-round, before aggregation and the round's checkpoint),
+# so crash/resume tests do not depend on timing.
+KILL_ENV = "FEDASR_TEST_KILL_IN_ROUND"
+
+
+def _test_fault_hook(rnd: int) -> None:
+    if os.environ.get(KILL_ENV) == str(rnd):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Events(Protocol):
@@ -134,7 +145,7 @@ class Runner:
         self.masks: dict[str, torch.Tensor] = {}
         self.pruner = make_pruner(cfg.pruning, self.model, cfg.fl.rounds, cfg.seed)
         self.prunable = prunable_names(self.model, cfg.pruning.include, cfg.pruning.exclude)
-        self.shadow: dict[str, torch.Tensor] | None = None  # dense weights kept for mask refinement
+        self.shadow: dict[str, torch.Tensor] | None = None  # dense copy of every parameter (refinement)
         self._central_data = None
         dev_splits = [s for s, m in fed.eval_splits.items() if m["role"] == "dev"]
         self.dev_cuts = dev_subset(fed.split_cuts(dev_splits[0]), cfg.eval.dev_max_utterances) if dev_splits else None
@@ -176,7 +187,11 @@ class Runner:
             self._central_opt_state = st["central_optimizer"]
         torch.set_rng_state(st["torch_rng"])
         self.pruner.load_state_dict(st.get("pruner", {}))
-        self.shadow = dict(st["shadow"]) if st.get("shadow") else None
+        if st.get("shadow"):  # (older checkpoints kept only the prunable tensors)
+            self.shadow = {**{n: p.detach().cpu().clone() for n, p in self.model.named_parameters()},
+                           **st["shadow"]}
+        else:
+            self.shadow = None
 
     # ---------------------------------------------------------------- masks
     def dense_weights(self) -> dict[str, torch.Tensor]:
@@ -198,8 +213,8 @@ class Runner:
 
     def init_masks(self, init_masks: dict[str, torch.Tensor] | None = None) -> None:
         if self.pruner.refine:
-            self.shadow = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()
-                           if n in self.prunable}
+            # every parameter: masks may cover biases and BatchNorm affine too (unit pattern)
+            self.shadow = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()}
         self.masks = self.pruner.init(self.dense_weights(), dict(init_masks or {}))
         self.apply_masks()
 
@@ -263,7 +278,7 @@ class Runner:
         agg = StreamingAggregator(global_state)
         bytes_up = 0
         client_time = 0.0
-        examples = 0
+        examples = processed = 0
         losses, dropped, steps = [], [], []
         report_sum: dict[str, torch.Tensor] = {}
         report_weight = 0.0
@@ -280,7 +295,8 @@ class Runner:
                     raise ClientRejected(f"non-finite loss {res.metrics['loss']}")
                 payload = comm.encode(res.update, self.masks)
                 bytes_up += len(payload)
-                weight = float(res.num_examples) if fl.weighting == "examples" else 1.0
+                weight = {"examples": float(res.num_examples), "processed": float(res.metrics.get("processed", 0)),
+                          "uniform": 1.0}[fl.weighting]
                 agg.add(comm.decode(payload), weight)
                 if res.report:
                     rep = comm.encode(res.report)
@@ -289,9 +305,11 @@ class Runner:
                         report_sum[k] = report_sum.get(k, 0) + weight * v.double()
                     report_weight += weight
                 examples += res.num_examples
+                processed += int(res.metrics.get("processed", 0))
                 losses.append(res.metrics.get("loss", float("nan")))
                 steps.append(res.metrics.get("steps", 0))
                 self.events.client_done(name, True)
+                _test_fault_hook(rnd)
             except (ClientRejected, FloatingPointError, RuntimeError, ValueError, FedasrError) as e:
                 dropped.append({"client": name, "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
                 self.events.client_done(name, False)
@@ -302,10 +320,11 @@ class Runner:
                 f"{fl.min_clients}); first failure: {dropped[0]['reason'] if dropped else 'none'}; "
                 f"last good checkpoint: {last if last else 'none'}")
         state = self.model.state_dict()
-        self.server_opt.step({**state, **self.shadow} if self.shadow else state, agg.mean())
+        self.server_opt.step({**state, **self.shadow} if self.shadow else state, agg.mean(), self.masks)
         self.lr_step += max(steps) if steps else 0
         self._update_masks(rnd, {k: v / report_weight for k, v in report_sum.items()} if report_weight else None)
-        return {"clients": chosen, "dropped": dropped, "examples": examples, "client_time": client_time,
+        return {"clients": chosen, "dropped": dropped, "examples": examples, "processed": processed,
+                "client_time": client_time,
                 "bytes_down": len(down) * len(chosen), "bytes_up": bytes_up,
                 "train_loss": float(np.mean(losses)) if losses else None}
 
@@ -338,7 +357,8 @@ class Runner:
                     self.shadow[n] = trained if m is None else torch.where(m, trained, self.shadow[n])
         self._update_masks(rnd, plan.report() or None)
         self.events.client_done("centralized", True)
-        return {"clients": ["centralized"], "dropped": [], "examples": res.examples,
+        return {"clients": ["centralized"], "dropped": [], "examples": len(self._central_data),
+                "processed": res.examples,
                 "client_time": time.perf_counter() - t0, "bytes_down": 0, "bytes_up": 0,
                 "train_loss": res.loss}
 
@@ -367,7 +387,7 @@ class Runner:
             loss, _ = transducer_loss(model, batch, 0.0)
             total += float(loss) * len(batch)
             n += len(batch)
-        res, _ = evaluate(model, self.dev_cuts, self.tokenizer, self.fed.cmvn, beam=1,
+        res, _ = evaluate(model, self.dev_cuts, self.tokenizer, self.fed.cmvn, beam=self.cfg.eval.beam,
                           max_duration=self.cfg.eval.max_duration)
         model.train()
         return {"dev_loss": total / max(1, n), "dev_wer": res["wer"], "dev_cer": res["cer"]}
@@ -379,7 +399,7 @@ class Runner:
             t0 = time.perf_counter()
             info = self._centralized_round(rnd) if self.centralized else self._federated_round(rnd)
             row = {"round": rnd, **info, **self.sparsity_metrics()}
-            if rnd % self.cfg.eval.every == 0 or rnd == fl.rounds:
+            if self.cfg.eval.due(rnd, fl.rounds):
                 row.update(self.dev_eval())
             row["round_time"] = time.perf_counter() - t0
             row["lr_step"] = self.lr_step

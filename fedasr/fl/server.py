@@ -11,8 +11,9 @@ number of clients, and then applies the server optimiser to the averaged update
 - ``fedyogi``: as fedadam but v ← v − (1−β2) Δ² sign(v − Δ²)     (Reddi et al., 2021)
 
 BatchNorm rule: running means and variances are not trained by gradients, so they bypass
-the server optimiser: the new global statistics are the weighted average (same p_i) of
-the clients' final running statistics; ``num_batches_tracked`` takes the maximum.
+the server optimiser. The new global statistics are those of the pooled data: the mean is
+μ̄ = Σ p_i μ_i and the variance Σ p_i (σ²_i + (μ_i − μ̄)²) — within-client variance plus the
+spread of the client means (same p_i); ``num_batches_tracked`` takes the maximum.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class StreamingAggregator:
     def __init__(self, global_state: dict[str, torch.Tensor]):
         self.reference = {k: (tuple(v.shape), v.dtype) for k, v in global_state.items()}
         self.sum: dict[str, torch.Tensor] = {}
+        self.mean_sq: dict[str, torch.Tensor] = {}  # Σ p_i μ_i² of each BatchNorm running_mean
         self.weight = 0.0
         self.count = 0
 
@@ -60,11 +62,20 @@ class StreamingAggregator:
                 self.sum[k] += v64
             else:
                 self.sum[k] = v64
+            if k.endswith("running_mean"):
+                sq = v.double().square() * weight
+                self.mean_sq[k] = self.mean_sq[k] + sq if k in self.mean_sq else sq
         self.weight += weight
         self.count += 1
 
     def mean(self) -> dict[str, torch.Tensor]:
-        return {k: v if k.endswith("num_batches_tracked") else v / self.weight for k, v in self.sum.items()}
+        out = {k: v if k.endswith("num_batches_tracked") else v / self.weight for k, v in self.sum.items()}
+        for k in out:
+            if k.endswith("running_var"):
+                m = k[: -len("running_var")] + "running_mean"
+                if m in self.mean_sq:  # pooled variance: + spread of the client means
+                    out[k] = out[k] + self.mean_sq[m] / self.weight - out[m].square()
+        return out
 
 
 def is_bn_stat(name: str) -> bool:
@@ -85,10 +96,20 @@ class ServerOptimizer:
         self.state = {k: dict(s) for k, s in d.get("state", {}).items()}
 
     @torch.no_grad()
-    def step(self, params: dict[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> None:
+    def step(self, params: dict[str, torch.Tensor], mean: dict[str, torch.Tensor],
+             masks: dict[str, torch.Tensor] | None = None) -> None:
         """``params``: the global state dict (modified in place); ``mean``: averaged client
-        deltas for trainable tensors and averaged *values* for BatchNorm statistics."""
+        deltas for trainable tensors and averaged *values* for BatchNorm statistics.
+
+        ``masks``: positions that were pruned during the round (False) are frozen: neither
+        the weight nor the optimiser state (momentum, first/second moments) moves there.
+        Clients send a zero update at a pruned position, and without the freeze FedAvgM
+        momentum or FedAdam/FedYogi moments would keep moving it; with mask refinement
+        the server's dense shadow then keeps the pruned weight's last value and its state,
+        and a regrown weight resumes from both."""
         c = self.cfg
+        lr = c.effective_server_lr
+        masks = masks or {}
         for name, p in params.items():
             if name not in mean:
                 continue
@@ -98,20 +119,30 @@ class ServerOptimizer:
             if not p.is_floating_point():
                 continue
             delta = mean[name].to(torch.float64)
+            keep = masks.get(name)
+            if keep is not None:
+                keep = keep.to(device=delta.device, dtype=torch.bool)
+
+            def frozen(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+                return new if keep is None else torch.where(keep, new, old)
+
             if c.aggregation == "fedavg":
-                step = c.server_lr * delta
+                step = lr * delta
             elif c.aggregation == "fedavgm":
                 s = self.state.setdefault(name, {"v": torch.zeros_like(delta)})
-                s["v"].mul_(c.server_momentum).add_(delta)
-                step = c.server_lr * s["v"]
+                s["v"] = frozen(s["v"] * c.server_momentum + delta, s["v"])
+                step = lr * s["v"]
             else:
                 s = self.state.setdefault(name, {"m": torch.zeros_like(delta),
                                                  "v": torch.full_like(delta, c.tau**2)})
-                s["m"].mul_(c.beta1).add_((1 - c.beta1) * delta)
                 d2 = delta * delta
+                m = s["m"] * c.beta1 + (1 - c.beta1) * delta
                 if c.aggregation == "fedadam":
-                    s["v"].mul_(c.beta2).add_((1 - c.beta2) * d2)
+                    v = s["v"] * c.beta2 + (1 - c.beta2) * d2
                 else:  # fedyogi
-                    s["v"].sub_((1 - c.beta2) * d2 * torch.sign(s["v"] - d2))
-                step = c.server_lr * s["m"] / (s["v"].sqrt() + c.tau)
+                    v = s["v"] - (1 - c.beta2) * d2 * torch.sign(s["v"] - d2)
+                s["m"], s["v"] = frozen(m, s["m"]), frozen(v, s["v"])
+                step = lr * s["m"] / (s["v"].sqrt() + c.tau)
+            if keep is not None:
+                step = torch.where(keep, step, torch.zeros_like(step))
             p.add_(step.to(p.dtype))
