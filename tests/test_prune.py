@@ -1,6 +1,7 @@
 """Federated Pruning: masks, patterns, allocations, schedules, refinement, runner integration."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -59,8 +60,15 @@ def test_allocation_hits_target_within_one_group(pattern, alloc, target):
     slack = biggest if alloc == "global" or pattern == "unit" else biggest * len(pr.names) / 2
     assert abs(pruned - target * total) <= slack, (pruned / total, target)
     if alloc == "uniform" and pattern != "unit":
-        for n in pr.names:  # every layer within one group of the target
-            assert abs(int((~masks[n]).sum()) - target * w[n].numel()) <= max_group(pattern, w[n]) / 2 + 1e-9
+        for layer in pr.layers(w, "magnitude", "l2", None, None):  # every layer within one group of the target
+            members = layer.expand(torch.ones(len(layer.sizes), dtype=torch.bool))
+            pruned = sum(int((~masks[n]).sum()) for n in members)
+            assert abs(pruned - target * layer.numel) <= float(layer.sizes.max()) / 2 + 1e-9, layer.name
+
+
+def _unit_major(mk):
+    """An LSTM weight (4H, C) with gate-major rows -> (H, 4, C): a row is one hidden unit."""
+    return mk.view(4, mk.shape[0] // 4, -1).transpose(0, 1)
 
 
 @pytest.mark.parametrize("pattern", ["row", "column", "half_row", "half_column"])
@@ -70,26 +78,34 @@ def test_structured_patterns_zero_whole_groups(pattern):
     masks = pr.compute(1, weights(m), {})
     for n in pr.names:
         mk = masks[n]
-        if pattern == "column" and mk.shape[1] == 1:
-            pattern_here = "row"  # depthwise kernels fall back to channels
+        if "lstm" in n:  # (H, 4, C): a "row" is a hidden unit, all 4 gates
+            u = _unit_major(mk)
+            hc, hu = (u.shape[2] + 1) // 2, (u.shape[0] + 1) // 2
+            groups = {"row": [u], "column": [u.transpose(0, 2)], "half_row": [u[..., :hc], u[..., hc:]],
+                      "half_column": [u[:hu].transpose(0, 2), u[hu:].transpose(0, 2)]}[pattern]
         else:
-            pattern_here = pattern
-        rows = mk.reshape(mk.shape[0], -1)
-        if pattern_here == "row":
-            assert torch.all(rows.all(1) | (~rows).all(1)), n
-        elif pattern_here == "column":
-            cols = mk.transpose(0, 1).reshape(mk.shape[1], -1)
-            assert torch.all(cols.all(1) | (~cols).all(1)), n
-        elif pattern_here == "half_row":
-            h = (rows.shape[1] + 1) // 2
-            for part in (rows[:, :h], rows[:, h:]):
-                assert torch.all(part.all(1) | (~part).all(1)), n
-        else:
-            h = (mk.shape[0] + 1) // 2
-            for part in (mk[:h], mk[h:]):
-                cols = part.transpose(0, 1).reshape(part.shape[1], -1)
-                assert torch.all(cols.all(1) | (~cols).all(1)), n
-        assert 0 < int((~mk).sum()) < mk.numel()
+            p = "row" if pattern in ("column", "half_column") and mk.shape[1] == 1 else pattern  # depthwise
+            rows = mk.reshape(mk.shape[0], -1)
+            hc, hr = (rows.shape[1] + 1) // 2, (mk.shape[0] + 1) // 2
+            groups = {"row": [rows], "column": [mk.transpose(0, 1)], "half_row": [rows[:, :hc], rows[:, hc:]],
+                      "half_column": [mk[:hr].transpose(0, 1), mk[hr:].transpose(0, 1)]}[p]
+        for g in groups:  # each group (first dim) entirely kept or entirely pruned
+            flat = g.reshape(g.shape[0], -1)
+            assert torch.all(flat.all(1) | (~flat).all(1)), n
+        assert 0 < int((~mk).sum()) < mk.numel(), n
+
+
+def test_lstm_row_is_a_hidden_unit_across_both_matrices():
+    m = model()
+    pr = pruner(m, pattern="row", allocation="uniform", target_sparsity=0.5)
+    masks = pr.compute(1, weights(m), {})
+    ih = _unit_major(masks["predictor.lstm.weight_ih_l0"])  # (H, 4, E)
+    hh = _unit_major(masks["predictor.lstm.weight_hh_l0"])  # (H, 4, H)
+    unit_kept = ih.reshape(ih.shape[0], -1).any(1)
+    for t in (ih, hh):  # a unit is all 4 gates of both matrices, kept or pruned together
+        flat = t.reshape(t.shape[0], -1)
+        assert torch.equal(flat.all(1), unit_kept) and torch.equal(flat.any(1), unit_kept)
+    assert int((~unit_kept).sum()) == ih.shape[0] // 2  # half the units, not half the gate rows
 
 
 def test_unit_pattern_removes_whole_units_everywhere():
@@ -277,7 +293,9 @@ def test_prune_info_and_finetune_cli(federation, tmp_path):
     ckpt = run / "checkpoints" / "round_0001.pt"
     out = tmp_path / "pruned.pt"
     r = run_cli("prune", ckpt, "--sparsity", "0.6", "--pattern", "row", "--allocation", "global", "--out", out)
-    assert r.returncode == 0, r.stderr and "60.0" in r.stdout
+    assert r.returncode == 0, r.stderr
+    said = re.search(r"sparsity ([0-9.]+)% of ([0-9,]+) prunable weights", r.stdout)
+    assert said and float(said.group(1)) == pytest.approx(60.0, abs=1.0), r.stdout
     r = run_cli("info", out, "--json", tmp_path / "info.json")
     assert r.returncode == 0, r.stderr
     info = json.loads((tmp_path / "info.json").read_text())
@@ -286,12 +304,18 @@ def test_prune_info_and_finetune_cli(federation, tmp_path):
     assert info["dense_bytes"] - info["sparse_bytes"] >= 4 * pruned - info["prunable"] / 8 - 4096
     assert info["flops_nonzero"] < info["flops"]
     assert info["encoder_flops_nonzero"] < info["encoder_flops"]
-    assert "nonzero" in r.stdout or "Totals" in r.stdout
+    # the printed totals are the measured ones
+    assert f"{info['nonzeros']:,}" in r.stdout and f"{info['parameters']:,}" in r.stdout
+    assert f"{100 * info['sparsity']:.2f}%" in r.stdout and said.group(2) == f"{info['prunable']:,}"
     r = run_cli("prune", ckpt, "--sparsity", "0.5", "--importance", "gradient", "--out", tmp_path / "g.pt")
     assert r.returncode != 0 and "--federation" in r.stderr
     r = run_cli("prune", ckpt, "--sparsity", "0.5", "--importance", "gradient", "--federation", federation,
                 "--batches", "2", "--out", tmp_path / "g.pt")
     assert r.returncode == 0, r.stderr
+    # gradients were computed without touching the BatchNorm statistics the checkpoint holds
+    src, got = torch.load(ckpt, weights_only=True)["model"], torch.load(tmp_path / "g.pt", weights_only=True)["model"]
+    bn = [k for k in src if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert bn and all(torch.equal(src[k], got[k]) for k in bn)
     # fine-tune the pruned checkpoint federatedly: its masks stay fixed
     r = run_cli("train", "--federation", federation, "--out", tmp_path / "ft", "--init-from", out,
                 *[x for s in FAST[:5] + ["fl.rounds=1"] for x in ("--set", s)])
@@ -361,3 +385,83 @@ def test_regrown_units_get_their_biases_and_batchnorm_back(federation, tmp_path)
     params = dict(r.model.named_parameters())
     for n, want in expected.items():
         assert torch.equal(params[n][gone], want), n
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "row", "column", "half_row", "half_column", "unit"])
+@pytest.mark.parametrize("alloc", ["uniform", "global", "adaptive"])
+def test_high_sparsity_respects_the_cap_and_never_removes_a_whole_layer(pattern, alloc):
+    """At 0.9 no layer goes beyond max_layer_sparsity after rounding to whole groups, and
+    every layer (4 attention heads, a depthwise kernel with 2 half-column groups, ...)
+    keeps at least one group."""
+    m = model()
+    pr = pruner(m, pattern=pattern, allocation=alloc, target_sparsity=0.9, max_layer_sparsity=0.95)
+    w = weights(m)
+    masks = pr.compute(1, w, {})
+    for layer in pr.layers(w, "magnitude", "l2", None, None):
+        members = layer.expand(torch.ones(len(layer.sizes), dtype=torch.bool))
+        kept_groups = 0
+        for g in range(len(layer.sizes)):  # a group is kept when any of its elements is
+            only = torch.zeros(len(layer.sizes), dtype=torch.bool)
+            only[g] = True
+            kept_groups += any(bool((masks[n] & mk).any()) for n, mk in layer.expand(only).items() if n in masks)
+        assert kept_groups >= 1, layer.name
+        if pattern != "unit":  # (unit families overlap, so their element counts are not additive)
+            pruned = sum(int((~masks[n]).sum()) for n in members)
+            assert pruned <= 0.95 * layer.numel + 1e-6, (layer.name, pruned / layer.numel)
+    if pattern == "unit":
+        for fam in m.group_table():
+            if fam.kind == "attention_head":
+                q = masks[fam.members[0].param]
+                heads = q.view(fam.num_units, -1).any(1)
+                assert int(heads.sum()) >= 1, fam.name
+
+
+def test_half_column_on_depthwise_kernels_prunes_channels():
+    m = model()
+    pr = pruner(m, pattern="half_column", allocation="uniform", target_sparsity=0.9)
+    masks = pr.compute(1, weights(m), {})
+    dw = masks["encoder.layers.0.conv.depthwise.weight"]  # (d, 1, k)
+    channels = dw.reshape(dw.shape[0], -1)
+    assert torch.all(channels.all(1) | (~channels).all(1))
+    assert int((~channels.all(1)).sum()) == pytest.approx(0.9 * dw.shape[0], abs=1)
+
+
+@pytest.mark.parametrize("alloc", ["global", "adaptive"])
+def test_random_importance_is_random_across_layers(alloc):
+    m = model()
+    pr = pruner(m, pattern="unstructured", allocation=alloc, importance="random", target_sparsity=0.5)
+    masks = pr.compute(1, weights(m), {})
+    for n in pr.names:
+        if masks[n].numel() >= 2000:  # binomial spread of a layer this size: ~0.01
+            assert abs(float((~masks[n]).float().mean()) - 0.5) < 0.06, n
+
+
+@pytest.mark.parametrize("alloc", ["global", "adaptive"])
+def test_gradient_importance_is_not_scaled_by_fan_in(alloc):
+    """|w|·ḡ alike everywhere (whatever each layer's fan-in): every layer near the target."""
+    m = model()
+    w = weights(m)
+    pr = pruner(m, pattern="unstructured", allocation=alloc, importance="gradient", target_sparsity=0.5)
+    g = torch.Generator().manual_seed(0)
+    pr.reports = {n: (1 + 0.1 * torch.rand(w[n].shape, generator=g)) / w[n].abs().clamp(min=1e-12)
+                  for n in pr.names}
+    masks = pr.compute(2, w, {})
+    for n in pr.names:
+        if masks[n].numel() >= 2000:
+            assert abs(float((~masks[n]).float().mean()) - 0.5) < 0.06, n
+
+
+def test_adaptive_without_refinement_ranks_only_live_weights():
+    """Two layers with the same live weights, one already half pruned for good: the zeros
+    must not make it look unimportant (that fed back into ever more pruning)."""
+    from fedasr.prune.patterns import Layer
+
+    def layer(name, pruned):
+        scores = torch.ones(100, dtype=torch.float64)
+        scores[:pruned] = 0.0
+        return Layer(name, scores, torch.ones(100, dtype=torch.float64), lambda k: {})
+
+    a, b = layer("a", 0), layer("b", 50)
+    forced = {"b": b.scores == 0}
+    frac = adaptive_fractions([a, b], 0.6, 0.95, forced)
+    assert frac["a"] == pytest.approx(frac["b"])

@@ -27,7 +27,9 @@ def gradient_report(model: Transducer, names: list[str], fed: Federation, batche
     cuts = CutSet.from_cuts(c for n in fed.client_ids for c in fed.client_cuts(n))
     ds = AsrDataset(cuts, fed.tokenizer, fed.cmvn, cache=False)
     acc = ClientPruning({}, names)
-    model.train()
+    # eval mode: BatchNorm normalises with (and does not update) the checkpoint's running
+    # statistics, and no dropout; gradients flow all the same
+    model.eval()
     torch.manual_seed(seed)
     for i, batch in enumerate(ds.batches(40.0, seed=seed)):
         if i >= batches:
@@ -37,7 +39,6 @@ def gradient_report(model: Transducer, names: list[str], fed: Federation, batche
         loss.backward()
         acc.after_backward(model)
     model.zero_grad(set_to_none=True)
-    model.eval()
     return acc.report()
 
 
