@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: install test demo curve system-deps clean
+.PHONY: install test test-fast demo curve system-deps clean
 
 install: $(STAMP)
 
@@ -24,8 +24,13 @@ $(STAMP): setup.cfg pyproject.toml scripts/install_system_deps.sh
 system-deps:
 	scripts/install_system_deps.sh
 
+# everything: unit tests and the end-to-end tests (synthetic corpus, CLI subprocesses)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# unit tests only (no corpus synthesis, no subprocesses)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS)
 
 # The main job on the embedded default: synthetic corpus -> federation -> the ci recipe's
 # sweep (dense + column/magnitude/adaptive pruning at 0.5, 0.7, 0.9; federated training and

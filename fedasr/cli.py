@@ -107,7 +107,8 @@ def shard(
     min_utterances: int = typer.Option(1, help="Drop clients with fewer utterances."),
     max_clients: Optional[int] = typer.Option(None, help="Keep a seeded random subset of this many clients."),
     seed: int = typer.Option(0, help="Seed for iid/dirichlet partitions and client subsets."),
-    vocab_size: int = typer.Option(256, help="SentencePiece vocabulary size (including blank and unk)."),
+    vocab_size: Optional[int] = typer.Option(None, help="SentencePiece vocabulary size (including blank and unk) "
+                                             "[default: the most the transcripts allow, at most 256]."),
     tokenizer_type: str = typer.Option("unigram", help="SentencePiece model type: unigram or bpe."),
     tokenizer: Optional[Path] = typer.Option(None, help="Use this SentencePiece model instead of training one."),
     skip_invalid: bool = typer.Option(False, help="Drop bad utterances (listed in federation.yaml) instead of failing."),
@@ -144,7 +145,10 @@ def shard(
         console.print(f"[yellow]dropped {len(meta['dropped'])} invalid utterances (see federation.yaml)")
     if meta["excluded_clients"]:
         console.print(f"[yellow]excluded {len(meta['excluded_clients'])} clients by --min-utterances/--max-clients")
-    console.print(f"tokenizer: {meta['tokenizer']['vocab_size']} pieces; sharded in {time.time() - t0:.1f} s")
+    tok = meta["tokenizer"]
+    how = {"auto": " (chosen automatically: the most the training transcripts allow, at most 256)",
+           "given": f" (given: {tok['source']})"}.get(str(tok["requested"]), "")
+    console.print(f"tokenizer: {tok['vocab_size']} pieces{how}; sharded in {time.time() - t0:.1f} s")
 
 
 class _RoundProgress:
@@ -361,21 +365,42 @@ def sweep(
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key for every run (repeatable)."),
 ) -> None:
     """Train and evaluate one run per (pruning scheme, sparsity) of a recipe."""
+    import threading
     import time
 
-    from fedasr.sweep import plan_runs, resolved_recipe, run_sweep
+    from fedasr.config import parse_config
+    from fedasr.sweep import plan_runs, resolved_recipe, rounds_done, run_sweep
 
     t0 = time.time()
-    planned = plan_runs(resolved_recipe(recipe, set_, _parse_sparsities(sparsities)), out)
+    recipe_data = resolved_recipe(recipe, set_, _parse_sparsities(sparsities))
+    planned = plan_runs(recipe_data, out)
+    rounds = parse_config(recipe_data).fl.rounds
+    finished: set[Path] = set()
     with progress_bar() as prog:
-        task = prog.add_task("sweep runs", total=len(planned))
+        # rounds, not runs: a run takes minutes, so the bar follows the rounds each run in
+        # flight has checkpointed (its metrics.jsonl), and the estimate comes from them
+        task = prog.add_task("sweep rounds", total=rounds * len(planned))
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(2.0):
+                done = sum(rounds if r.path in finished else min(rounds, rounds_done(r)) for r in planned)
+                prog.update(task, completed=done)
+
+        watcher = threading.Thread(target=poll, daemon=True)
+        watcher.start()
 
         def step(run, status):
-            prog.advance(task)
+            finished.add(run.path)
             prog.console.print(f"{run.scheme} @ {run.sparsity:.2f}: {status}")
 
-        run_sweep(recipe, federation, out, sparsities=_parse_sparsities(sparsities), overrides=set_, jobs=jobs,
-                  progress=step)
+        try:
+            run_sweep(recipe, federation, out, sparsities=_parse_sparsities(sparsities), overrides=set_, jobs=jobs,
+                      progress=step)
+        finally:
+            stop.set()
+            watcher.join()
+        prog.update(task, completed=rounds * len(planned))
     console.print(f"sweep finished in {time.time() - t0:.0f} s; `fedasr report {out}` for the curve")
     _report(out)
 

@@ -82,6 +82,16 @@ def _finished(run: SweepRun, splits: list[str], rounds: int) -> bool:
     return all(s in results for s in splits) and bool(lines) and json.loads(lines[-1])["round"] >= rounds
 
 
+def rounds_done(run: SweepRun) -> int:
+    """Rounds a run has checkpointed so far (its metrics.jsonl is rewritten after each)."""
+    metrics = run.path / "metrics.jsonl"
+    try:
+        lines = metrics.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return len([x for x in lines if x.strip()])
+
+
 def _cli(args: list[str], log: Path, threads: int) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     with open(log, "a") as f:
@@ -186,6 +196,56 @@ def collect(sweep_dir: str | Path) -> tuple[list[dict], list[str]]:
     return rows, sorted(splits)
 
 
+def plot_curves(rows: list[dict], splits: list[str], title: str):
+    """One panel per split: WER vs sparsity, one line per scheme, the dense WER as a dashed
+    reference and each point labelled with its model size; a last panel: WER vs model size
+    (sparse-encoded MB), where an engineer picks a point by the size budget."""
+    import matplotlib.pyplot as plt
+
+    dense = [r for r in rows if r["scheme"] == "dense"]
+    schemes = sorted({r["scheme"] for r in rows} - {"dense"})
+    colors = {sch: f"C{i}" for i, sch in enumerate(schemes)}
+    fig, axes = plt.subplots(1, len(splits) + 1, figsize=(5.2 * (len(splits) + 1), 4.2), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        key = f"wer_{split}"
+        if dense and key in dense[0]:
+            ax.axhline(100 * dense[0][key], color="0.4", ls="--", lw=1,
+                       label=f"dense {100 * dense[0][key]:.1f}% ({dense[0]['model_bytes'] / 1e6:.1f} MB)")
+        for sch in schemes:
+            pts = sorted((r for r in dense + [r for r in rows if r["scheme"] == sch] if key in r),
+                         key=lambda r: r["sparsity"])
+            ax.plot([100 * r.get("achieved_sparsity", r["sparsity"]) for r in pts], [100 * r[key] for r in pts],
+                    marker="o", color=colors[sch], label=sch)
+            for r in pts:
+                if r["scheme"] != "dense":
+                    ax.annotate(f"{r['model_bytes'] / 1e6:.1f} MB", (100 * r.get("achieved_sparsity", r["sparsity"]),
+                                100 * r[key]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_title(split)
+        ax.set_xlabel("sparsity of prunable weights (%)")
+        ax.set_ylabel("WER (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    for i, split in enumerate(splits):
+        key = f"wer_{split}"
+        for sch in schemes:
+            pts = sorted((r for r in dense + [r for r in rows if r["scheme"] == sch] if key in r),
+                         key=lambda r: r["model_bytes"])
+            ax.plot([r["model_bytes"] / 1e6 for r in pts], [100 * r[key] for r in pts], marker="os^v"[i % 4],
+                    ls=["-", ":", "-.", "--"][i % 4], color=colors[sch], label=f"{sch} · {split}")
+        if dense and key in dense[0]:
+            ax.plot([dense[0]["model_bytes"] / 1e6], [100 * dense[0][key]], marker="*", ms=10, color="0.3", ls="",
+                    label=f"dense · {split}")
+    ax.set_title("WER vs model size")
+    ax.set_xlabel("model size, sparse-encoded (MB)")
+    ax.set_ylabel("WER (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def write_report(sweep_dir: str | Path) -> tuple[list[dict], list[str], Path, Path]:
     import matplotlib
 
@@ -205,22 +265,7 @@ def write_report(sweep_dir: str | Path) -> tuple[list[dict], list[str], Path, Pa
     csv_path = sweep_dir / "wer_vs_sparsity.csv"
     atomic_write_text(csv_path, buf.getvalue())
 
-    dense = [r for r in rows if r["scheme"] == "dense"]
-    schemes = sorted({r["scheme"] for r in rows} - {"dense"})
-    fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits), 4), squeeze=False)
-    for ax, split in zip(axes[0], splits):
-        key = f"wer_{split}"
-        for sch in schemes or ["dense"]:
-            pts = dense + [r for r in rows if r["scheme"] == sch]
-            pts = sorted((r for r in pts if key in r), key=lambda r: r["sparsity"])
-            ax.plot([100 * r["sparsity"] for r in pts], [100 * r[key] for r in pts], marker="o", label=sch)
-        ax.set_title(split)
-        ax.set_xlabel("sparsity of prunable weights (%)")
-        ax.set_ylabel("WER (%)")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"WER vs sparsity — {sweep_dir.name}")
-    fig.tight_layout()
+    fig = plot_curves(rows, splits, f"WER vs sparsity — {sweep_dir.name}")
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
     plt.close(fig)

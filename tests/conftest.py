@@ -18,10 +18,34 @@ MICRO_MODEL = dict(num_features=20, vocab_size=7, d_model=16, num_layers=1, num_
                    pred_layers=2, joint_dim=10)
 
 
-def run_cli(*args, cwd=None, timeout=600):
+# The one fast training config of the tests: a 1-layer d=64 model, 2 clients x 2 steps a round.
+FAST_MODEL = ("model.overrides={num_layers: 1, d_model: 64, ffn_dim: 128, pred_hidden: 64, pred_embed_dim: 64, "
+              "joint_dim: 64}")
+FAST = ["fl.clients_per_round=2", "fl.local_steps=2", "train.max_duration=20", "eval.dev_max_utterances=4",
+        "train.warmup_steps=5", FAST_MODEL]
+
+
+def sets(*settings: str) -> list[str]:
+    """``--set`` arguments for the CLI."""
+    return [a for s in settings for a in ("--set", s)]
+
+
+def run_cli(*args, cwd=None, timeout=600, env=None):
     """Run the real `fedasr` CLI in a subprocess; returns CompletedProcess."""
     return subprocess.run([sys.executable, "-m", "fedasr.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=timeout)
+                          text=True, cwd=cwd, timeout=timeout, env=None if env is None else {**os.environ, **env})
+
+
+E2E_FIXTURES = {"corpus", "federation"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests on the synthetic TTS corpus (its fixtures) are end-to-end: marked ``e2e``;
+    `make test-fast` deselects them. CLI-subprocess tests without the corpus are marked
+    in their modules."""
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="module")

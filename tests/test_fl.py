@@ -1,30 +1,22 @@
 """Federated engine: aggregation rules, server optimisers, faults, resume, determinism."""
 
-import os
 import signal
 import struct
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import yaml
 
-from conftest import run_cli
+from conftest import FAST, run_cli, sets
 from fedasr.checkpoint import read_checkpoint
 from fedasr.config import FLSection, load_config
 from fedasr.data.federation import Federation
 from fedasr.errors import FedasrError
 from fedasr.fl import comm
 from fedasr.fl.client import ClientResult, train_client
-from fedasr.fl.runner import Runner
+from fedasr.fl.runner import KILL_ENV, Runner
 from fedasr.fl.server import ClientRejected, ServerOptimizer, StreamingAggregator
 from fedasr.model.transducer import ModelConfig, Transducer
-
-FAST = ["fl.clients_per_round=2", "fl.local_steps=2", "train.max_duration=20", "eval.dev_max_utterances=4",
-        "train.warmup_steps=5", "model.overrides={num_layers: 1, d_model: 64, ffn_dim: 128, pred_hidden: 64, "
-        "pred_embed_dim: 64, joint_dim: 64}"]
 
 
 def small_cfg(*extra):
@@ -172,21 +164,17 @@ def test_failing_clients_are_dropped_and_logged(federation, tmp_path):
 
 @pytest.mark.parametrize("agg", ["fedavg", "fedadam"])
 def test_sigkill_and_resume_gives_the_same_weights(federation, tmp_path, agg):
-    args = ["--federation", federation, *[a for s in FAST + ["fl.rounds=3", f"fl.aggregation={agg}",
-                                                               "fl.server_lr=0.5", "eval.every=2"] for a in ("--set", s)]]
+    """SIGKILL in the middle of round 2 (after its first client, before aggregation and the
+    checkpoint: the runner's test hook), then --resume: the same weights as a straight run."""
+    args = ["--federation", federation, *sets(*FAST, "fl.rounds=3", f"fl.aggregation={agg}", "fl.server_lr=0.5",
+                                              "eval.every=2")]
     straight = run_cli("train", *args, "--out", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fedasr.cli", "train", *map(str, args), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "latest").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # somewhere inside round 2
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = int(yaml.safe_load((out / "checkpoints" / "latest").read_text()).split("_")[1].split(".")[0])
-    assert done < 3, "the run finished before it could be killed"
+    killed = run_cli("train", *args, "--out", out, env={KILL_ENV: "2"})
+    assert killed.returncode == -signal.SIGKILL
+    assert (out / "checkpoints" / "latest").read_text().strip() == "round_0001.pt"
+    assert not (out / "checkpoints" / "round_0002.pt").exists()
     resumed = run_cli("train", "--resume", out)
     assert resumed.returncode == 0, resumed.stderr
     a, ca = weights(tmp_path / "straight")

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import FAST, run_cli, sets
 from fedasr.config import PruningSection, load_config
 from fedasr.data.federation import Federation
 from fedasr.fl import comm
@@ -194,15 +194,13 @@ def test_gradient_importance_uses_client_reports():
     assert torch.all(p.grad[~first[name]] == 0)
 
 
-FAST = ["fl.clients_per_round=2", "fl.local_steps=2", "train.max_duration=20", "eval.dev_max_utterances=4",
-        "model.overrides={num_layers: 1, d_model: 64, ffn_dim: 128, pred_hidden: 64, pred_embed_dim: 64, joint_dim: 64}",
-        "pruning.method=federated_pruning", "pruning.pattern=column", "pruning.allocation=adaptive",
-        "pruning.target_sparsity=0.5"]
+PRUNE = ["pruning.method=federated_pruning", "pruning.pattern=column", "pruning.allocation=adaptive",
+         "pruning.target_sparsity=0.5"]
 
 
 @pytest.mark.parametrize("agg,refine", [("fedavg", True), ("fedadam", False)])
 def test_pruned_weights_stay_zero_through_training_and_aggregation(federation, tmp_path, agg, refine):
-    cfg = load_config(None, FAST + ["fl.rounds=2", f"fl.aggregation={agg}", f"pruning.refine={str(refine).lower()}",
+    cfg = load_config(None, FAST + PRUNE + ["fl.rounds=2", f"fl.aggregation={agg}", f"pruning.refine={str(refine).lower()}",
                                     "fl.server_lr=0.05"])
     r = Runner(tmp_path / "run", Federation(federation), cfg)
     r.start()
@@ -235,7 +233,7 @@ def test_pruned_weights_stay_zero_through_training_and_aggregation(federation, t
 
 
 def test_byte_counts_match_formula(federation, tmp_path):
-    cfg = load_config(None, FAST + ["fl.rounds=1", "pruning.pattern=unstructured", "pruning.allocation=uniform"])
+    cfg = load_config(None, FAST + PRUNE + ["fl.rounds=1", "pruning.pattern=unstructured", "pruning.allocation=uniform"])
     r = Runner(tmp_path / "run", Federation(federation), cfg)
     r.start()
     state = {k: v.clone() for k, v in r.model.state_dict().items()}
@@ -259,7 +257,7 @@ def test_byte_counts_match_formula(federation, tmp_path):
 
 
 def test_resumed_pruned_run_equals_straight_run(federation, tmp_path):
-    base = FAST + ["fl.rounds=3", "pruning.schedule=step", "pruning.step_size=0.25", "pruning.step_every=1",
+    base = FAST + PRUNE + ["fl.rounds=3", "pruning.schedule=step", "pruning.step_size=0.25", "pruning.step_every=1",
                    "pruning.importance=gradient"]
     straight = Runner(tmp_path / "a", Federation(federation), load_config(None, base))
     straight.start()
@@ -287,8 +285,7 @@ def test_resumed_pruned_run_equals_straight_run(federation, tmp_path):
 
 def test_prune_info_and_finetune_cli(federation, tmp_path):
     run = tmp_path / "dense"
-    r = run_cli("train", "--federation", federation, "--out", run, *[x for s in FAST[:5] + ["fl.rounds=1"]
-                                                                     for x in ("--set", s)])
+    r = run_cli("train", "--federation", federation, "--out", run, *sets(*FAST, "fl.rounds=1"))
     assert r.returncode == 0, r.stderr
     ckpt = run / "checkpoints" / "round_0001.pt"
     out = tmp_path / "pruned.pt"
@@ -318,7 +315,7 @@ def test_prune_info_and_finetune_cli(federation, tmp_path):
     assert bn and all(torch.equal(src[k], got[k]) for k in bn)
     # fine-tune the pruned checkpoint federatedly: its masks stay fixed
     r = run_cli("train", "--federation", federation, "--out", tmp_path / "ft", "--init-from", out,
-                *[x for s in FAST[:5] + ["fl.rounds=1"] for x in ("--set", s)])
+                *sets(*FAST, "fl.rounds=1"))
     assert r.returncode == 0, r.stderr
     row = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["sparsity"] >= 0.6 - 0.01
@@ -327,12 +324,12 @@ def test_prune_info_and_finetune_cli(federation, tmp_path):
 @pytest.mark.parametrize("centralized", [False, True])
 def test_refinement_changes_nothing_before_pruning_starts(federation, tmp_path, centralized):
     """Rounds before pruning.start_round must train exactly like a dense run (shadow copied back)."""
-    dense = Runner(tmp_path / "d", Federation(federation), load_config(None, FAST[:5] + ["fl.rounds=2"]),
+    dense = Runner(tmp_path / "d", Federation(federation), load_config(None, FAST + ["fl.rounds=2"]),
                    centralized=centralized)
     dense.start()
     dense.run_rounds()
     later = Runner(tmp_path / "p", Federation(federation),
-                   load_config(None, FAST + ["fl.rounds=2", "pruning.start_round=5", "pruning.refine=true"]),
+                   load_config(None, FAST + PRUNE + ["fl.rounds=2", "pruning.start_round=5", "pruning.refine=true"]),
                    centralized=centralized)
     later.start()
     later.run_rounds()
@@ -343,7 +340,7 @@ def test_refinement_changes_nothing_before_pruning_starts(federation, tmp_path, 
 
 def test_refinement_with_server_momentum_keeps_pruned_shadow_weights(federation, tmp_path):
     """fedadam + refinement: a weight pruned in a round keeps its shadow value through it."""
-    cfg = load_config(None, FAST + ["fl.rounds=3", "fl.aggregation=fedadam", "pruning.refine=true",
+    cfg = load_config(None, FAST + PRUNE + ["fl.rounds=3", "fl.aggregation=fedadam", "pruning.refine=true",
                                     "pruning.schedule=constant", "pruning.start_round=2"])
     r = Runner(tmp_path / "run", Federation(federation), cfg)
     r.start()
@@ -364,7 +361,7 @@ def test_refinement_with_server_momentum_keeps_pruned_shadow_weights(federation,
 def test_regrown_units_get_their_biases_and_batchnorm_back(federation, tmp_path):
     """Unit pattern + refinement: a pruned conv channel is zero everywhere in the served model
     (biases and BatchNorm affine too) and comes back with all of them when it regrows."""
-    cfg = load_config(None, FAST + ["fl.rounds=2", "pruning.pattern=unit", "pruning.allocation=uniform",
+    cfg = load_config(None, FAST + PRUNE + ["fl.rounds=2", "pruning.pattern=unit", "pruning.allocation=uniform",
                                     "pruning.schedule=constant", "pruning.start_round=2", "pruning.refine=true"])
     r = Runner(tmp_path / "run", Federation(federation), cfg)
     r.start()

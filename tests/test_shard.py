@@ -183,6 +183,7 @@ def test_given_tokenizer_is_used(corpus, federation, tmp_path):
     assert (out / "tokenizer.model").read_bytes() == (federation / "tokenizer.model").read_bytes()
 
 
+@pytest.mark.e2e
 def test_cli_help_and_version():
     r = run_cli("--help")
     assert r.returncode == 0
@@ -190,3 +191,13 @@ def test_cli_help_and_version():
         assert cmd in r.stdout
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("fedasr ")
+
+
+def test_default_vocabulary_fits_a_small_corpus(corpus, tmp_path):
+    """The documented command without --vocab-size works on a corpus too small for 256 pieces."""
+    out = tmp_path / "fed"
+    r = run_cli("shard", "--corpus", corpus, "--train-split", "train", "--out", out)
+    assert r.returncode == 0, r.stderr
+    meta = yaml.safe_load((out / "federation.yaml").read_text())
+    assert meta["tokenizer"]["requested"] == "auto" and 3 < meta["tokenizer"]["vocab_size"] < 256
+    assert f"tokenizer: {meta['tokenizer']['vocab_size']} pieces (chosen automatically" in r.stdout

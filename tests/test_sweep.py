@@ -6,22 +6,20 @@ import math
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import FAST, run_cli, sets
 from fedasr.config import load_config
 from fedasr.model.transducer import ModelConfig, Transducer
 
-REDUCED = ["fl.rounds=2", "fl.clients_per_round=2", "fl.local_steps=2", "eval.dev_max_utterances=4",
-           "pruning.start_round=1", "pruning.end_round=2",
-           "model.overrides={num_layers: 1, d_model: 64, ffn_dim: 128, pred_hidden: 64, pred_embed_dim: 64, "
-           "joint_dim: 64}"]
+REDUCED = FAST + ["fl.rounds=2", "pruning.start_round=1", "pruning.end_round=2"]
 
 
 def test_reduced_ci_sweep_and_report(federation, tmp_path):
     out = tmp_path / "sweep"
     args = ["sweep", "recipes/ci.yaml", "--federation", federation, "--out", out, "--sparsities", "0,0.5",
-            "--jobs", "2", *[a for s in REDUCED for a in ("--set", s)]]
-    r = run_cli(*args)
+            "--jobs", "2", *sets(*REDUCED)]
+    r = run_cli(*args, env={"FEDASR_PROGRESS": "1"})
     assert r.returncode == 0, r.stderr + r.stdout
+    assert "sweep rounds" in r.stderr and "4/4" in r.stderr  # 2 runs x 2 rounds, followed by rounds
     rows = list(csv.DictReader((out / "wer_vs_sparsity.csv").open()))
     recipe = yaml.safe_load(open("recipes/ci.yaml"))
     schemes = [s["name"] for s in recipe["sweep"]["schemes"]]

@@ -1,6 +1,8 @@
 import hashlib
 import re
 
+import pytest
+
 import soundfile as sf
 
 from fedasr.data import synth
@@ -57,6 +59,7 @@ def test_speakers_are_distinct_voices_and_enough_of_them():
     assert len(first) == len(set(first)), "the first speakers should use distinct voice variants"
 
 
+@pytest.mark.e2e
 def test_deterministic_for_a_seed(tmp_path):
     def digest(root, seed):
         plan = synth.plan_corpus(speakers=2, utterances_per_speaker=2, seed=seed, test_other_speakers=1,

@@ -47,3 +47,10 @@ def test_foreign_model_rejected(tmp_path):
     (tmp_path / "junk.model").write_bytes(b"not a model")
     with pytest.raises(FedasrError, match="junk.model"):
         Tokenizer.load(tmp_path / "junk.model")
+
+
+def test_automatic_size_is_the_largest_the_texts_allow():
+    auto = train_tokenizer(TEXTS, None)
+    with pytest.raises(FedasrError, match=rf"at most {auto.vocab_size} for unigram"):
+        train_tokenizer(TEXTS, auto.vocab_size + 1)
+    assert auto.vocab_size < 256 and train_tokenizer(TEXTS, auto.vocab_size).proto == auto.proto

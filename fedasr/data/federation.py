@@ -47,7 +47,7 @@ class ShardOptions:
     min_utterances: int = 1
     max_clients: int | None = None
     seed: int = 0
-    vocab_size: int = 256
+    vocab_size: int | None = None  # None: the most the transcripts allow (<= AUTO_MAX_VOCAB)
     tokenizer_type: str = "unigram"
     tokenizer: Path | None = None
     skip_invalid: bool = False
@@ -142,6 +142,8 @@ def shard(opts: ShardOptions, log: Callable[[str], None] = lambda s: None) -> di
                        "min_utterances": opts.min_utterances, "max_clients": opts.max_clients},
             "seed": opts.seed,
             "tokenizer": {"file": "tokenizer.model", "vocab_size": tokenizer.vocab_size,
+                          "requested": opts.vocab_size if given_tok is None and opts.vocab_size else
+                          ("given" if given_tok is not None else "auto"),
                           "type": opts.tokenizer_type if given_tok is None else "given",
                           "source": str(opts.tokenizer) if opts.tokenizer else "trained on training clients",
                           "blank_id": 0},

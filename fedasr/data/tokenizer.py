@@ -57,8 +57,32 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids if i != BLANK_ID])
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, model_type: str = "unigram") -> Tokenizer:
-    """Train a SentencePiece model on ``texts`` (deterministic for the same texts)."""
+# Without an explicit size, `fedasr shard` takes the largest vocabulary the transcripts
+# allow, up to this many pieces (a small corpus supports fewer than 256 pieces).
+AUTO_MAX_VOCAB = 256
+
+
+class _VocabTooLarge(FedasrError):
+    def __init__(self, requested: int, limit: int, model_type: str):
+        super().__init__(f"--vocab-size: {requested} is larger than the training transcripts allow "
+                         f"(at most {limit} for {model_type})")
+        self.limit = limit
+
+
+def train_tokenizer(texts: list[str], vocab_size: int | None, model_type: str = "unigram") -> Tokenizer:
+    """Train a SentencePiece model on ``texts`` (deterministic for the same texts).
+
+    ``vocab_size=None``: the largest vocabulary the texts allow, at most
+    :data:`AUTO_MAX_VOCAB`. An explicit size the texts cannot support is an error."""
+    if vocab_size is None:
+        try:
+            return _train(texts, AUTO_MAX_VOCAB, model_type)
+        except _VocabTooLarge as e:
+            return _train(texts, e.limit, model_type)
+    return _train(texts, vocab_size, model_type)
+
+
+def _train(texts: list[str], vocab_size: int, model_type: str) -> Tokenizer:
     if model_type not in MODEL_TYPES:
         raise FedasrError(f"--tokenizer-type: unknown type {model_type!r} (choose from {', '.join(MODEL_TYPES)})")
     if vocab_size < 3:
@@ -86,9 +110,6 @@ def train_tokenizer(texts: list[str], vocab_size: int, model_type: str = "unigra
     except RuntimeError as e:
         m = re.search(r"value <= (\d+)", str(e))
         if m:
-            raise FedasrError(
-                f"--vocab-size: {vocab_size} is larger than the training transcripts allow "
-                f"(at most {m.group(1)} for {model_type})"
-            ) from None
+            raise _VocabTooLarge(vocab_size, int(m.group(1)), model_type) from None
         raise FedasrError(f"--vocab-size: SentencePiece training failed: {str(e).splitlines()[0]}") from None
     return Tokenizer(buf.getvalue(), "<trained>")
