@@ -35,12 +35,14 @@ class TrainSection:
     lr: float = 1e-3
     weight_decay: float = 1e-6
     warmup_steps: int = 100
-    lr_schedule: str = "noam"  # noam (warm-up then 1/sqrt decay) | constant (after warm-up)
+    lr_schedule: str = "noam"  # noam (warm-up then 1/sqrt decay) | constant (after warm-up) | eden
+    lr_decay_steps: int = 1000  # eden: steps where the decay sets in
     grad_clip: float = 5.0
     max_duration: float = 40.0  # seconds of audio per batch
     max_batch: Optional[int] = None  # utterances per batch at most
     num_buckets: int = 4
     ctc_weight: float = 0.3
+    simple_loss_weight: float = 0.0  # auxiliary simple transducer loss (needs model simple_head: true)
     spec_augment: bool = True
 
     def validate(self, prefix: str) -> None:
@@ -53,8 +55,13 @@ class TrainSection:
             raise FedasrError(f"{p}warmup_steps: must be >= 0")
         if self.optimizer not in ("adamw", "sgd"):
             raise FedasrError(f"{p}optimizer: unknown {self.optimizer!r} (adamw, sgd)")
-        if self.lr_schedule not in ("noam", "constant"):
-            raise FedasrError(f"{p}lr_schedule: unknown {self.lr_schedule!r} (noam, constant)")
+        if self.lr_schedule not in ("noam", "constant", "eden"):
+            raise FedasrError(f"{p}lr_schedule: unknown {self.lr_schedule!r} (noam, constant, eden)")
+        if self.lr_decay_steps < 1:
+            raise FedasrError(f"{p}lr_decay_steps: must be at least 1")
+        for key in ("ctc_weight", "simple_loss_weight"):
+            if getattr(self, key) < 0:
+                raise FedasrError(f"{p}{key}: must be >= 0")
 
 
 @dataclass
@@ -142,7 +149,7 @@ PATTERNS = ("unstructured", "row", "column", "half_row", "half_column", "unit")
 IMPORTANCES = ("magnitude", "gradient", "random")
 SCHEDULES = ("constant", "step", "cubic")
 ALLOCATIONS = ("uniform", "global", "adaptive")
-DEFAULT_PRUNABLE = ["encoder.layers.*", "predictor.lstm.*", "joiner.*"]
+DEFAULT_PRUNABLE = ["encoder.layers.*", "predictor.lstm.*", "predictor.conv.*", "joiner.*"]
 
 
 @dataclass

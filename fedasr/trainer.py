@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from fedasr.config import TrainSection
 from fedasr.data.batching import AsrDataset, Batch
 from fedasr.errors import FedasrError
-from fedasr.model.loss import rnnt_loss
+from fedasr.model.loss import rnnt_loss, rnnt_loss_simple
 from fedasr.model.transducer import Transducer
 
 
-def transducer_loss(model: Transducer, batch: Batch, ctc_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+def transducer_loss(model: Transducer, batch: Batch, ctc_weight: float = 0.0,
+                    simple_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     batch = batch.to(next(model.parameters()).device)
     out = model(batch.feats, batch.feat_lens, batch.targets, batch.target_lens)
     U = int(batch.target_lens.max())
@@ -39,19 +40,34 @@ def transducer_loss(model: Transducer, batch: Batch, ctc_weight: float = 0.0) ->
                               blank=model.blank_id, reduction="sum", zero_infinity=True) / len(batch)
         loss = loss + ctc_weight * loss_ctc
         stats["ctc"] = float(loss_ctc.detach())
+    if simple_weight > 0 and out.simple_am is not None:
+        loss_simple = rnnt_loss_simple(out.simple_am, out.simple_lm, targets, out.enc_lens.int(),
+                                       batch.target_lens.int(), blank=model.blank_id, reduction="mean")
+        loss = loss + simple_weight * loss_simple
+        stats["simple"] = float(loss_simple.detach())
     stats["loss"] = float(loss.detach())
     return loss, stats
 
 
 def lr_at(cfg: TrainSection, step: int) -> float:
-    """Learning rate for 0-based ``step``: linear warm-up, then 1/sqrt decay (noam) or constant."""
+    """Learning rate for 0-based ``step``: linear warm-up, then
+
+    - ``noam``: 1/sqrt decay from the end of the warm-up;
+    - ``constant``;
+    - ``eden`` (icefall's Eden, step part): ``((s² + D²) / D²)^-1/4`` with D =
+      ``lr_decay_steps``: flat for s ≪ D, then 1/sqrt(s) decay.
+    """
     s = step + 1
     w = max(1, cfg.warmup_steps)
+    warm = min(s / w, 1.0)
     if cfg.lr_schedule == "noam":
         return cfg.lr * min(s / w, math.sqrt(w / s))
     if cfg.lr_schedule == "constant":
-        return cfg.lr * min(s / w, 1.0)
-    raise FedasrError(f"train.lr_schedule: unknown schedule {cfg.lr_schedule!r} (noam, constant)")
+        return cfg.lr * warm
+    if cfg.lr_schedule == "eden":
+        d = float(cfg.lr_decay_steps)
+        return cfg.lr * warm * ((s * s + d * d) / (d * d)) ** -0.25
+    raise FedasrError(f"train.lr_schedule: unknown schedule {cfg.lr_schedule!r} (noam, constant, eden)")
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainSection) -> torch.optim.Optimizer:
@@ -62,8 +78,38 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainSection) -> torch.optim.Opt
     raise FedasrError(f"train.optimizer: unknown optimizer {cfg.optimizer!r} (adamw, sgd)")
 
 
-def batch_stream(dataset: AsrDataset, cfg: TrainSection, seed: int) -> Iterator[tuple[int, Batch]]:
-    """Endless (epoch, batch) stream over ``dataset``, reshuffled each epoch."""
+def batch_stream(dataset: AsrDataset, cfg: TrainSection, seed: int, skip: int = 0) -> Iterator[tuple[int, Batch]]:
+    """Endless (epoch, batch) stream over ``dataset``, reshuffled each epoch; the first
+    ``skip`` batches are drawn and dropped (a resumed stream continues where it was)."""
+    for i, item in enumerate(_batch_stream(dataset, cfg, seed)):
+        if i >= skip:
+            yield item
+
+
+class BatchStream:
+    """A persistent :func:`batch_stream` that counts the batches it handed out
+    (``consumed``, saved in checkpoints: a resumed stream skips that many) and can take
+    one back (an epoch boundary read by a loop that stops there)."""
+
+    def __init__(self, dataset: AsrDataset, cfg: TrainSection, seed: int, consumed: int = 0):
+        self._it = batch_stream(dataset, cfg, seed, skip=consumed)
+        self._held: tuple[int, Batch] | None = None
+        self.consumed = consumed
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> tuple[int, Batch]:
+        item, self._held = (self._held, None) if self._held is not None else (next(self._it), None)
+        self.consumed += 1
+        return item
+
+    def push_back(self, item: tuple[int, Batch]) -> None:
+        self._held = item
+        self.consumed -= 1
+
+
+def _batch_stream(dataset: AsrDataset, cfg: TrainSection, seed: int) -> Iterator[tuple[int, Batch]]:
     epoch = 0
     while True:
         empty = True
@@ -98,12 +144,16 @@ def train_steps(
     global_step: int = 0,
     after_backward: Callable[[Transducer], None] | None = None,
     after_step: Callable[[Transducer], None] | None = None,
+    stream: BatchStream | None = None,
 ) -> TrainResult:
     """Run ``num_steps`` optimizer steps (or ``num_epochs`` passes) on ``dataset``.
 
     ``global_step`` positions the step within the learning-rate schedule;
     ``after_backward`` runs before clipping (pruning masks gradients there) and
     ``after_step`` after every optimizer step (pruning re-applies its masks there).
+    ``stream``: batches to draw from (a persistent :class:`BatchStream`, so that epochs
+    continue across calls) instead of a fresh stream over ``dataset`` seeded by ``seed``;
+    ``num_epochs`` then counts epoch changes of the stream.
     A non-finite loss or gradient raises :class:`FloatingPointError` before the
     optimizer step, so the weights are never updated with it.
     """
@@ -113,14 +163,18 @@ def train_steps(
     t0 = time.perf_counter()
     total, steps, examples = 0.0, 0, 0
     sums: dict[str, float] = {}
-    last_epoch = 0
-    for epoch, batch in batch_stream(dataset, cfg, seed):
-        if num_epochs is not None and epoch >= num_epochs:
+    first_epoch = last_epoch = None
+    for epoch, batch in stream if stream is not None else batch_stream(dataset, cfg, seed):
+        if first_epoch is None:
+            first_epoch = epoch
+        if num_epochs is not None and epoch >= first_epoch + num_epochs:
+            if stream is not None:
+                stream.push_back((epoch, batch))
             break
         last_epoch = epoch
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, global_step + steps)
-        loss, stats = transducer_loss(model, batch, cfg.ctc_weight)
+        loss, stats = transducer_loss(model, batch, cfg.ctc_weight, cfg.simple_loss_weight)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss {float(loss)} at step {global_step + steps}")
         optimizer.zero_grad(set_to_none=True)
@@ -143,5 +197,6 @@ def train_steps(
         if num_steps is not None and steps >= num_steps:
             break
     return TrainResult(steps=steps, examples=examples, loss=total / max(1, steps),
-                       time=time.perf_counter() - t0, epochs=last_epoch + 1,
+                       time=time.perf_counter() - t0,
+                       epochs=0 if first_epoch is None else last_epoch - first_epoch + 1,
                        stats={k: v / max(1, steps) for k, v in sums.items()})

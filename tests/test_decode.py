@@ -35,9 +35,9 @@ def make_enc(lens, d=16, seed=0):
     return enc, torch.tensor(lens, dtype=torch.long)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return make_model()
+@pytest.fixture(scope="module", params=["lstm", "stateless"])
+def model(request):
+    return make_model(predictor=request.param, pred_context=3)
 
 
 @pytest.fixture(scope="module")

@@ -401,3 +401,23 @@ def test_utterance_with_no_possible_alignment_gets_a_huge_finite_loss():
     assert 1e4 <= float(loss[1]) < 1e5
     loss.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_simple_loss_equals_full_loss_of_the_additive_joiner(seed):
+    """rnnt_loss_simple(am, lm) is the RNN-T loss of logits am[t] + lm[u], values and gradients."""
+    from fedasr.model.loss import rnnt_loss_simple
+
+    _, targets, t_lens, u_lens = _random_batch(3, 9, 4, 7, seed=seed)
+    g = torch.Generator().manual_seed(seed + 10)
+    am = (torch.randn(3, 9, 7, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    lm = (torch.randn(3, 5, 7, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    simple = rnnt_loss_simple(am, lm, targets, t_lens, u_lens, reduction="none")
+    am2, lm2 = am.detach().clone().requires_grad_(), lm.detach().clone().requires_grad_()
+    full = rnnt_loss(am2[:, :, None, :] + lm2[:, None, :, :], targets, t_lens, u_lens, reduction="none")
+    torch.testing.assert_close(simple, full, atol=1e-9, rtol=1e-9)
+    w = torch.rand(3, generator=g, dtype=torch.float64)
+    (simple * w).sum().backward()
+    (full * w).sum().backward()
+    torch.testing.assert_close(am.grad, am2.grad, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(lm.grad, lm2.grad, atol=1e-9, rtol=1e-9)

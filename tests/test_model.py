@@ -352,25 +352,31 @@ def _perturb(x, name):
     return g.abs() + 0.5 if name.endswith("running_var") else 2 * g
 
 
+def _heads(out):
+    """Every output of the model: joint logits, CTC logits and the simple-loss heads if any."""
+    return [x for x in (out.logits, out.ctc_logits, out.simple_am, out.simple_lm) if x is not None]
+
+
 def _outputs_and_grads(model, inputs, weights):
     model.zero_grad(set_to_none=True)
     out = model(*inputs)
-    loss = (out.logits * weights[0]).sum() + (out.ctc_logits * weights[1]).sum()
+    loss = sum((x * w).sum() for x, w in zip(_heads(out), weights))
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    return out.logits.detach(), out.ctc_logits.detach(), grads
+    return [x.detach() for x in _heads(out)], grads
 
 
-@pytest.fixture(scope="module")
-def group_setup():
-    model = micro_model(seed=7).eval()
+@pytest.fixture(scope="module", params=[("lstm", False), ("stateless", True)], ids=["lstm", "stateless+simple"])
+def group_setup(request):
+    predictor, simple = request.param
+    model = micro_model(seed=7, predictor=predictor, simple_head=simple).eval()
     randomize_bn(model)
     g = torch.Generator().manual_seed(11)
     feats = torch.randn(2, 40, 20, generator=g)
     inputs = (feats, torch.tensor([40, 29]), torch.tensor([[1, 2, 3, 4], [5, 6, 1, 0]]), torch.tensor([4, 3]))
     with torch.no_grad():
         out = model(*inputs)
-    weights = (torch.randn(out.logits.shape, generator=g), torch.randn(out.ctc_logits.shape, generator=g))
+    weights = [torch.randn(x.shape, generator=g) for x in _heads(out)]
     return model, inputs, weights
 
 
@@ -379,12 +385,23 @@ def test_group_table_structure(group_setup):
     fams = group_families(model)
     assert [f.name for f in fams] == [f.name for f in model.group_table()]
     cfg = model.cfg
-    assert len(fams) == 4 * cfg.num_layers + cfg.pred_layers + 1
+    stateless = cfg.predictor == "stateless"
+    assert len(fams) == 4 * cfg.num_layers + (1 if stateless else cfg.pred_layers) + 1
     assert {f.kind for f in fams} == set(KINDS)
     names = {f.name: f for f in fams}
+    for f in fams:
+        for m in f.members:
+            assert m.index.dtype == torch.long and m.index.shape[0] == f.num_units
     assert names["encoder.layers.0.ff1.units"].num_units == cfg.ffn_dim
     assert names["encoder.layers.1.attn.heads"].num_units == cfg.num_heads
     assert names["encoder.layers.1.conv.channels"].num_units == cfg.d_model
+    if stateless:
+        pred = names["predictor.units"]
+        assert pred.num_units == cfg.pred_embed_dim
+        assert [m.param for m in pred.members] == ["predictor.embedding.weight", "predictor.conv.weight",
+                                                   "predictor.conv.bias", "joiner.pred_proj.weight"] + (
+            ["simple_lm_proj.weight"] if cfg.simple_head else [])
+        return
     assert names["predictor.lstm.l1.units"].num_units == cfg.pred_hidden
     assert names["joiner.units"].num_units == cfg.joint_dim
     conv = names["encoder.layers.0.conv.channels"]
@@ -398,9 +415,6 @@ def test_group_table_structure(group_setup):
     assert consumers == ["predictor.lstm.weight_hh_l0", "predictor.lstm.weight_ih_l1"]
     last = names["predictor.lstm.l1.units"]
     assert [m.param for m in last.members if m.dim == 1] == ["predictor.lstm.weight_hh_l1", "joiner.pred_proj.weight"]
-    for f in fams:
-        for m in f.members:
-            assert m.index.dtype == torch.long and m.index.shape[0] == f.num_units
 
 
 def test_group_families_partition_without_overlap(group_setup):
@@ -426,7 +440,7 @@ def test_group_families_partition_without_overlap(group_setup):
 
 def test_zeroed_units_are_disconnected(group_setup):
     base, inputs, weights = group_setup
-    _, _, grads_before = _outputs_and_grads(base, inputs, weights)
+    _, grads_before = _outputs_and_grads(base, inputs, weights)
     # Gradients below this are rounding noise (e.g. attention key biases, whose exact
     # gradient is zero because softmax ignores a per-query constant).
     noise = 1e-6 * max(float(g.abs().max()) for g in grads_before.values())
@@ -437,7 +451,7 @@ def test_zeroed_units_are_disconnected(group_setup):
         for unit in units:
             model = copy.deepcopy(base)
             _apply(model, fam, unit, _zero)
-            logits0, ctc0, grads = _outputs_and_grads(model, inputs, weights)
+            outs0, grads = _outputs_and_grads(model, inputs, weights)
 
             # 1) every member is dead: perturbing any one member slice changes nothing
             for i, mem in enumerate(fam.members):
@@ -446,8 +460,8 @@ def test_zeroed_units_are_disconnected(group_setup):
                 with torch.no_grad():
                     out = pert(*inputs)
                 msg = f"{fam.name} unit {unit}: perturbing {mem.param} (dim {mem.dim}) leaks"
-                torch.testing.assert_close(out.logits, logits0, atol=1e-6, rtol=0, msg=msg)
-                torch.testing.assert_close(out.ctc_logits, ctc0, atol=1e-6, rtol=0, msg=msg)
+                for x, x0 in zip(_heads(out), outs0):
+                    torch.testing.assert_close(x, x0, atol=1e-6, rtol=0, msg=msg)
 
             # 2) members get no gradient; every non-member parameter element that zeroing
             #    the unit leaves without gradient had none before (no hidden member)
@@ -460,3 +474,25 @@ def test_zeroed_units_are_disconnected(group_setup):
                 assert not newly_dead.any(), f"{fam.name} unit {unit}: {name} has elements left dead, not in the table"
         seen_kinds.add(fam.kind)
     assert seen_kinds == set(KINDS)
+
+
+def test_stateless_predictor_sees_only_its_context():
+    """Output u depends on tokens u-context+1..u only; stepping equals the full forward."""
+    model = micro_model(seed=3, predictor="stateless", pred_context=3).eval()
+    pred = model.predictor
+    y = torch.tensor([[4, 2, 5, 1, 3, 6]])
+    full = pred.forward_with_sos(y)  # (1, 7, D): position 0 is the start (blank context)
+    changed = y.clone()
+    changed[0, 0] = 1  # the first label: seen by outputs 1, 2, 3 only (context 3)
+    other = pred.forward_with_sos(changed)
+    diff = (full - other).abs().amax(-1)[0]
+    assert diff[0] == 0 and torch.all(diff[4:] == 0) and diff[1:4].max() > 0
+    out, state = pred(torch.full((1, 1), model.blank_id))
+    steps = [out[:, 0]]
+    for tok in y[0].tolist():
+        out, state = pred(torch.tensor([[tok]]), state)
+        steps.append(out[:, 0])
+    torch.testing.assert_close(torch.stack(steps, 1), full)
+    assert state[0].tolist() == [[3, 6]]  # the last context - 1 tokens
+    d, v = model.cfg.pred_embed_dim, model.cfg.vocab_size
+    assert sum(p.numel() for p in pred.parameters()) == v * d + d * 3 + d  # embedding, depthwise conv + bias

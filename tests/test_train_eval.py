@@ -132,3 +132,50 @@ def test_non_finite_gradient_is_rejected_before_the_step(federation):
                         seed=0, num_steps=1, after_backward=poison)
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if "running" not in k
                    and "num_batches" not in k)
+
+
+def test_eden_schedule():
+    cfg = TrainSection(lr=1e-3, warmup_steps=10, lr_schedule="eden", lr_decay_steps=100)
+    assert lr_at(cfg, 4) == pytest.approx(5e-4 * (1 + 0.05**2) ** -0.25)
+    assert lr_at(cfg, 99) == pytest.approx(1e-3 * 2 ** -0.25)  # s = D: 2^-1/4
+    assert lr_at(cfg, 9999) == pytest.approx(1e-3 * (1 + 1e4) ** -0.25, rel=1e-6)  # ~ sqrt(D / s)
+
+
+def test_auxiliary_losses_enter_the_training_loss(federation):
+    """CTC and simple-loss weights add their (reported) losses to the RNN-T loss."""
+    from fedasr.trainer import transducer_loss
+
+    fed = Federation(federation)
+    cuts = fed.client_cuts(fed.client_ids[0]).subset(first=3)
+    torch.manual_seed(0)
+    model = Transducer(ModelConfig.preset("tiny", vocab_size=fed.tokenizer.vocab_size, num_layers=1,
+                                          predictor="stateless", simple_head=True)).eval()
+    batch = next(AsrDataset(cuts, fed.tokenizer, fed.cmvn).batches(60.0, shuffle=False, num_buckets=1))
+    loss, stats = transducer_loss(model, batch, ctc_weight=0.3, simple_weight=0.5)
+    assert set(stats) == {"rnnt", "ctc", "simple", "loss"}
+    assert stats["loss"] == pytest.approx(stats["rnnt"] + 0.3 * stats["ctc"] + 0.5 * stats["simple"], rel=1e-5)
+    assert stats["simple"] > 0 and float(loss) == pytest.approx(stats["loss"])
+
+
+def test_batch_stream_resumes_and_continues_epochs(federation):
+    from fedasr.trainer import BatchStream
+
+    fed = Federation(federation)
+    ds = AsrDataset(fed.client_cuts(fed.client_ids[0]), fed.tokenizer, fed.cmvn)
+    cfg = TrainSection(max_duration=15.0, spec_augment=False)
+    a = BatchStream(ds, cfg, seed=3)
+    first = [(e, b.ids) for e, b in (next(a) for _ in range(12))]
+    assert first[-1][0] >= 1  # the stream crossed into the next epoch (a reshuffle)
+    b = BatchStream(ds, cfg, seed=3, consumed=5)
+    assert [(e, x.ids) for e, x in (next(b) for _ in range(7))] == first[5:]
+    item = next(b)
+    b.push_back(item)
+    assert b.consumed == 12 and next(b)[1].ids == item[1].ids and b.consumed == 13
+    per_epoch = sum(1 for e, _ in first if e == 0)
+    # one epoch from a persistent stream: exactly that epoch's batches; the next starts the next epoch
+    stream = BatchStream(ds, cfg, seed=3)
+    model = Transducer(ModelConfig.preset("tiny", vocab_size=fed.tokenizer.vocab_size, num_layers=1, d_model=64,
+                                          ffn_dim=64, pred_hidden=32, pred_embed_dim=32, joint_dim=32))
+    res = train_steps(model, make_optimizer(model, cfg), ds, cfg, seed=0, num_epochs=1, stream=stream)
+    assert res.steps == per_epoch and res.epochs == 1 and stream.consumed == per_epoch
+    assert (lambda e_b: (e_b[0], e_b[1].ids))(next(stream)) == first[per_epoch]

@@ -41,7 +41,7 @@ from fedasr.fsutil import atomic_write_text
 from fedasr.model.transducer import ModelConfig, Transducer
 from fedasr.prune.masks import prunable_names, sparsity_report
 from fedasr.prune.pruner import make_pruner
-from fedasr.trainer import make_optimizer, train_steps, transducer_loss
+from fedasr.trainer import BatchStream, make_optimizer, train_steps, transducer_loss
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -105,9 +105,13 @@ class RunDir:
 
 def model_config(cfg: RunConfig, vocab_size: int) -> ModelConfig:
     try:
-        return ModelConfig.preset(cfg.model.preset, vocab_size=vocab_size, **cfg.model.overrides)
+        mcfg = ModelConfig.preset(cfg.model.preset, vocab_size=vocab_size, **cfg.model.overrides)
     except FedasrError as e:
         raise FedasrError(f"model: {e}") from None
+    if cfg.train.simple_loss_weight > 0 and not mcfg.simple_head:
+        raise FedasrError("train.simple_loss_weight: needs the model's simple-loss heads "
+                          "(model.overrides: {simple_head: true})")
+    return mcfg
 
 
 def dev_subset(cuts: CutSet, cap: int | None) -> CutSet:
@@ -147,6 +151,8 @@ class Runner:
         self.prunable = prunable_names(self.model, cfg.pruning.include, cfg.pruning.exclude)
         self.shadow: dict[str, torch.Tensor] | None = None  # dense copy of every parameter (refinement)
         self._central_data = None
+        self._central_stream = None  # one BatchStream over the union: epochs continue across rounds
+        self._central_consumed = 0  # its position (restored on resume)
         dev_splits = [s for s, m in fed.eval_splits.items() if m["role"] == "dev"]
         self.dev_cuts = dev_subset(fed.split_cuts(dev_splits[0]), cfg.eval.dev_max_utterances) if dev_splits else None
 
@@ -161,6 +167,7 @@ class Runner:
              "pruner": self.pruner.state_dict(), "shadow": self.shadow or {}}
         if self.central_opt is not None:
             s["central_optimizer"] = self.central_opt.state_dict()
+            s["central_batches"] = self._central_stream.consumed if self._central_stream else self._central_consumed
         return s
 
     def save(self) -> None:
@@ -185,6 +192,7 @@ class Runner:
         self.server_opt.load_state_dict(st["server_optimizer"])
         if self.centralized:
             self._central_opt_state = st["central_optimizer"]
+            self._central_consumed = int(st.get("central_batches", 0))
         torch.set_rng_state(st["torch_rng"])
         self.pruner.load_state_dict(st.get("pruner", {}))
         if st.get("shadow"):  # (older checkpoints kept only the prunable tensors)
@@ -340,6 +348,8 @@ class Runner:
         if self._central_data is None:
             union = CutSet.from_cuts(c for name in self.clients for c in self.fed.client_cuts(name))
             self._central_data = make_dataset(union, self.tokenizer, self.fed.cmvn, self.cfg)
+            self._central_stream = BatchStream(self._central_data, self.cfg.train, derive_seed(self.cfg.seed, 0),
+                                               consumed=self._central_consumed)
         torch.manual_seed(derive_seed(self.cfg.seed, rnd, 0))
         t0 = time.perf_counter()
         n_steps = fl.clients_per_round * fl.local_steps if fl.local_steps is not None else None
@@ -347,7 +357,8 @@ class Runner:
         res = train_steps(self.model, self.central_opt, self._central_data, self.cfg.train,
                           seed=derive_seed(self.cfg.seed, rnd), num_steps=n_steps,
                           num_epochs=fl.local_epochs if n_steps is None else None, global_step=self.lr_step,
-                          after_backward=plan.after_backward, after_step=plan.after_step)
+                          after_backward=plan.after_backward, after_step=plan.after_step,
+                          stream=self._central_stream)
         self.lr_step += res.steps
         if self.shadow:  # kept weights were trained; pruned ones keep their shadow value
             for n, p in self.model.named_parameters():
@@ -400,7 +411,9 @@ class Runner:
             info = self._centralized_round(rnd) if self.centralized else self._federated_round(rnd)
             row = {"round": rnd, **info, **self.sparsity_metrics()}
             if self.cfg.eval.due(rnd, fl.rounds):
+                t_eval = time.perf_counter()
                 row.update(self.dev_eval())
+                row["eval_time"] = time.perf_counter() - t_eval
             row["round_time"] = time.perf_counter() - t0
             row["lr_step"] = self.lr_step
             self.round = rnd

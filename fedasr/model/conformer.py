@@ -21,14 +21,11 @@ checkpoints key on them. See :mod:`fedasr.model.groups`.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fedasr.model.transducer import ModelConfig
 
 __all__ = [
     "Conv2dSubsampling",
@@ -252,16 +249,17 @@ class ConformerEncoder(nn.Module):
     padded output frames are zero.
     """
 
-    def __init__(self, cfg: "ModelConfig") -> None:
+    def __init__(self, num_features: int = 80, d_model: int = 144, num_layers: int = 4, num_heads: int = 4,
+                 ffn_dim: int = 576, conv_kernel: int = 15, subsampling_channels: int = 64, dropout: float = 0.0,
+                 input_scale: bool = True) -> None:
         super().__init__()
-        self.d_model = cfg.d_model
-        self.subsampling = Conv2dSubsampling(cfg.num_features, cfg.subsampling_channels, cfg.d_model)
-        self.pos_enc = SinusoidalPositionalEncoding(cfg.d_model)
-        self.xscale = math.sqrt(cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.d_model = d_model
+        self.subsampling = Conv2dSubsampling(num_features, subsampling_channels, d_model)
+        self.pos_enc = SinusoidalPositionalEncoding(d_model)
+        self.xscale = math.sqrt(d_model) if input_scale else 1.0
+        self.dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
-            ConformerLayer(cfg.d_model, cfg.num_heads, cfg.ffn_dim, cfg.conv_kernel, cfg.dropout)
-            for _ in range(cfg.num_layers)
+            ConformerLayer(d_model, num_heads, ffn_dim, conv_kernel, dropout) for _ in range(num_layers)
         )
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -273,8 +271,8 @@ class ConformerEncoder(nn.Module):
         x = x[:, :t_out]
         if t_out == 0:  # every utterance shorter than 7 frames: nothing to encode
             return x, out_lengths
-        # scale the content up before adding positions (x * sqrt(d), as in ESPnet): the
-        # projection's outputs start near 0.3 std and the encoding would otherwise swamp them
+        # scale the content up before adding positions (x * sqrt(d), as in ESPnet; input_scale):
+        # the projection's outputs start near 0.3 std and the encoding would otherwise swamp them
         x = self.dropout(self.pos_enc(x * self.xscale))
         mask = lengths_to_mask(out_lengths, t_out)
         layer_mask = None if bool(mask.all()) else mask  # no padding: skip the masking work

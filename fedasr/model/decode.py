@@ -69,7 +69,7 @@ def greedy_search(
         blank = model.blank_id
         joiner, predictor = model.joiner, model.predictor
         enc_p = joiner.project_encoder(enc[:, :t_max])
-        out, (h, c) = predictor(torch.full((batch, 1), blank, dtype=torch.long, device=enc.device))
+        out, state = predictor(torch.full((batch, 1), blank, dtype=torch.long, device=enc.device))
         pred_p = joiner.project_predictor(out[:, 0])
         for t in range(t_max):
             active = enc_lens > t
@@ -83,9 +83,8 @@ def greedy_search(
                 rows = emit.nonzero().view(-1)
                 for b, v in zip(rows.tolist(), tok[rows].tolist()):
                     hyps[b].append(v)
-                o, (h_new, c_new) = predictor(tok[rows].unsqueeze(1), (h[:, rows], c[:, rows]))
-                h[:, rows] = h_new
-                c[:, rows] = c_new
+                o, new_state = predictor(tok[rows].unsqueeze(1), predictor.select_state(state, rows))
+                predictor.update_state(state, rows, new_state)
                 pred_p[rows] = joiner.project_predictor(o[:, 0])
                 active = emit
     if return_scores:
@@ -122,7 +121,7 @@ def _beam_one(model, enc: torch.Tensor, beam: int) -> List[Tuple[List[int], floa
     if enc.size(0) == 0:
         return [([], 0.0)]
     enc_p = joiner.project_encoder(enc)  # (T, J)
-    out, (h, c) = predictor(torch.full((1, 1), blank, dtype=torch.long, device=enc.device))
+    out, state = predictor(torch.full((1, 1), blank, dtype=torch.long, device=enc.device))
     pred_p = joiner.project_predictor(out[:, 0])  # (N, J)
     seqs: List[Tuple[int, ...]] = [()]
     scores: List[float] = [0.0]
@@ -158,16 +157,16 @@ def _beam_one(model, enc: torch.Tensor, beam: int) -> List[Tuple[List[int], floa
 
         src = [origin[k][0] for k in kept]
         src_t = torch.tensor(src, dtype=torch.long, device=enc.device)
-        new_h, new_c, new_p = h[:, src_t].clone(), c[:, src_t].clone(), pred_p[src_t].clone()
+        new_state = tuple(x.clone() for x in predictor.select_state(state, src_t))
+        new_p = pred_p[src_t].clone()
         ext = [j for j, k in enumerate(kept) if origin[k][1] is not None]
         if ext:
             ext_t = torch.tensor(ext, dtype=torch.long, device=enc.device)
             toks = torch.tensor([[origin[kept[j]][1]] for j in ext], dtype=torch.long, device=enc.device)
-            o, (h2, c2) = predictor(toks, (new_h[:, ext_t], new_c[:, ext_t]))
-            new_h[:, ext_t] = h2
-            new_c[:, ext_t] = c2
+            o, st = predictor(toks, predictor.select_state(new_state, ext_t))
+            predictor.update_state(new_state, ext_t, st)
             new_p[ext_t] = joiner.project_predictor(o[:, 0])
-        h, c, pred_p = new_h, new_c, new_p
+        state, pred_p = new_state, new_p
         seqs = kept
         scores = [merged[k] for k in kept]
 

@@ -20,11 +20,15 @@ Families and what unit ``i`` owns:
     ``pointwise1`` weight rows/bias at i and i+d (the GLU value/gate pair),
     ``depthwise`` weight/bias i, ``batch_norm`` weight/bias/running_mean/running_var i,
     ``pointwise2.weight`` column i.
-``predictor_unit`` (``predictor.lstm.lK.units``)
+``predictor_unit`` (stateless predictor: ``predictor.units``)
+    ``embedding.weight`` column i, ``conv.weight`` channel i (depthwise), ``conv.bias`` i,
+    ``joiner.pred_proj.weight`` column i.
+``predictor_unit`` (LSTM predictor: ``predictor.lstm.lK.units``)
     rows ``{i, H+i, 2H+i, 3H+i}`` (input/forget/cell/output gates) of
     ``weight_ih_lK``, ``weight_hh_lK``, ``bias_ih_lK``, ``bias_hh_lK``; column i of
     ``weight_hh_lK`` (the recurrent input from unit i); column i of the consumer,
-    ``weight_ih_l(K+1)`` or ``joiner.pred_proj.weight`` for the last layer.
+    ``weight_ih_l(K+1)`` or ``joiner.pred_proj.weight`` for the last layer (and
+    ``simple_lm_proj.weight`` when the model has the simple-loss heads).
 ``joiner_unit`` (``joiner.units``)
     ``enc_proj`` weight row/bias i, ``pred_proj`` weight row/bias i,
     ``joiner.output.weight`` column i.
@@ -121,6 +125,18 @@ def _conv_family(prefix: str, conv: nn.Module) -> GroupFamily:
 
 
 def _predictor_families(model: nn.Module) -> List[GroupFamily]:
+    if not hasattr(model.predictor, "lstm"):  # stateless: a unit is one embedding channel
+        d = model.predictor.output_dim
+        idx = _rows(d)
+        members = [
+            GroupMember("predictor.embedding.weight", 1, idx),
+            GroupMember("predictor.conv.weight", 0, idx),
+            GroupMember("predictor.conv.bias", 0, idx),
+            GroupMember("joiner.pred_proj.weight", 1, idx),
+        ]
+        if getattr(model.cfg, "simple_head", False):
+            members.append(GroupMember("simple_lm_proj.weight", 1, idx))
+        return [GroupFamily("predictor.units", "predictor_unit", d, members)]
     lstm: nn.LSTM = model.predictor.lstm
     if getattr(lstm, "proj_size", 0):
         raise NotImplementedError("group table does not support LSTM projections")
@@ -137,8 +153,12 @@ def _predictor_families(model: nn.Module) -> List[GroupFamily]:
         if lstm.bias:
             members += [GroupMember(f"{p}.bias_ih_l{k}", 0, gates), GroupMember(f"{p}.bias_hh_l{k}", 0, gates)]
         members.append(GroupMember(f"{p}.weight_hh_l{k}", 1, idx))
-        consumer = f"{p}.weight_ih_l{k + 1}" if k + 1 < lstm.num_layers else "joiner.pred_proj.weight"
-        members.append(GroupMember(consumer, 1, idx))
+        if k + 1 < lstm.num_layers:
+            members.append(GroupMember(f"{p}.weight_ih_l{k + 1}", 1, idx))
+        else:  # the last layer feeds the joiner (and the simple loss's lm head)
+            members.append(GroupMember("joiner.pred_proj.weight", 1, idx))
+            if getattr(model.cfg, "simple_head", False):
+                members.append(GroupMember("simple_lm_proj.weight", 1, idx))
         fams.append(GroupFamily(f"{p}.l{k}.units", "predictor_unit", h, members))
     return fams
 

@@ -45,7 +45,7 @@ import operator
 
 import torch
 
-__all__ = ["rnnt_loss", "rnnt_loss_reference"]
+__all__ = ["rnnt_loss", "rnnt_loss_reference", "rnnt_loss_simple"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -471,3 +471,62 @@ def rnnt_loss_reference(
     t_last = logit_lengths - 1
     log_p = alphas[t_last + target_lengths, bidx, target_lengths] + blank_lp[bidx, t_last, target_lengths]
     return _reduce((-log_p).to(logits.dtype), reduction)
+
+
+# --------------------------------------------------------------------------
+# "simple" loss (k2's rnnt_loss_simple): an additive joiner in logit space
+# --------------------------------------------------------------------------
+
+
+def rnnt_loss_simple(
+    am: torch.Tensor,
+    lm: torch.Tensor,
+    targets: torch.Tensor,
+    logit_lengths: torch.Tensor,
+    target_lengths: torch.Tensor,
+    blank: int = 0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """RNN-T loss of the *linear* joiner ``logits[b, t, u] = am[b, t] + lm[b, u]`` (k2's
+    ``rnnt_loss_simple``), without materialising the ``(B, T, U+1, V)`` tensor.
+
+    ``am``: ``(B, T, V)`` encoder-side logits; ``lm``: ``(B, U+1, V)`` predictor-side logits
+    (position 0 is the start). Because the joiner is additive, the log-softmax normaliser
+    of every lattice node is ``log(exp(am[t]) · exp(lm[u]))``: one batched matrix product
+    ``(B, T, V) x (B, V, U+1)``. Used as an auxiliary loss: cheap, and it learns the
+    alignment early (k2/icefall use it to pick the pruning bounds of the full joiner).
+    Same conventions, validation and -1e4 log-probability floor as :func:`rnnt_loss`;
+    plain autograd (the tensors are ``(B, T, U+1)``).
+    """
+    B, T, V = am.shape
+    if lm.dim() != 3 or lm.shape[0] != B or lm.shape[2] != V:
+        raise ValueError(f"rnnt_loss_simple: lm must be (B, U+1, V) = ({B}, U+1, {V}), got {tuple(lm.shape)}")
+    U1 = lm.shape[1]
+    # validation (shapes, lengths, ids) is that of the full loss on a view of the right shape
+    targets, logit_lengths, target_lengths, blank = _validate(
+        am[:, :, None, :].expand(B, T, U1, V),
+        targets, logit_lengths, target_lengths, blank, reduction)
+    am64, lm64 = am.double(), lm.double()
+    am_max = am64.amax(-1, keepdim=True).detach()
+    lm_max = lm64.amax(-1, keepdim=True).detach()
+    norm = torch.log(torch.bmm(torch.exp(am64 - am_max), torch.exp(lm64 - lm_max).transpose(1, 2)))
+    norm = norm + am_max + lm_max.transpose(1, 2)  # (B, T, U+1)
+    U = U1 - 1
+    blank_lp = am64[:, :, blank, None] + lm64[:, None, :, blank] - norm  # (B, T, U+1)
+    if U > 0:
+        am_y = am64.gather(2, targets[:, None, :].expand(B, T, U))  # (B, T, U): am[t, y_u]
+        lm_y = lm64[:, :U].gather(2, targets[:, :, None]).squeeze(2)  # (B, U): lm[u, y_u]
+        emit_lp = am_y + lm_y[:, None, :] - norm[:, :, :U]
+    blank_lp = blank_lp.clamp(min=LOGP_FLOOR).transpose(1, 2)  # (B, U+1, T)
+    emit_lp = emit_lp.clamp(min=LOGP_FLOOR).transpose(1, 2) if U > 0 else None  # (B, U, T)
+    # alpha over label positions, closed form along time (see _alpha), with autograd
+    E = torch.cat([blank_lp.new_zeros(B, U1, 1), torch.cumsum(blank_lp, dim=2)], dim=2)  # (B, U+1, T+1)
+    alphas = [E[:, 0, :T]]
+    for u in range(1, U1):
+        Eu = E[:, u, :T]
+        alphas.append(Eu + torch.logcumsumexp(alphas[-1] + emit_lp[:, u - 1] - Eu, dim=1))
+    alpha = torch.stack(alphas, dim=1)  # (B, U+1, T)
+    bidx = torch.arange(B, device=am.device)
+    t_last = logit_lengths - 1
+    log_p = alpha[bidx, target_lengths, t_last] + blank_lp[bidx, target_lengths, t_last]
+    return _reduce((-log_p).to(am.dtype), reduction)

@@ -23,12 +23,14 @@ __all__ = [
     "ModelConfigError",
     "PRESETS",
     "Predictor",
+    "StatelessPredictor",
     "Joiner",
     "Transducer",
     "TransducerOutput",
 ]
 
 LSTMState = Tuple[torch.Tensor, torch.Tensor]
+PREDICTORS = ("lstm", "stateless")
 
 
 class ModelConfigError(FedasrError, ValueError):
@@ -48,12 +50,16 @@ class ModelConfig:
     conv_kernel: int = 15
     subsampling_channels: int = 64
     dropout: float = 0.1
-    pred_embed_dim: int = 256
-    pred_hidden: int = 256
+    pred_embed_dim: int = 256  # embedding size (the stateless predictor's width)
+    pred_hidden: int = 256  # LSTM units
     pred_layers: int = 1
     joint_dim: int = 256
     ctc_head: bool = True
     blank_id: int = 0
+    predictor: str = "lstm"  # lstm | stateless (embedding + depthwise conv over pred_context tokens)
+    pred_context: int = 2  # stateless: tokens the predictor sees (the current one included)
+    input_scale: bool = True  # scale the subsampled features by sqrt(d_model) before adding positions
+    simple_head: bool = False  # linear am/lm heads for the auxiliary "simple" transducer loss (k2)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -66,8 +72,12 @@ class ModelConfig:
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= float(self.dropout) < 1.0:
             raise ModelConfigError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
-        if not isinstance(self.ctc_head, bool):
-            raise ModelConfigError(f"model config: ctc_head must be true or false, got {self.ctc_head!r}")
+        for name in ("ctc_head", "input_scale", "simple_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ModelConfigError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
+        if self.predictor not in PREDICTORS:
+            raise ModelConfigError(f"model config: predictor must be one of {', '.join(PREDICTORS)}, "
+                                   f"got {self.predictor!r}")
         if self.vocab_size < 2:
             raise ModelConfigError(f"model config: vocab_size must be >= 2, got {self.vocab_size}")
         if not 0 <= self.blank_id < self.vocab_size:
@@ -125,6 +135,10 @@ class Predictor(nn.Module):
 
     The blank id doubles as start-of-sequence. LSTM states are ``(h, c)``, each
     ``(pred_layers, B, pred_hidden)``.
+
+    Decoders use the state interface shared with :class:`StatelessPredictor`:
+    ``forward(y, state) -> (out, state)`` (``state=None``: the start), ``select_state``
+    and ``update_state`` index a state by batch rows.
     """
 
     def __init__(
@@ -133,6 +147,7 @@ class Predictor(nn.Module):
         super().__init__()
         self.blank_id = blank_id
         self.hidden = hidden
+        self.output_dim = hidden
         self.num_layers = num_layers
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.lstm = nn.LSTM(
@@ -145,6 +160,15 @@ class Predictor(nn.Module):
         out, state = self.lstm(self.embedding(y), state)
         return self.dropout(out), state
 
+    @staticmethod
+    def select_state(state: LSTMState, rows: torch.Tensor) -> LSTMState:
+        return state[0][:, rows], state[1][:, rows]
+
+    @staticmethod
+    def update_state(state: LSTMState, rows: torch.Tensor, new: LSTMState) -> None:
+        state[0][:, rows] = new[0]
+        state[1][:, rows] = new[1]
+
     def forward_with_sos(self, targets: torch.Tensor) -> torch.Tensor:
         """Prepend blank (start-of-sequence) to ``targets`` (B, U) -> ``(B, U + 1, H)``.
 
@@ -156,6 +180,51 @@ class Predictor(nn.Module):
         sos = targets.new_full((targets.size(0), 1), self.blank_id)
         out, _ = self.forward(torch.cat([sos, targets], dim=1))
         return out
+
+
+class StatelessPredictor(nn.Module):
+    """Stateless label predictor (as icefall's ``transducer_stateless`` decoder):
+    Embedding -> depthwise Conv1d over the last ``context`` tokens -> ReLU -> Dropout.
+
+    The output at a position depends on that token and the ``context - 1`` before it,
+    nothing further back: it cannot build up stock phrases, and a step costs one
+    embedding lookup and ``context`` multiply-adds per channel. Before the start of the
+    sequence the context holds blanks (the blank id doubles as start-of-sequence), at
+    training and at decoding alike. The state is the last ``context - 1`` tokens,
+    ``(B, context - 1)``. Channel ``d`` is one unit: embedding column ``d``, conv
+    channel ``d`` and the consumer's (joiner ``pred_proj``) column ``d``.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, context: int = 2, dropout: float = 0.0, blank_id: int = 0) -> None:
+        super().__init__()
+        if context < 1:
+            raise ModelConfigError(f"model config: pred_context must be >= 1, got {context}")
+        self.blank_id = blank_id
+        self.context = context
+        self.output_dim = dim
+        self.embedding = nn.Embedding(vocab_size, dim)
+        self.conv = nn.Conv1d(dim, dim, kernel_size=context, groups=dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, y: torch.Tensor, state: Optional[Tuple[torch.Tensor]] = None
+                ) -> Tuple[torch.Tensor, Tuple[torch.Tensor]]:
+        """``y`` (B, U) token ids -> ``(out (B, U, D), state)``."""
+        if state is None:
+            state = (y.new_full((y.size(0), self.context - 1), self.blank_id),)
+        x = torch.cat([state[0], y], dim=1)  # (B, context - 1 + U)
+        h = self.conv(self.embedding(x).transpose(1, 2)).transpose(1, 2)  # (B, U, D)
+        new_state = (x[:, x.size(1) - (self.context - 1):],)
+        return self.dropout(torch.relu(h)), new_state
+
+    @staticmethod
+    def select_state(state: Tuple[torch.Tensor], rows: torch.Tensor) -> Tuple[torch.Tensor]:
+        return (state[0][rows],)
+
+    @staticmethod
+    def update_state(state: Tuple[torch.Tensor], rows: torch.Tensor, new: Tuple[torch.Tensor]) -> None:
+        state[0][rows] = new[0]
+
+    forward_with_sos = Predictor.forward_with_sos
 
 
 class Joiner(nn.Module):
@@ -187,21 +256,33 @@ class TransducerOutput:
     logits: torch.Tensor  # (B, T', U+1, V), T' = max(enc_lens), U = max(target_lens)
     enc_lens: torch.Tensor  # (B,)
     ctc_logits: Optional[torch.Tensor]  # (B, T', V) unnormalised, or None without a CTC head
+    simple_am: Optional[torch.Tensor] = None  # (B, T', V): simple head, encoder side
+    simple_lm: Optional[torch.Tensor] = None  # (B, U+1, V): simple head, predictor side
 
 
 class Transducer(nn.Module):
-    """Conformer encoder + LSTM predictor + additive joiner (+ optional CTC head)."""
+    """Conformer encoder + LSTM or stateless predictor + additive joiner (+ optional CTC head)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.blank_id = cfg.blank_id
-        self.encoder = ConformerEncoder(cfg)
-        self.predictor = Predictor(
-            cfg.vocab_size, cfg.pred_embed_dim, cfg.pred_hidden, cfg.pred_layers, cfg.dropout, cfg.blank_id
-        )
-        self.joiner = Joiner(cfg.d_model, cfg.pred_hidden, cfg.joint_dim, cfg.vocab_size)
+        self.encoder = ConformerEncoder(
+            num_features=cfg.num_features, d_model=cfg.d_model, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+            ffn_dim=cfg.ffn_dim, conv_kernel=cfg.conv_kernel, subsampling_channels=cfg.subsampling_channels,
+            dropout=cfg.dropout, input_scale=cfg.input_scale)
+        if cfg.predictor == "stateless":
+            self.predictor = StatelessPredictor(cfg.vocab_size, cfg.pred_embed_dim, cfg.pred_context, cfg.dropout,
+                                                cfg.blank_id)
+        else:
+            self.predictor = Predictor(
+                cfg.vocab_size, cfg.pred_embed_dim, cfg.pred_hidden, cfg.pred_layers, cfg.dropout, cfg.blank_id
+            )
+        self.joiner = Joiner(cfg.d_model, self.predictor.output_dim, cfg.joint_dim, cfg.vocab_size)
         self.ctc_head: Optional[nn.Linear] = nn.Linear(cfg.d_model, cfg.vocab_size) if cfg.ctc_head else None
+        if cfg.simple_head:  # logits am[t] + lm[u] for the auxiliary simple loss (not used to decode)
+            self.simple_am_proj = nn.Linear(cfg.d_model, cfg.vocab_size)
+            self.simple_lm_proj = nn.Linear(self.predictor.output_dim, cfg.vocab_size)
 
     def encode(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``feats`` (B, T, F) -> ``(enc (B, T', d_model), enc_lens (B,))``, T' = max(enc_lens)."""
@@ -222,7 +303,10 @@ class Transducer(nn.Module):
         pred = self.predictor.forward_with_sos(targets[:, :u])
         logits = self.joiner(enc, pred)
         ctc_logits = self.ctc_head(enc) if self.ctc_head is not None else None
-        return TransducerOutput(logits=logits, enc_lens=enc_lens, ctc_logits=ctc_logits)
+        out = TransducerOutput(logits=logits, enc_lens=enc_lens, ctc_logits=ctc_logits)
+        if self.cfg.simple_head:
+            out.simple_am, out.simple_lm = self.simple_am_proj(enc), self.simple_lm_proj(pred)
+        return out
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
