@@ -39,11 +39,12 @@ def tokenizer_entry(tok: Tokenizer) -> dict:
 
 def save_checkpoint(path: str | Path, model: Transducer, tokenizer: Tokenizer, *,
                     masks: dict[str, torch.Tensor] | None = None, config: dict | None = None,
-                    state: dict[str, Any] | None = None) -> None:
+                    state: dict[str, Any] | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """``weights``: the state dict to save [default: the model's own]."""
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": {k: v.detach().cpu() for k, v in (weights if weights is not None else model.state_dict()).items()},
         "model_config": model.cfg.to_dict(),
         "tokenizer": tokenizer_entry(tokenizer),
         "masks": {k: v.detach().cpu().bool() for k, v in (masks or {}).items()},

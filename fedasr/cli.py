@@ -234,43 +234,18 @@ def eval_(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Decode test splits and report WER/CER (per split and per client) into RUN_DIR/results.json."""
-    import json
+    from fedasr.evaluate import evaluate_run
+    from fedasr.rundir import RunDir
 
-    from fedasr.checkpoint import load_checkpoint
-    from fedasr.data.federation import Federation
-    from fedasr.evaluate import evaluate, speaker_client_map
-    from fedasr.fl.runner import RunDir
-    from fedasr.fsutil import atomic_write_text
-
-    rd = RunDir(run)
-    raw = rd.read_config()
-    fed = Federation(federation or raw["federation"])
-    ckpt_path = checkpoint or rd.latest()
-    if ckpt_path is None:
-        raise FedasrError(f"{run}: no checkpoint yet (train first, or pass --checkpoint)")
-    from fedasr.config import resolve_device
-
-    model, tok, _ = load_checkpoint(ckpt_path)
-    model.to(resolve_device(device))
-    if tok.proto != fed.tokenizer.proto:
-        raise FedasrError(f"{ckpt_path}: the checkpoint's tokenizer differs from {fed.root}/tokenizer.model")
-    if beam < 1:
-        raise FedasrError("--beam: must be at least 1")
-    splits = list(split) or [s for s, m in fed.eval_splits.items() if m["role"] == "test"]
-    spk2client = speaker_client_map(fed.meta["clients"])
-    results_path = rd.root / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     with progress_bar() as prog:
-        for s in splits:
-            cuts = fed.split_cuts(s)
-            task = prog.add_task(f"decoding {s}", total=len(cuts))
-            res, decoded = evaluate(model, cuts, tok, fed.cmvn, beam=beam, max_duration=max_duration,
-                                    speaker_to_client=spk2client, progress=lambda n, t=task: prog.advance(t, n))
-            res["checkpoint"] = str(ckpt_path)
-            results[s] = res
-            lines = "".join(f"{d.id}\t{d.ref}\t{d.hyp}\n" for d in decoded)
-            atomic_write_text(rd.root / "decode" / f"{s}-beam{beam}.tsv", "id\tref\thyp\n" + lines)
-    atomic_write_text(results_path, json.dumps(results, indent=2))
+        def progress(split, total):
+            task = prog.add_task(f"decoding {split}", total=total)
+            return lambda n: prog.advance(task, n)
+
+        results, splits, ckpt_path = evaluate_run(run, checkpoint=checkpoint, splits=split, beam=beam,
+                                                  federation=federation, max_duration=max_duration, device=device,
+                                                  progress=progress)
+    results_path = RunDir(run).results_path
     table = Table(title=f"WER — {ckpt_path}")
     for col in ("split", "utts", "WER", "CER", "sub", "del", "ins", "RTF", "clients"):
         table.add_column(col, justify="right" if col != "split" else "left")
@@ -317,7 +292,7 @@ def info(
     import json
 
     from fedasr.fsutil import atomic_write_text
-    from fedasr.prune.oneshot import checkpoint_info
+    from fedasr.info import checkpoint_info
 
     d = checkpoint_info(checkpoint, seconds)
     table = Table(title=f"{checkpoint}")

@@ -145,52 +145,66 @@ class FLSection:
         return self.server_lr if self.server_lr is not None else SERVER_LR_DEFAULTS[self.aggregation]
 
 
-PATTERNS = ("unstructured", "row", "column", "half_row", "half_column", "unit")
-IMPORTANCES = ("magnitude", "gradient", "random")
-SCHEDULES = ("constant", "step", "cubic")
-ALLOCATIONS = ("uniform", "global", "adaptive")
 DEFAULT_PRUNABLE = ["encoder.layers.*", "predictor.lstm.*", "predictor.conv.*", "joiner.*"]
+COMMON_PRUNING_KEYS = ("method", "target_sparsity", "include", "exclude")
 
 
 @dataclass
 class PruningSection:
-    """In-round pruning (Federated Pruning, Lin et al. 2022). ``method: none`` trains dense."""
+    """In-round pruning. ``method`` selects a registered pruning method (``none`` trains
+    dense); its own settings are in the block named after it (``pruning.fedtiny: {...}``).
+    ``target_sparsity``, ``include`` and ``exclude`` are common to every method."""
 
-    method: str = "none"  # none | federated_pruning
-    pattern: str = "unstructured"
-    importance: str = "magnitude"
-    norm: str = "l2"  # group norm for magnitude importance: l1 | l2
-    target_sparsity: float = 0.5
-    schedule: str = "constant"
-    start_round: int = 1  # first round trained with masks
-    end_round: Optional[int] = None  # cubic: round where the target is reached [default: 3/4 of rounds]
-    initial_sparsity: float = 0.0  # cubic: s0
-    step_size: float = 0.1  # step: raise by this much ...
-    step_every: int = 2  # ... every this many rounds
-    allocation: str = "uniform"
-    max_layer_sparsity: float = 0.95  # no layer is pruned beyond this (adaptive/global)
-    refine: bool = True  # recompute masks from dense shadow weights, so pruned weights can return
-    update_every: int = 1  # recompute masks every k rounds
+    method: str = "none"
+    target_sparsity: float = 0.5  # share of the prunable weights that are zero at the end
     include: list = field(default_factory=lambda: list(DEFAULT_PRUNABLE))  # name globs (>= 2-D tensors)
     exclude: list = field(default_factory=list)
+    blocks: dict = field(default_factory=dict)  # method name -> its parsed config block
 
-    def validate(self, prefix: str) -> None:
+    @classmethod
+    def parse(cls, data: dict, prefix: str) -> "PruningSection":
+        from fedasr.methods.base import registry
+
+        methods = registry()
         p = f"{prefix}." if prefix else ""
-        choices = {"method": ("none", "federated_pruning"), "pattern": PATTERNS, "importance": IMPORTANCES,
-                    "schedule": SCHEDULES, "allocation": ALLOCATIONS, "norm": ("l1", "l2")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise FedasrError(f"{p}{key}: unknown {getattr(self, key)!r} ({', '.join(allowed)})")
-        for key in ("target_sparsity", "initial_sparsity", "step_size"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise FedasrError(f"{p}{key}: must be in [0, 1), got {getattr(self, key)}")
-        if not 0.0 < self.max_layer_sparsity < 1.0:
-            raise FedasrError(f"{p}max_layer_sparsity: must be in (0, 1)")
-        if self.target_sparsity > self.max_layer_sparsity:
-            raise FedasrError(f"{p}target_sparsity: {self.target_sparsity} exceeds max_layer_sparsity "
-                              f"{self.max_layer_sparsity}")
-        if self.start_round < 1 or self.update_every < 1 or self.step_every < 1:
-            raise FedasrError(f"{p}start_round/update_every/step_every: must be at least 1")
+        common, blocks = {}, {}
+        for k, v in data.items():
+            if k in COMMON_PRUNING_KEYS:
+                common[k] = v
+            elif k in methods and methods[k].Config is not None:
+                blocks[k] = from_dict(methods[k].Config, v if v is not None else {}, f"{p}{k}")
+            else:
+                known = list(COMMON_PRUNING_KEYS) + sorted(n for n, m in methods.items() if m.Config is not None)
+                raise FedasrError(f"{p}{k}: unknown key (known: {', '.join(known)})")
+        hints = typing.get_type_hints(cls)
+        kwargs = {k: _coerce(v, hints[k], f"{p}{k}") for k, v in common.items()}
+        obj = cls(**kwargs, blocks=blocks)
+        if obj.method not in methods:
+            raise FedasrError(f"{p}method: unknown {obj.method!r} ({', '.join(sorted(methods))})")
+        if not 0.0 <= obj.target_sparsity < 1.0:
+            raise FedasrError(f"{p}target_sparsity: must be in [0, 1), got {obj.target_sparsity}")
+        cfg_cls = methods[obj.method].Config
+        if cfg_cls is not None and obj.method not in blocks:
+            obj.blocks[obj.method] = from_dict(cfg_cls, {}, f"{p}{obj.method}")
+        block = obj.blocks.get(obj.method)
+        check = getattr(block, "check_common", None)
+        if check is not None:
+            check(obj, f"{p}{obj.method}")
+        return obj
+
+    def block(self, method: str):
+        """The config block of ``method`` (its defaults when the recipe gives none)."""
+        if method not in self.blocks:
+            from fedasr.methods.base import registry
+
+            cfg_cls = registry()[method].Config
+            return cfg_cls() if cfg_cls is not None else None
+        return self.blocks[method]
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in COMMON_PRUNING_KEYS}
+        d.update({name: dataclasses.asdict(b) for name, b in self.blocks.items()})
+        return d
 
 
 @dataclass
@@ -239,7 +253,9 @@ class RunConfig:
     sweep: SweepSection = field(default_factory=SweepSection)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["pruning"] = self.pruning.to_dict()
+        return d
 
     def validate(self, prefix: str) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -278,7 +294,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise FedasrError(f"{key}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, key)
+        parse = getattr(tp, "parse", None)
+        return parse(value, key) if parse is not None else from_dict(tp, value, key)
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -112,3 +112,46 @@ def speaker_client_map(clients_meta: dict) -> dict[str, str]:
         for spk in meta.get("speakers", []):
             owners.setdefault(str(spk), set()).add(client)
     return {spk: next(iter(cs)) for spk, cs in owners.items() if len(cs) == 1}
+
+
+def evaluate_run(run_dir, *, checkpoint=None, splits: list[str] | None = None, beam: int = 1,
+                 federation=None, max_duration: float = 120.0, device: str = "auto",
+                 progress: Callable[[str, int], Callable[[int], None]] | None = None) -> tuple[dict, list[str], str]:
+    """`fedasr eval`: decode ``splits`` (default: the federation's test splits) with the run's
+    latest checkpoint (or ``checkpoint``), write RUN_DIR/results.json (merged with earlier
+    splits) and RUN_DIR/decode/SPLIT-beamN.tsv. ``progress(split, n_utts)`` returns a
+    per-batch callback. Returns (results, splits, checkpoint path)."""
+    import json
+
+    from fedasr.checkpoint import load_checkpoint
+    from fedasr.config import resolve_device
+    from fedasr.data.federation import Federation
+    from fedasr.errors import FedasrError
+    from fedasr.fsutil import atomic_write_text
+    from fedasr.rundir import RunDir
+
+    rd = RunDir(run_dir)
+    raw = rd.read_config()
+    fed = Federation(federation or raw["federation"])
+    ckpt_path = checkpoint or rd.latest()
+    if ckpt_path is None:
+        raise FedasrError(f"{run_dir}: no checkpoint yet (train first, or pass --checkpoint)")
+    if beam < 1:
+        raise FedasrError("--beam: must be at least 1")
+    model, tok, _ = load_checkpoint(ckpt_path)
+    model.to(resolve_device(device))
+    if tok.proto != fed.tokenizer.proto:
+        raise FedasrError(f"{ckpt_path}: the checkpoint's tokenizer differs from {fed.root}/tokenizer.model")
+    splits = list(splits or []) or [s for s, m in fed.eval_splits.items() if m["role"] == "test"]
+    spk2client = speaker_client_map(fed.meta["clients"])
+    results = rd.results()
+    for s in splits:
+        cuts = fed.split_cuts(s)
+        res, decoded = evaluate(model, cuts, tok, fed.cmvn, beam=beam, max_duration=max_duration,
+                                speaker_to_client=spk2client, progress=progress(s, len(cuts)) if progress else None)
+        res["checkpoint"] = str(ckpt_path)
+        results[s] = res
+        lines = "".join(f"{d.id}\t{d.ref}\t{d.hyp}\n" for d in decoded)
+        atomic_write_text(rd.root / "decode" / f"{s}-beam{beam}.tsv", "id\tref\thyp\n" + lines)
+    atomic_write_text(rd.results_path, json.dumps(results, indent=2))
+    return results, splits, str(ckpt_path)

@@ -33,6 +33,7 @@ from fedasr.config import SweepScheme, apply_overrides, from_dict, parse_config,
 from fedasr.data.federation import Federation
 from fedasr.errors import FedasrError
 from fedasr.fsutil import atomic_write_bytes, atomic_write_text
+from fedasr.rundir import RunDir
 
 SWEEP_FILE = "sweep.json"
 
@@ -57,10 +58,10 @@ def plan_runs(recipe: dict, out: Path) -> list[SweepRun]:
     runs: list[SweepRun] = []
     if any(s == 0 for s in cfg.sweep.sparsities):
         runs.append(SweepRun("dense", 0.0, out / "runs" / "dense", ["pruning.method=none"]))
-    for sch in schemes:
-        base = [f"pruning.{k}={json.dumps(v)}" for k, v in sch.pruning.items()] + list(sch.overrides)
-        if not any(x.startswith("pruning.method=") for x in base):
-            base.insert(0, "pruning.method=federated_pruning")
+    for i, sch in enumerate(schemes):
+        if "method" not in sch.pruning:
+            raise FedasrError(f"sweep.schemes[{i}].pruning.method: required (the scheme's pruning method)")
+        base = [f"pruning.{k}={json.dumps(v)}" for k, v in _flatten(sch.pruning).items()] + list(sch.overrides)
         for s in sorted(set(cfg.sweep.sparsities)):
             if s == 0:
                 continue
@@ -72,24 +73,26 @@ def plan_runs(recipe: dict, out: Path) -> list[SweepRun]:
     return runs
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a scheme's pruning settings as --set keys."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _finished(run: SweepRun, splits: list[str], rounds: int) -> bool:
-    res = run.path / "results.json"
-    metrics = run.path / "metrics.jsonl"
-    if not res.is_file() or not metrics.is_file():
-        return False
-    results = json.loads(res.read_text())
-    lines = metrics.read_text().splitlines()
-    return all(s in results for s in splits) and bool(lines) and json.loads(lines[-1])["round"] >= rounds
+    rd = RunDir(run.path)
+    results, metrics = rd.results(), rd.metrics()
+    return bool(metrics) and all(s in results for s in splits) and metrics[-1]["round"] >= rounds
 
 
 def rounds_done(run: SweepRun) -> int:
     """Rounds a run has checkpointed so far (its metrics.jsonl is rewritten after each)."""
-    metrics = run.path / "metrics.jsonl"
-    try:
-        lines = metrics.read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    return len([x for x in lines if x.strip()])
+    return len(RunDir(run.path).metrics())
 
 
 def _cli(args: list[str], log: Path, threads: int) -> None:
@@ -142,7 +145,7 @@ def run_sweep(recipe_path: str | Path, federation: str | Path, out: str | Path, 
         atomic_write_text(run.path / SWEEP_FILE, json.dumps({"scheme": run.scheme, "sparsity": run.sparsity,
                                                              "settings": run.settings}))
         log = run.path / "log.txt"
-        if (run.path / "checkpoints" / "latest").is_file():
+        if RunDir(run.path).latest() is not None:
             _cli(["train", "--resume", str(run.path)], log, threads)
         else:
             sets = [a for s in run.settings for a in ("--set", s)]
@@ -161,8 +164,9 @@ def run_sweep(recipe_path: str | Path, federation: str | Path, out: str | Path, 
 
 # ---------------------------------------------------------------------------- report
 def collect(sweep_dir: str | Path) -> tuple[list[dict], list[str]]:
+    from fedasr import codec
     from fedasr.checkpoint import read_checkpoint
-    from fedasr.fl import comm
+    from fedasr.fl.server import is_bn_stat
 
     sweep_dir = Path(sweep_dir)
     rows, splits = [], []
@@ -170,17 +174,15 @@ def collect(sweep_dir: str | Path) -> tuple[list[dict], list[str]]:
     if not run_files:
         raise FedasrError(f"{sweep_dir}: no sweep runs found (run `fedasr sweep` first)")
     for f in run_files:
-        run = f.parent
+        run = RunDir(f.parent)
         meta = json.loads(f.read_text())
-        res_file = run / "results.json"
-        if not res_file.is_file():
+        results = run.results()
+        latest = run.latest()
+        if not results or latest is None:
             continue  # unfinished run
-        results = json.loads(res_file.read_text())
-        metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        latest = (run / "checkpoints" / "latest").read_text().strip()
-        ckpt = read_checkpoint(run / "checkpoints" / latest)
-        params = {k: v for k, v in ckpt["model"].items() if not k.endswith(("running_mean", "running_var",
-                                                                            "num_batches_tracked"))}
+        metrics = run.metrics()
+        ckpt = read_checkpoint(latest)
+        params = {k: v for k, v in ckpt["model"].items() if not is_bn_stat(k)}
         row = {"scheme": meta["scheme"], "sparsity": meta["sparsity"],
                "achieved_sparsity": round(metrics[-1].get("sparsity", 0.0), 5)}
         for split, r in sorted(results.items()):
@@ -188,7 +190,7 @@ def collect(sweep_dir: str | Path) -> tuple[list[dict], list[str]]:
             if split not in splits:
                 splits.append(split)
         row["nonzero_params"] = sum(int((v != 0).sum()) for v in params.values())
-        row["model_bytes"] = len(comm.encode(params, ckpt["masks"]))
+        row["model_bytes"] = len(codec.encode(params, ckpt["masks"]))
         row["comm_bytes"] = sum(m["bytes_down"] + m["bytes_up"] for m in metrics)
         row["rounds"] = metrics[-1]["round"]
         rows.append(row)

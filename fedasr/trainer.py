@@ -24,10 +24,16 @@ from fedasr.model.loss import rnnt_loss, rnnt_loss_simple
 from fedasr.model.transducer import Transducer
 
 
+def forward_batch(model: Transducer, batch: Batch):
+    """The model's outputs on ``batch`` (moved to the model's device)."""
+    batch = batch.to(next(model.parameters()).device)
+    return model(batch.feats, batch.feat_lens, batch.targets, batch.target_lens)
+
+
 def transducer_loss(model: Transducer, batch: Batch, ctc_weight: float = 0.0,
                     simple_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     batch = batch.to(next(model.parameters()).device)
-    out = model(batch.feats, batch.feat_lens, batch.targets, batch.target_lens)
+    out = forward_batch(model, batch)
     U = int(batch.target_lens.max())
     targets = batch.targets[:, :U].int()
     loss_rnnt = rnnt_loss(out.logits, targets, out.enc_lens.int(), batch.target_lens.int(),

@@ -19,10 +19,11 @@ import torch
 
 from fedasr.config import TrainSection
 from fedasr.data.batching import Batch
-from fedasr.fl import comm
+from fedasr import codec
 from fedasr.model.transducer import ModelConfig, Transducer
-from fedasr.prune.pruner import ClientPruning, FederatedPruning
 from fedasr.config import PruningSection
+from fedasr.methods.base import ClientHooks
+from fedasr.methods.federated_pruning import FederatedPruning, FederatedPruningConfig
 from fedasr.trainer import make_optimizer, transducer_loss
 
 
@@ -65,10 +66,11 @@ def main() -> None:
     dense = Transducer(ModelConfig.preset(a.preset, vocab_size=V))
     masked = Transducer(ModelConfig.preset(a.preset, vocab_size=V))
     masked.load_state_dict(dense.state_dict())
-    pcfg = PruningSection(method="federated_pruning", pattern="unstructured", target_sparsity=a.sparsity[0])
-    pruner = FederatedPruning(pcfg, masked, total_rounds=1, seed=0)
+    fp_cfg = FederatedPruningConfig(pattern="unstructured")
+    common = PruningSection(method="federated_pruning", target_sparsity=a.sparsity[0])
+    pruner = FederatedPruning(fp_cfg, common, masked, total_rounds=1, seed=0)
     masks = pruner.compute(1, {n: p.detach() for n, p in masked.named_parameters()}, {})
-    plan = ClientPruning(masks)
+    plan = ClientHooks(masks)
     plan.after_step(masked)
     opt_d, opt_m = make_optimizer(dense, cfg), make_optimizer(masked, cfg)
     batches = [batch(a.batch, a.frames, a.tokens, V, i) for i in range(a.steps + 1)]
@@ -87,12 +89,12 @@ def main() -> None:
 
     state = {k: v.detach() for k, v in dense.state_dict().items()}
     for s in a.sparsity:
-        pcfg.target_sparsity = s
-        m = FederatedPruning(pcfg, dense, total_rounds=1, seed=0).compute(
+        common.target_sparsity = s
+        m = FederatedPruning(fp_cfg, common, dense, total_rounds=1, seed=0).compute(
             1, {n: p.detach() for n, p in dense.named_parameters()}, {})
         prunable = {k: state[k] for k in m}
-        ratio_p = len(comm.encode(prunable, m)) / len(comm.encode(prunable))
-        ratio_all = len(comm.encode(state, m)) / len(comm.encode(state))
+        ratio_p = len(codec.encode(prunable, m)) / len(codec.encode(prunable))
+        ratio_all = len(codec.encode(state, m)) / len(codec.encode(state))
         goal = (1 - s) + 1 / 32 + 0.01
         print(f"sparsity {s:.2f}: upload bytes / dense = {ratio_p:.4f} for the prunable tensors "
               f"(goal <= {goal:.4f}: {'ok' if ratio_p <= goal else 'MISSED'}); {ratio_all:.4f} for the whole update")

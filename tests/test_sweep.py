@@ -10,7 +10,9 @@ from conftest import FAST, run_cli, sets
 from fedasr.config import load_config
 from fedasr.model.transducer import ModelConfig, Transducer
 
-REDUCED = FAST + ["fl.rounds=2", "pruning.start_round=1", "pruning.end_round=2"]
+REDUCED = FAST + ["fl.rounds=2", "pruning.federated_pruning.start_round=1", "pruning.federated_pruning.end_round=2",
+                  "pruning.fedtiny.end_round=2", "pruning.fedtiny.update_every=1", "pruning.fedtiny.phase_batches=1",
+                  "pruning.fedtiny.candidates=2"]
 
 
 def test_reduced_ci_sweep_and_report(federation, tmp_path):
@@ -19,7 +21,8 @@ def test_reduced_ci_sweep_and_report(federation, tmp_path):
             "--jobs", "2", *sets(*REDUCED)]
     r = run_cli(*args, env={"FEDASR_PROGRESS": "1"})
     assert r.returncode == 0, r.stderr + r.stdout
-    assert "sweep rounds" in r.stderr and "4/4" in r.stderr  # 2 runs x 2 rounds, followed by rounds
+    n_runs = 1 + len(yaml.safe_load(open("recipes/ci.yaml"))["sweep"]["schemes"])
+    assert "sweep rounds" in r.stderr and f"{2 * n_runs}/{2 * n_runs}" in r.stderr  # followed by rounds
     rows = list(csv.DictReader((out / "wer_vs_sparsity.csv").open()))
     recipe = yaml.safe_load(open("recipes/ci.yaml"))
     schemes = [s["name"] for s in recipe["sweep"]["schemes"]]
@@ -32,7 +35,7 @@ def test_reduced_ci_sweep_and_report(federation, tmp_path):
         assert int(row["nonzero_params"]) > 0 and int(row["comm_bytes"]) > 0
         if row["scheme"] == "dense":
             assert float(row["achieved_sparsity"]) == 0.0
-        else:  # within one group: the column pattern's largest column is a 576-row FFN column
+        else:  # column pattern: within one group (a 576-row FFN column); FedTiny: its density tolerance
             assert abs(float(row["achieved_sparsity"]) - 0.5) < 0.02
     dense = next(r for r in rows if r["scheme"] == "dense")
     sparse = next(r for r in rows if r["scheme"] != "dense")
@@ -51,9 +54,17 @@ def test_sweep_rejects_bad_recipe(federation, tmp_path):
     bad.write_text("sweep: {sparsities: [0, 1.5], schemes: [{name: x, pruning: {pattern: column}}]}\n")
     r = run_cli("sweep", bad, "--federation", federation, "--out", tmp_path / "s")
     assert r.returncode != 0 and "sweep.sparsities[1]" in r.stderr
-    bad.write_text("sweep: {schemes: [{name: x, pruning: {pattern: diagonal}}]}\n")
+    bad.write_text("sweep: {schemes: [{name: x, pruning: {method: federated_pruning, "
+                   "federated_pruning: {pattern: diagonal}}}]}\n")
     r = run_cli("sweep", bad, "--federation", federation, "--out", tmp_path / "s")
-    assert r.returncode != 0 and "pruning.pattern: unknown 'diagonal'" in r.stderr
+    assert r.returncode != 0 and "pruning.federated_pruning.pattern: unknown 'diagonal'" in r.stderr
+    bad.write_text("sweep: {schemes: [{name: x, pruning: {federated_pruning: {pattern: row}}}]}\n")
+    r = run_cli("sweep", bad, "--federation", federation, "--out", tmp_path / "s")
+    assert r.returncode != 0 and "sweep.schemes[0].pruning.method: required" in r.stderr
+    bad.write_text("sweep: {schemes: [{name: x, pruning: {method: fedtiny, fedtiny: {granularity: atoms}}}]}\n")
+    r = run_cli("sweep", bad, "--federation", federation, "--out", tmp_path / "s")
+    assert r.returncode != 0 and "pruning.fedtiny.granularity: unknown 'atoms'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "s" / "runs").exists()
 
 
 @pytest.mark.parametrize("recipe", ["recipes/ci.yaml", "recipes/librispeech100/federated_pruning.yaml"])

@@ -70,12 +70,20 @@ class StreamingAggregator:
 
     def mean(self) -> dict[str, torch.Tensor]:
         out = {k: v if k.endswith("num_batches_tracked") else v / self.weight for k, v in self.sum.items()}
-        for k in out:
-            if k.endswith("running_var"):
-                m = k[: -len("running_var")] + "running_mean"
-                if m in self.mean_sq:  # pooled variance: + spread of the client means
-                    out[k] = out[k] + self.mean_sq[m] / self.weight - out[m].square()
+        pool_batchnorm_variances(out, self.mean_sq, self.weight)
         return out
+
+
+def pool_batchnorm_variances(means: dict[str, torch.Tensor], mean_sq_sums: dict[str, torch.Tensor],
+                             weight: float) -> None:
+    """In place: turn each weighted mean of client variances ``X.running_var`` in ``means``
+    into the variance of the pooled data, Σp_i(σ²_i + μ_i²) − μ̄², given the weighted sums
+    Σw_iμ_i² of ``X.running_mean`` (``mean_sq_sums``) and the total weight."""
+    for k in means:
+        if k.endswith("running_var"):
+            m = k[: -len("running_var")] + "running_mean"
+            if m in mean_sq_sums:
+                means[k] = means[k] + mean_sq_sums[m] / weight - means[m].square()
 
 
 def is_bn_stat(name: str) -> bool:
@@ -94,6 +102,14 @@ class ServerOptimizer:
 
     def load_state_dict(self, d: dict) -> None:
         self.state = {k: dict(s) for k, s in d.get("state", {}).items()}
+
+    @torch.no_grad()
+    def reset(self, name: str, positions: torch.Tensor) -> None:
+        """Zero the optimiser state of ``name`` at ``positions`` (a weight regrown from zero)."""
+        for t in self.state.get(name, {}).values():
+            t[positions.to(t.device)] = 0.0
+        if "v" in self.state.get(name, {}) and self.cfg.aggregation in ("fedadam", "fedyogi"):
+            self.state[name]["v"][positions.to(self.state[name]["v"].device)] = self.cfg.tau ** 2
 
     @torch.no_grad()
     def step(self, params: dict[str, torch.Tensor], mean: dict[str, torch.Tensor],

@@ -5,15 +5,16 @@
   until the target.
 - ``cubic``: Zhu & Gupta (2017): s(r) = s_f + (s_0 − s_f)(1 − (r − r_0)/(r_1 − r_0))³ between
   ``start_round`` r_0 and ``end_round`` r_1 (default: 3/4 of the rounds), s_f after.
+
+``cfg`` is any object with ``schedule``, ``start_round``, ``end_round``,
+``initial_sparsity``, ``step_size`` and ``step_every`` (a method's config block).
 """
 
 from __future__ import annotations
 
-from fedasr.config import PruningSection
 
-
-def sparsity_at(cfg: PruningSection, rnd: int, total_rounds: int) -> float:
-    s_f = cfg.target_sparsity
+def sparsity_at(cfg, target: float, rnd: int, total_rounds: int) -> float:
+    s_f = target
     r0 = cfg.start_round
     if rnd < r0:
         return 0.0

@@ -1,0 +1,327 @@
+"""The federated round protocol, shared by every engine (the embedded one and Flower).
+
+Only transport differs between engines: the server side (:class:`Server`) produces
+messages and absorbs replies, the client side (:class:`ClientWorker`) turns a message into
+a reply, and both are plain bytes encoded by :mod:`fedasr.codec`, so what is counted in
+``bytes_down``/``bytes_up`` is what an engine really sends. A round::
+
+    for each evaluate-only phase of the pruning method (e.g. FedTiny's BatchNorm selection):
+        server.phase_payload(r, phase) -> every sampled client -> server.absorb_phase(reply)
+        server.end_phase(r, phase)
+    server.begin_round(r); server.train_payload() -> every sampled client -> server.absorb(reply)
+    server.end_round(r)      server optimiser step, pruning-method update, masks
+
+Server-to-client messages are one shared payload (weights sent with the masks, the
+method's instructions) plus a small per-client JSON header (client, seed, step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedasr import codec
+from fedasr.config import RunConfig
+from fedasr.data.federation import Federation
+from fedasr.errors import FedasrError
+from fedasr.fl.client import derive_seed, make_dataset, train_client
+from fedasr.fl.server import ClientRejected, ServerOptimizer, StreamingAggregator
+from fedasr.methods import make_method
+from fedasr.methods.base import Instructions, MethodUpdate, Report, RoundContext
+from fedasr.prune.masks import Masks
+
+TRAIN, PHASE = "train", "phase"
+
+
+class TooFewClients(FedasrError):
+    """Fewer than ``fl.min_clients`` clients of a round succeeded."""
+
+
+# ---------------------------------------------------------------------------- messages
+def encode_down(kind: str, rnd: int, phase: str | None, weights: dict[str, torch.Tensor], masks: Masks,
+                instructions: Instructions) -> bytes:
+    tensors = {f"w/{k}": v for k, v in weights.items()}
+    tensors.update({f"i/{k}": v for k, v in instructions.tensors.items()})
+    meta = {"kind": kind, "round": rnd, "phase": phase, "instructions": instructions.meta}
+    return codec.encode(tensors, {f"w/{k}": m for k, m in masks.items()}, meta)
+
+
+@dataclass
+class Down:
+    kind: str
+    round: int
+    phase: str | None
+    weights: dict[str, torch.Tensor]
+    masks: Masks
+    instructions: Instructions
+
+
+def decode_down(payload: bytes) -> Down:
+    tensors, masks, meta = codec.decode_message(payload)
+    weights = {k[2:]: v for k, v in tensors.items() if k.startswith("w/")}
+    instr = Instructions({k[2:]: v for k, v in tensors.items() if k.startswith("i/")}, meta.get("instructions", {}))
+    return Down(meta["kind"], int(meta["round"]), meta.get("phase"), weights,
+                {k[2:]: m for k, m in masks.items()}, instr)
+
+
+def client_header(client: str, seed: int, global_step: int) -> bytes:
+    return json.dumps({"client": client, "seed": seed, "global_step": global_step}).encode()
+
+
+def encode_up(update: dict[str, torch.Tensor], masks: Masks, report: Report, meta: dict) -> bytes:
+    tensors = {f"u/{k}": v for k, v in update.items()}
+    tensors.update({f"r/{k}": v for k, v in report.tensors.items()})
+    return codec.encode(tensors, {f"u/{k}": m for k, m in masks.items()}, {**meta, "report": report.meta})
+
+
+@dataclass
+class Up:
+    update: dict[str, torch.Tensor]
+    report: Report
+    meta: dict
+
+
+def decode_up(payload: bytes) -> Up:
+    tensors, _, meta = codec.decode_message(payload)
+    update = {k[2:]: v for k, v in tensors.items() if k.startswith("u/")}
+    report = Report({k[2:]: v for k, v in tensors.items() if k.startswith("r/")}, meta.get("report", {}))
+    return Up(update, report, meta)
+
+
+# ---------------------------------------------------------------------------- client side
+class ClientWorker:
+    """The client side: one reusable model (memory does not grow with the number of
+    clients); a message for client ``c`` loads ``c``'s data, runs the method's evaluate-only
+    phase or local training with the method's hooks, and encodes the reply.
+
+    ``persistent``: the centralized baseline's single client keeps its optimizer and its
+    batch stream across rounds (``state_dict`` for resume); federated clients start each
+    round afresh, as real devices would."""
+
+    def __init__(self, cfg: RunConfig, fed: Federation, model: torch.nn.Module, *, train_fn=train_client,
+                 persistent: bool = False, num_steps: int | None = None):
+        self.cfg = cfg
+        self.fed = fed
+        self.model = model
+        self.method = make_method(cfg.pruning, model, cfg.fl.rounds, cfg.seed)
+        self.train_fn = train_fn
+        self.persistent = persistent
+        self.num_steps = num_steps if num_steps is not None else cfg.fl.local_steps
+        self._data = None  # persistent: the dataset, its optimizer and stream
+        self._optimizer = None
+        self._stream = None
+        self._state: dict = {}
+
+    def dataset(self, client: str):
+        if self.persistent:
+            if self._data is None:
+                from lhotse import CutSet
+
+                cuts = CutSet.from_cuts(c for n in sorted(self.fed.client_ids) for c in self.fed.client_cuts(n))
+                self._data = make_dataset(cuts, self.fed.tokenizer, self.fed.cmvn, self.cfg)
+            return self._data
+        return make_dataset(self.fed.client_cuts(client), self.fed.tokenizer, self.fed.cmvn, self.cfg)
+
+    def handle(self, header: bytes, payload: bytes) -> bytes:
+        h = json.loads(header)
+        msg = decode_down(payload)
+        data = self.dataset(h["client"])
+        if msg.kind == PHASE:
+            def batches():
+                return data.batches(self.cfg.train.max_duration, shuffle=False, num_buckets=1)
+
+            report = self.method.client_phase(msg.phase, self.model, msg.weights, msg.masks, batches,
+                                              msg.instructions)
+            return encode_up({}, {}, report, {"kind": PHASE, "num_examples": len(data)})
+        hooks = self.method.client_hooks(msg.masks, msg.instructions)
+        extra = {}
+        if self.persistent:
+            extra = self._persistent_parts(data)
+        res = self.train_fn(h["client"], self.model, msg.weights, data, self.cfg, seed=int(h["seed"]),
+                            global_step=int(h["global_step"]), hooks=hooks, num_steps=self.num_steps, **extra)
+        return encode_up(res.update, msg.masks, hooks.report(),
+                         {"kind": TRAIN, "num_examples": res.num_examples, "metrics": res.metrics})
+
+    def _persistent_parts(self, data) -> dict:
+        from fedasr.trainer import BatchStream, make_optimizer
+
+        if self._optimizer is None:
+            self._optimizer = make_optimizer(self.model, self.cfg.train)
+            if self._state.get("optimizer"):
+                self._optimizer.load_state_dict(self._state["optimizer"])
+            self._stream = BatchStream(data, self.cfg.train, derive_seed(self.cfg.seed, 0),
+                                       consumed=int(self._state.get("batches", 0)))
+        return {"optimizer": self._optimizer, "stream": self._stream}
+
+    def state_dict(self) -> dict:
+        if self._optimizer is None:
+            return dict(self._state)
+        return {"optimizer": self._optimizer.state_dict(), "batches": self._stream.consumed}
+
+    def load_state_dict(self, d: dict) -> None:
+        self._state = dict(d or {})
+
+
+# ---------------------------------------------------------------------------- server side
+@dataclass
+class RoundInfo:
+    clients: list[str]
+    dropped: list[dict] = field(default_factory=list)
+    examples: int = 0
+    processed: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    client_time: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+
+
+class Server:
+    """The server side: the global model (dense master weights: a pruned position keeps its
+    last value here, clients get ``weights x masks``), the masks, the server optimiser, the
+    pruning method, the client sample, and the aggregation of every reply."""
+
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, clients: list[str], *, centralized: bool = False):
+        self.cfg = cfg
+        self.model = model  # on the CPU
+        self.clients = sorted(clients)
+        self.centralized = centralized
+        if centralized:  # one client: the server takes its weights as they are
+            fl = type(cfg.fl)(**{**cfg.fl.__dict__, "aggregation": "fedavg", "server_lr": 1.0})
+            self.server_opt = ServerOptimizer(fl)
+        else:
+            self.server_opt = ServerOptimizer(cfg.fl)
+        self.method = make_method(cfg.pruning, model, cfg.fl.rounds, cfg.seed)
+        self.masks: Masks = {}
+        self.lr_step = 0
+        self._round: RoundInfo | None = None
+
+    # ---------------------------------------------------------------- state
+    def weights(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.state_dict())
+
+    def ctx(self, rnd: int) -> RoundContext:
+        return RoundContext(rnd, self.cfg.fl.rounds, self.weights(), self.masks)
+
+    @torch.no_grad()
+    def served_state(self) -> dict[str, torch.Tensor]:
+        """What clients receive and what is evaluated and checkpointed: weights x masks."""
+        out = {}
+        for k, v in self.model.state_dict().items():
+            m = self.masks.get(k)
+            out[k] = v.detach().clone() if m is None else v.detach() * m.to(v.dtype)
+        return out
+
+    def start(self, init_masks: Masks | None = None) -> None:
+        ctx = RoundContext(1, self.cfg.fl.rounds, self.weights(), dict(init_masks or {}))
+        self.masks = self.method.init(ctx)
+
+    def state_dict(self) -> dict:
+        dense = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k in self.masks}
+        return {"lr_step": self.lr_step, "server_optimizer": self.server_opt.state_dict(),
+                "method": self.method.state_dict(), "dense_masked": dense}
+
+    def load_state_dict(self, st: dict, served: dict[str, torch.Tensor], masks: Masks) -> None:
+        """``served``: the checkpoint's (masked) weights; the dense values of the masked
+        tensors come from the state."""
+        self.model.load_state_dict({**served, **st.get("dense_masked", {})})
+        self.masks = dict(masks)
+        self.lr_step = int(st["lr_step"])
+        self.server_opt.load_state_dict(st["server_optimizer"])
+        self.method.load_state_dict(st.get("method", {}))
+
+    def sample_clients(self, rnd: int) -> list[str]:
+        if self.centralized:
+            return ["centralized"]
+        fl = self.cfg.fl
+        k = fl.clients_per_round
+        if fl.client_fraction is not None:
+            k = max(1, round(fl.client_fraction * len(self.clients)))
+        k = min(k, len(self.clients))
+        rng = np.random.default_rng(derive_seed(self.cfg.seed, rnd, 1_000_003))
+        return [self.clients[i] for i in sorted(rng.choice(len(self.clients), k, replace=False).tolist())]
+
+    def client_header(self, rnd: int, client: str) -> bytes:
+        idx = 0 if self.centralized else self.clients.index(client)
+        return client_header(client, derive_seed(self.cfg.seed, rnd, idx), self.lr_step)
+
+    def _count(self, n: int) -> int:
+        return 0 if self.centralized else n  # the centralized baseline sends nothing
+
+    # ---------------------------------------------------------------- evaluate-only phases
+    def phases(self, rnd: int) -> list[str]:
+        return self.method.phases(rnd)
+
+    def phase_payload(self, rnd: int, phase: str) -> bytes:
+        instructions, masks = self.method.phase_instructions(phase, self.ctx(rnd))
+        self._phase_agg = self.method.phase_aggregator(phase, self.ctx(rnd))
+        return encode_down(PHASE, rnd, phase, self.weights(), self.masks if masks is None else masks, instructions)
+
+    def absorb_phase(self, reply: bytes, info: RoundInfo) -> None:
+        up = decode_up(reply)
+        info.bytes_up += self._count(len(reply))
+        self._phase_agg.add(up.report, self._weight(up.meta))
+
+    def end_phase(self, rnd: int, phase: str, info: RoundInfo) -> None:
+        self._apply(self.method.end_phase(phase, self.ctx(rnd), self._phase_agg), info)
+
+    # ---------------------------------------------------------------- training
+    def begin_round(self, rnd: int, clients: list[str]) -> bytes:
+        ctx = self.ctx(rnd)
+        instructions = self.method.configure(ctx)
+        self._agg = StreamingAggregator(self.model.state_dict())
+        self._reports = self.method.report_aggregator(ctx)
+        return encode_down(TRAIN, rnd, None, self.weights(), self.masks, instructions)
+
+    def _weight(self, meta: dict) -> float:
+        fl = self.cfg.fl
+        return {"examples": float(meta["num_examples"]), "processed": float(meta.get("metrics", {}).get("processed", 0)),
+                "uniform": 1.0}[fl.weighting]
+
+    def absorb(self, reply: bytes, info: RoundInfo) -> None:
+        """Fold one client's reply into the round; a bad one raises :class:`ClientRejected`
+        (the engine drops the client)."""
+        up = decode_up(reply)
+        metrics = up.meta.get("metrics", {})
+        if not math.isfinite(float(metrics.get("loss", 0.0))):
+            raise ClientRejected(f"non-finite loss {metrics['loss']}")
+        weight = self._weight(up.meta)
+        self._agg.add(up.update, weight)
+        try:
+            self._reports.add(up.report, weight)
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise ClientRejected(f"bad report: {e}") from None
+        info.bytes_up += self._count(len(reply))
+        info.examples += int(up.meta["num_examples"])
+        info.processed += int(metrics.get("processed", 0))
+        info.losses.append(float(metrics.get("loss", float("nan"))))
+        info.steps.append(int(metrics.get("steps", 0)))
+
+    def end_round(self, rnd: int, info: RoundInfo) -> None:
+        """Server optimiser step on the dense weights (pruned positions frozen), then the
+        pruning method's update: masks for the next round."""
+        needed = 1 if self.centralized else self.cfg.fl.min_clients
+        if self._agg.count < needed:
+            raise TooFewClients(f"round {rnd}: only {self._agg.count} of {len(info.clients)} clients succeeded "
+                                f"(fl.min_clients={needed}); first failure: "
+                                f"{info.dropped[0]['reason'] if info.dropped else 'none'}")
+        self.server_opt.step(self.model.state_dict(), self._agg.mean(), self.masks)
+        self.lr_step += max(info.steps) if info.steps else 0
+        self._apply(self.method.update(self.ctx(rnd), self._reports), info)
+
+    @torch.no_grad()
+    def _apply(self, upd: MethodUpdate, info: RoundInfo) -> None:
+        self.masks = upd.masks
+        state = self.model.state_dict()
+        for name, pos in upd.reset.items():
+            state[name][pos] = 0.0
+            self.server_opt.reset(name, pos)
+        info.metrics.update(upd.metrics)
+
+    def down_bytes(self, payload: bytes, header: bytes) -> int:
+        return self._count(len(payload) + len(header))

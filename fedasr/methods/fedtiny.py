@@ -1,0 +1,392 @@
+"""FedTiny (Huang et al., ICDCS 2023, "Distributed Pruning Towards Tiny Neural Networks in
+Federated Learning") on the Conformer-Transducer.
+
+1. **Adaptive BatchNorm selection** (round 1, before any training). The server draws
+   ``candidates`` coarse masks from the initial (or ``--init-from``) model: layer-wise
+   magnitude pruning to per-layer densities ``d_l = d (1 + u_l)``, ``u_l ~ U[-noise, noise)``,
+   redrawn until the overall density is within ``density_tolerance`` of the target
+   ``d = 1 - target_sparsity`` (the authors' ``noise-uniform-magnitude``). Two evaluate-only
+   client phases follow: ``bn_stats`` — each client applies each candidate and recomputes
+   the BatchNorm statistics (the Conformer's conv modules) by forward passes over
+   ``phase_batches`` of its batches, and reports them; the server pools them (weighted by
+   the FedAvg weights; pooled variance). ``candidate_loss`` — each client evaluates every
+   candidate's RNN-T loss with the pooled statistics and reports it; the server keeps the
+   candidate with the lowest weighted loss and installs its statistics. Training is sparse
+   from then on: clients never hold a dense model.
+2. **Progressive pruning.** Every ``update_every`` rounds up to ``end_round`` one part of
+   the model (``granularity``: a prunable ``layer``, a ``block`` — a Conformer layer, the
+   predictor, the joiner — or the ``entire`` model; cycling from the output side) is
+   adjusted: clients accumulate their mean gradient at the *pruned* positions of those
+   layers over their local steps and report only its top-K magnitudes (K indices + K
+   values per layer, never a dense gradient), with K_l = ceil(α_t · live weights of l) and
+   α_t = α/2 (1 + cos(π t / end_round)). The server sums the reports (FedAvg weights),
+   regrows the K positions with the largest |aggregated gradient| and prunes the same
+   number of smallest-magnitude live weights, so the density stays at the target.
+   Regrown weights start at zero, with a fresh server-optimiser state.
+
+Departures from the paper and the authors' code (the ``fedlottery`` branch of their FedML
+fork): the server has no data, so the candidates come from the initial model (no few-shot
+server pre-training; give a warm start with ``--init-from``); BatchNorm statistics are
+recomputed from scratch (cumulative average over ``phase_batches``) rather than as a
+momentum average from the server's statistics, and pooled with the intended
+data-weighted mean (the code keeps the last client's); clients report their gradient
+accumulated over all local steps (the code: the last mini-batch), and the round's number
+``t`` drives the cosine decay (the code counts adjustments); the number regrown equals the
+number pruned, as the paper states.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from fedasr.errors import FedasrError
+from fedasr.fl.server import pool_batchnorm_variances
+from fedasr.methods.base import (ClientHooks, Instructions, MeanAggregator, MethodUpdate, PruningMethod, Report,
+                                 RoundContext, register)
+from fedasr.prune.masks import Masks, apply_masks
+
+GRANULARITIES = ("layer", "block", "entire")
+PHASES = ("bn_stats", "candidate_loss")
+
+
+@dataclass
+class FedTinyConfig:
+    candidates: int = 5  # coarse masks to select from
+    density_noise: float = 0.5  # per-layer density d (1 + u), u ~ U[-noise, noise)
+    density_tolerance: float = 0.02  # overall density within this relative error of the target
+    phase_batches: int = 4  # client batches for BatchNorm recalibration and candidate losses
+    adaptive_bn: bool = True  # select with recomputed BatchNorm statistics (false: the model's own)
+    alpha: float = 0.1  # initial adjustment rate
+    update_every: int = 2  # rounds between prune/regrow adjustments (ΔR)
+    end_round: Optional[int] = None  # last adjustment round [default: 3/4 of the rounds]
+    granularity: str = "block"  # layer | block | entire
+
+    def validate(self, prefix: str) -> None:
+        p = f"{prefix}." if prefix else ""
+        if self.candidates < 1 or self.phase_batches < 1 or self.update_every < 1:
+            raise FedasrError(f"{p}candidates/phase_batches/update_every: must be at least 1")
+        if not 0 <= self.density_noise < 1:
+            raise FedasrError(f"{p}density_noise: must be in [0, 1)")
+        if not 0 < self.density_tolerance < 1:
+            raise FedasrError(f"{p}density_tolerance: must be in (0, 1)")
+        if not 0 <= self.alpha < 1:
+            raise FedasrError(f"{p}alpha: must be in [0, 1)")
+        if self.granularity not in GRANULARITIES:
+            raise FedasrError(f"{p}granularity: unknown {self.granularity!r} ({', '.join(GRANULARITIES)})")
+
+    def check_common(self, pruning, prefix: str) -> None:
+        if pruning.target_sparsity <= 0:
+            raise FedasrError(f"{prefix}: FedTiny needs pruning.target_sparsity > 0")
+
+
+# ---------------------------------------------------------------------------- client side
+def _batchnorms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches) -> int:
+    """Recompute every BatchNorm's running statistics from scratch over ``batches``
+    (cumulative average, forward passes only; nothing else changes, dropout is off).
+    Returns the number of utterances seen."""
+    from fedasr.trainer import forward_batch
+
+    model.eval()
+    saved = {}
+    for bn in _batchnorms(model).values():
+        saved[bn] = bn.momentum
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average
+        bn.train()
+    seen = 0
+    try:
+        for batch in batches:
+            forward_batch(model, batch)
+            seen += len(batch)
+    finally:
+        for bn, momentum in saved.items():
+            bn.momentum = momentum
+        model.eval()
+    return seen
+
+
+class TopKHooks(ClientHooks):
+    """Masks as usual; accumulates the mean gradient (before masking) at the pruned
+    positions of ``topk``'s layers and reports only its K largest magnitudes per layer."""
+
+    def __init__(self, masks: Masks, topk: dict[str, int]):
+        super().__init__(masks)
+        self.topk = topk
+        self._sum: dict[str, torch.Tensor] = {}
+        self._steps = 0
+
+    def after_backward(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for n in self.topk:
+            g = params[n].grad
+            if g is not None:
+                g = g.detach() * ~self.masks[n].to(g.device)  # pruned positions only
+                self._sum[n] = g if n not in self._sum else self._sum[n] + g
+        self._steps += 1
+        super().after_backward(model)
+
+    def report(self) -> Report:
+        out = {}
+        for n, k in self.topk.items():
+            if n not in self._sum:
+                continue
+            g = (self._sum[n] / max(1, self._steps)).reshape(-1).cpu()
+            k = min(int(k), int((g != 0).sum()))
+            idx = torch.topk(g.abs(), k).indices if k > 0 else torch.zeros(0, dtype=torch.long)
+            out[f"{n}/idx"] = idx.to(torch.int32)
+            out[f"{n}/val"] = g[idx].float()
+        return Report(out)
+
+
+class TopKAggregator:
+    """Server side: weighted sums of the clients' sparse top-K reports, densely per layer."""
+
+    def __init__(self, shapes: dict[str, torch.Size]):
+        self.shapes = shapes
+        self.scores = {n: torch.zeros(int(torch.tensor(s).prod()), dtype=torch.float64) for n, s in shapes.items()}
+        self.weight = 0.0
+
+    def add(self, report: Report, weight: float) -> None:
+        for n in self.scores:
+            idx, val = report.tensors.get(f"{n}/idx"), report.tensors.get(f"{n}/val")
+            if idx is None or val is None:
+                continue
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.scores[n].numel()):
+                raise ValueError(f"{n}: top-K index out of range")
+            self.scores[n].index_add_(0, idx.long(), weight * val.double())
+        self.weight += weight
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {n: (s / self.weight).view(self.shapes[n]) for n, s in self.scores.items()} if self.weight else {}
+
+
+class PooledBatchNormAggregator:
+    """Server side of ``bn_stats``: per candidate, the statistics of the pooled data."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.mean_sq: dict[str, torch.Tensor] = {}
+        self.weight = 0.0
+
+    def add(self, report: Report, weight: float) -> None:
+        for k, v in report.tensors.items():
+            v = v.double()
+            self.sums[k] = self.sums.get(k, 0) + weight * v
+            if k.endswith("running_mean"):
+                self.mean_sq[k] = self.mean_sq.get(k, 0) + weight * v.square()
+        self.weight += weight
+
+    def result(self) -> dict[str, torch.Tensor]:
+        out = {k: v / self.weight for k, v in self.sums.items()}
+        pool_batchnorm_variances(out, self.mean_sq, self.weight)
+        return out
+
+
+# ---------------------------------------------------------------------------- the method
+@register
+class FedTiny(PruningMethod):
+    name = "fedtiny"
+    Config = FedTinyConfig
+
+    def __init__(self, cfg: FedTinyConfig, common, model: nn.Module, total_rounds: int, seed: int):
+        super().__init__(cfg, common, model, total_rounds, seed)
+        self.end_round = cfg.end_round if cfg.end_round is not None else max(1, (3 * total_rounds) // 4)
+        self.units = self._adjustment_units(model)
+        self.bn_names = [n for n, _ in _batchnorms(model).items()]
+        self.candidates: list[Masks] = []  # before selection
+        self.bn_candidates: list[dict[str, torch.Tensor]] = []
+        self.selected = False
+        self.adjustments = 0
+
+    # ---------------------------------------------------------------- candidates
+    def _adjustment_units(self, model: nn.Module) -> list[list[str]]:
+        """Groups of prunable names adjusted together, from the output side."""
+        if self.cfg.granularity == "entire":
+            return [list(self.names)]
+        if self.cfg.granularity == "layer":
+            return [[n] for n in reversed(self.names)]
+        blocks: dict[str, list[str]] = {}
+        for n in self.names:
+            m = re.match(r"^(encoder\.layers\.\d+|predictor|joiner)\.", n)
+            blocks.setdefault(m.group(1) if m else n, []).append(n)
+        return list(reversed(list(blocks.values())))
+
+    def draw_candidates(self, weights: dict[str, torch.Tensor]) -> list[Masks]:
+        """``candidates`` masks: layer-wise magnitude pruning to noisy per-layer densities
+        whose overall density is within the tolerance of the target."""
+        gen = torch.Generator().manual_seed(self.seed * 7919 + 17)
+        d = 1.0 - self.common.target_sparsity
+        sizes = torch.tensor([weights[n].numel() for n in self.names], dtype=torch.float64)
+        out = []
+        for _ in range(self.cfg.candidates):
+            for _attempt in range(10_000):
+                u = (torch.rand(len(self.names), generator=gen, dtype=torch.float64) - 0.5) * 2 * self.cfg.density_noise
+                dens = (d * (1 + u)).clamp(max=1.0)
+                keep = torch.maximum((dens * sizes).floor(), torch.ones_like(sizes))
+                if abs(float(keep.sum() / sizes.sum()) - d) <= self.cfg.density_tolerance * d:
+                    break
+            else:
+                raise FedasrError("pruning.fedtiny: no candidate density draw met density_tolerance")
+            masks = {}
+            for n, k in zip(self.names, keep.long().tolist()):
+                w = weights[n].reshape(-1).abs()
+                m = torch.zeros(w.numel(), dtype=torch.bool)
+                m[torch.topk(w, k).indices] = True
+                masks[n] = m.view(weights[n].shape)
+            out.append(masks)
+        return out
+
+    # ---------------------------------------------------------------- server
+    def init(self, ctx: RoundContext) -> Masks:
+        if ctx.masks:  # a pruned --init-from checkpoint: its masks, no selection
+            self.selected = True
+            return ctx.masks
+        self.candidates = self.draw_candidates(ctx.weights)
+        return self.candidates[0]
+
+    def phases(self, rnd: int) -> list[str]:
+        if self.selected or (self.cfg.candidates == 1 and not self.cfg.adaptive_bn):
+            return []
+        return list(PHASES) if self.cfg.adaptive_bn else ["candidate_loss"]
+
+    def _union(self) -> Masks:
+        return {n: torch.stack([c[n] for c in self.candidates]).any(0) for n in self.names}
+
+    def phase_instructions(self, phase: str, ctx: RoundContext) -> tuple[Instructions, Masks | None]:
+        tensors = {f"c{i}/{n}": m for i, c in enumerate(self.candidates) for n, m in c.items()}
+        if phase == "candidate_loss" and self.bn_candidates:
+            tensors.update({f"c{i}/bn/{k}": v.float() for i, st in enumerate(self.bn_candidates)
+                            for k, v in st.items()})
+        meta = {"candidates": len(self.candidates), "batches": self.cfg.phase_batches}
+        return Instructions(tensors, meta), self._union()  # weights travel masked by the union
+
+    def phase_aggregator(self, phase: str, ctx: RoundContext):
+        return PooledBatchNormAggregator() if phase == "bn_stats" else MeanAggregator()
+
+    def end_phase(self, phase: str, ctx: RoundContext, aggregator) -> MethodUpdate:
+        res = aggregator.result()
+        if phase == "bn_stats":
+            self.bn_candidates = [{k.split("/", 1)[1]: v for k, v in res.items() if k.startswith(f"c{i}/")}
+                                  for i in range(len(self.candidates))]
+            return MethodUpdate(ctx.masks)
+        losses = res["loss"].tolist()
+        chosen = min(range(len(losses)), key=lambda i: losses[i])
+        masks = self.candidates[chosen]
+        if self.bn_candidates:  # install the chosen candidate's pooled statistics
+            for k, v in self.bn_candidates[chosen].items():
+                ctx.weights[k].copy_(v.to(ctx.weights[k].dtype))
+        self.candidates, self.bn_candidates, self.selected = [], [], True
+        return MethodUpdate(masks, metrics={"mask_selection": {"losses": [round(x, 5) for x in losses],
+                                                               "chosen": chosen}})
+
+    def adjusting(self, rnd: int) -> bool:
+        return self.selected and self.cfg.alpha > 0 and rnd % self.cfg.update_every == 0 and rnd <= self.end_round
+
+    def alpha_at(self, rnd: int) -> float:
+        return self.cfg.alpha / 2 * (1 + math.cos(math.pi * rnd / self.end_round))
+
+    def _topk_plan(self, ctx: RoundContext) -> dict[str, int]:
+        names = self.units[self.adjustments % len(self.units)]
+        a = self.alpha_at(ctx.rnd)
+        return {n: math.ceil(a * int(ctx.masks[n].sum())) for n in names if n in ctx.masks}
+
+    def configure(self, ctx: RoundContext) -> Instructions:
+        if not self.adjusting(ctx.rnd):
+            return Instructions()
+        return Instructions(meta={"topk": self._topk_plan(ctx)})
+
+    def report_aggregator(self, ctx: RoundContext):
+        if not self.adjusting(ctx.rnd):
+            return MeanAggregator()
+        return TopKAggregator({n: ctx.masks[n].shape for n in self._topk_plan(ctx)})
+
+    def update(self, ctx: RoundContext, aggregator) -> MethodUpdate:
+        if not self.adjusting(ctx.rnd):
+            return MethodUpdate(ctx.masks)
+        plan = self._topk_plan(ctx)
+        scores = aggregator.result()
+        masks = {n: m.clone() for n, m in ctx.masks.items()}
+        reset: Masks = {}
+        regrown = 0
+        for n, k in plan.items():
+            m = masks[n].view(-1)
+            s = scores.get(n)
+            if s is None:
+                continue
+            s = s.reshape(-1).abs().masked_fill(m, 0.0)  # candidates: pruned positions with a score
+            k = min(k, int((s > 0).sum()), int(m.sum()) - 1)
+            if k <= 0:
+                continue
+            grow = torch.topk(s, k).indices
+            w = ctx.weights[n].reshape(-1).abs().double().masked_fill(~m, math.inf)
+            drop = torch.topk(w, k, largest=False).indices  # the smallest live weights
+            m[drop] = False
+            m[grow] = True
+            r = torch.zeros_like(m)
+            r[grow] = True
+            reset[n] = r.view(masks[n].shape)
+            regrown += k
+        self.adjustments += 1
+        return MethodUpdate(masks, reset=reset, metrics={"regrown": regrown})
+
+    def state_dict(self) -> dict:
+        return {"selected": self.selected, "adjustments": self.adjustments, "candidates": self.candidates,
+                "bn_candidates": self.bn_candidates}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.selected = bool(d.get("selected", False))
+        self.adjustments = int(d.get("adjustments", 0))
+        self.candidates = list(d.get("candidates", []))
+        self.bn_candidates = list(d.get("bn_candidates", []))
+
+    # ---------------------------------------------------------------- client
+    def client_phase(self, phase: str, model: nn.Module, weights: dict[str, torch.Tensor], masks: Masks,
+                     batches: Callable, instructions: Instructions) -> Report:
+        from fedasr.trainer import transducer_loss
+
+        count = int(instructions.meta["candidates"])
+        limit = int(instructions.meta["batches"])
+        out: dict[str, torch.Tensor] = {}
+        losses = []
+        for i in range(count):
+            model.load_state_dict(weights)
+            cand = {n: instructions.tensors[f"c{i}/{n}"] for n in self.names}
+            apply_masks(model, cand)
+            data = (b for j, b in enumerate(batches()) if j < limit)
+            if phase == "bn_stats":
+                recalibrate_batchnorm(model, data)
+                state = model.state_dict()
+                for bn in self.bn_names:
+                    for stat in ("running_mean", "running_var"):
+                        out[f"c{i}/{bn}.{stat}"] = state[f"{bn}.{stat}"].detach().cpu().clone()
+            else:
+                state = model.state_dict()
+                with torch.no_grad():
+                    for k, v in instructions.tensors.items():
+                        if k.startswith(f"c{i}/bn/"):
+                            state[k.split("/", 2)[2]].copy_(v)
+                    model.eval()
+                    total, n_utts = 0.0, 0
+                    for batch in data:
+                        loss, _ = transducer_loss(model, batch)
+                        total += float(loss) * len(batch)
+                        n_utts += len(batch)
+                losses.append(total / max(1, n_utts))
+        if phase == "candidate_loss":
+            out["loss"] = torch.tensor(losses, dtype=torch.float64)
+        return Report(out)
+
+    def client_hooks(self, masks: Masks, instructions: Instructions) -> ClientHooks:
+        topk = instructions.meta.get("topk")
+        return TopKHooks(masks, topk) if topk else ClientHooks(masks)

@@ -1,0 +1,77 @@
+"""A run directory, as `fedasr train` writes it and every later stage reads it::
+
+    RUN_DIR/config.yaml               resolved config (+ federation path, mode)
+    RUN_DIR/metrics.jsonl             one JSON object per round
+    RUN_DIR/checkpoints/round_NNNN.pt one per round (the last ``keep_checkpoints`` kept)
+    RUN_DIR/checkpoints/latest        name of the newest complete checkpoint
+    RUN_DIR/results.json              WER per split (`fedasr eval`)
+    RUN_DIR/decode/SPLIT-beamN.tsv    hypotheses (`fedasr eval`)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from fedasr.errors import FedasrError
+from fedasr.fsutil import atomic_write_text
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class RunDir:
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / METRICS_FILE
+
+    @property
+    def results_path(self) -> Path:
+        return self.root / RESULTS_FILE
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint(self, rnd: int) -> Path:
+        return self.ckpt_dir / f"round_{rnd:04d}.pt"
+
+    def latest(self) -> Path | None:
+        pointer = self.ckpt_dir / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.ckpt_dir / pointer.read_text().strip()
+        return path if path.is_file() else None
+
+    def set_latest(self, path: Path) -> None:
+        atomic_write_text(self.ckpt_dir / "latest", path.name + "\n")
+
+    def read_config(self) -> dict:
+        if not self.config_path.is_file():
+            raise FedasrError(f"{self.root}: not a run directory ({CONFIG_FILE} missing)")
+        return yaml.safe_load(self.config_path.read_text())
+
+    def metrics(self) -> list[dict]:
+        """The rows of metrics.jsonl (empty before the first round)."""
+        try:
+            text = self.metrics_path.read_text()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def results(self) -> dict:
+        return json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}
