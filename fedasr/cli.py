@@ -283,6 +283,45 @@ def prune(
 
 
 @app.command()
+def compact(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint whose unit masks remove whole units."),
+    out: Path = typer.Option(..., help="Checkpoint of the smaller model to write."),
+    allow_partial: bool = typer.Option(False, help="Masks of another pattern: compact the whole units only "
+                                       "and keep the other masks."),
+) -> None:
+    """Remove the units a unit-pattern checkpoint pruned whole: a physically smaller model
+    (per-layer widths; surviving weights and BatchNorm statistics copied) with the same outputs."""
+    from fedasr.model.compact import compact_checkpoint
+
+    rep = compact_checkpoint(checkpoint, out, allow_partial)
+    table = Table(title=f"{checkpoint} -> {out}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("parameters", f"{rep['parameters_before']:,} -> {rep['parameters_after']:,} "
+                                f"({rep['parameters_after'] / rep['parameters_before']:.3f}x)")
+    table.add_row("units removed", f"{rep['units_removed']:,}")
+    table.add_row("masks left", str(rep["masks_left"]))
+    for k, v in sorted(rep["widths"].items()):
+        table.add_row(f"width {k}", str(v))
+    console.print(table)
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint to export (compact it first for a smaller model)."),
+    out: Path = typer.Option(..., help="Directory to write encoder/decoder/joiner .onnx, tokens.txt, config.json."),
+    federation: Optional[Path] = typer.Option(None, help="Federation whose normalisation statistics go into the "
+                                              "encoder [default: the checkpoint's run's]."),
+) -> None:
+    """Export to ONNX (encoder, predictor, joiner; dynamic batch and length axes) for onnxruntime."""
+    from fedasr.export import export_checkpoint
+
+    meta = export_checkpoint(checkpoint, out, federation)
+    console.print(f"exported {checkpoint} -> {out}: encoder.onnx, decoder.onnx ({meta['predictor']}), joiner.onnx, "
+                  f"tokens.txt, config.json; {meta['parameters']:,} parameters")
+
+
+@app.command()
 def info(
     checkpoint: Path = typer.Argument(..., help="Checkpoint to describe."),
     seconds: float = typer.Option(10.0, help="Utterance length for the FLOP count."),

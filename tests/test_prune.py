@@ -247,7 +247,8 @@ def test_byte_counts_match_formula(federation, tmp_path):
     state = {k: v.clone() for k, v in r.model.state_dict().items()}
     masks = {k: v.clone() for k, v in r.masks.items()}
     row = r.run_rounds()[0]
-    payload = encode_down("train", 1, None, state, masks, Instructions(meta={"report_gradients": False}))
+    payload = encode_down("train", 1, None, state, masks, Instructions(meta={"report_gradients": False}),
+                          r.server.arch())
     header = int.from_bytes(payload[4:8], "little")
     expected = 0
     for k, v in state.items():

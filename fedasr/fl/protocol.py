@@ -43,10 +43,11 @@ class TooFewClients(FedasrError):
 
 # ---------------------------------------------------------------------------- messages
 def encode_down(kind: str, rnd: int, phase: str | None, weights: dict[str, torch.Tensor], masks: Masks,
-                instructions: Instructions) -> bytes:
+                instructions: Instructions, arch: dict | None = None) -> bytes:
+    """``arch``: the model config the weights belong to (a compacted model has its own widths)."""
     tensors = {f"w/{k}": v for k, v in weights.items()}
     tensors.update({f"i/{k}": v for k, v in instructions.tensors.items()})
-    meta = {"kind": kind, "round": rnd, "phase": phase, "instructions": instructions.meta}
+    meta = {"kind": kind, "round": rnd, "phase": phase, "instructions": instructions.meta, "arch": arch}
     return codec.encode(tensors, {f"w/{k}": m for k, m in masks.items()}, meta)
 
 
@@ -58,6 +59,7 @@ class Down:
     weights: dict[str, torch.Tensor]
     masks: Masks
     instructions: Instructions
+    arch: dict | None = None
 
 
 def decode_down(payload: bytes) -> Down:
@@ -65,7 +67,7 @@ def decode_down(payload: bytes) -> Down:
     weights = {k[2:]: v for k, v in tensors.items() if k.startswith("w/")}
     instr = Instructions({k[2:]: v for k, v in tensors.items() if k.startswith("i/")}, meta.get("instructions", {}))
     return Down(meta["kind"], int(meta["round"]), meta.get("phase"), weights,
-                {k[2:]: m for k, m in masks.items()}, instr)
+                {k[2:]: m for k, m in masks.items()}, instr, meta.get("arch"))
 
 
 def client_header(client: str, seed: int, global_step: int) -> bytes:
@@ -126,9 +128,24 @@ class ClientWorker:
             return self._data
         return make_dataset(self.fed.client_cuts(client), self.fed.tokenizer, self.fed.cmvn, self.cfg)
 
+    def ensure_architecture(self, arch: dict | None) -> None:
+        """Rebuild the model when the server's architecture changed (a compacting method)."""
+        if arch is None or arch == self.model.cfg.to_dict():
+            return
+        from fedasr.model.transducer import ModelConfig, Transducer
+
+        device = next(self.model.parameters()).device
+        with torch.random.fork_rng():
+            self.model = Transducer(ModelConfig.from_dict(arch)).to(device)
+        self.method = make_method(self.cfg.pruning, self.model, self.cfg.fl.rounds, self.cfg.seed)
+        self._optimizer = None  # a persistent client's optimizer follows the new shapes
+        if self._state.get("optimizer") is not None:
+            self._state = {**self._state, "optimizer": None}
+
     def handle(self, header: bytes, payload: bytes) -> bytes:
         h = json.loads(header)
         msg = decode_down(payload)
+        self.ensure_architecture(msg.arch)
         data = self.dataset(h["client"])
         if msg.kind == PHASE:
             def batches():
@@ -206,7 +223,10 @@ class Server:
         return dict(self.model.state_dict())
 
     def ctx(self, rnd: int) -> RoundContext:
-        return RoundContext(rnd, self.cfg.fl.rounds, self.weights(), self.masks)
+        return RoundContext(rnd, self.cfg.fl.rounds, self.weights(), self.masks, self.model)
+
+    def arch(self) -> dict:
+        return self.model.cfg.to_dict()
 
     @torch.no_grad()
     def served_state(self) -> dict[str, torch.Tensor]:
@@ -226,9 +246,14 @@ class Server:
         return {"lr_step": self.lr_step, "server_optimizer": self.server_opt.state_dict(),
                 "method": self.method.state_dict(), "dense_masked": dense}
 
-    def load_state_dict(self, st: dict, served: dict[str, torch.Tensor], masks: Masks) -> None:
-        """``served``: the checkpoint's (masked) weights; the dense values of the masked
-        tensors come from the state."""
+    def load_state_dict(self, st: dict, served: dict[str, torch.Tensor], masks: Masks, arch: dict) -> None:
+        """``served``: the checkpoint's (masked) weights of architecture ``arch`` (a compacted
+        run's own widths); the dense values of the masked tensors come from the state."""
+        if arch != self.model.cfg.to_dict():
+            from fedasr.model.transducer import ModelConfig, Transducer
+
+            with torch.random.fork_rng():
+                self.model = Transducer(ModelConfig.from_dict(arch))
         self.model.load_state_dict({**served, **st.get("dense_masked", {})})
         self.masks = dict(masks)
         self.lr_step = int(st["lr_step"])
@@ -260,7 +285,8 @@ class Server:
     def phase_payload(self, rnd: int, phase: str) -> bytes:
         instructions, masks = self.method.phase_instructions(phase, self.ctx(rnd))
         self._phase_agg = self.method.phase_aggregator(phase, self.ctx(rnd))
-        return encode_down(PHASE, rnd, phase, self.weights(), self.masks if masks is None else masks, instructions)
+        return encode_down(PHASE, rnd, phase, self.weights(), self.masks if masks is None else masks, instructions,
+                           self.arch())
 
     def absorb_phase(self, reply: bytes, info: RoundInfo) -> None:
         up = decode_up(reply)
@@ -276,7 +302,7 @@ class Server:
         instructions = self.method.configure(ctx)
         self._agg = StreamingAggregator(self.model.state_dict())
         self._reports = self.method.report_aggregator(ctx)
-        return encode_down(TRAIN, rnd, None, self.weights(), self.masks, instructions)
+        return encode_down(TRAIN, rnd, None, self.weights(), self.masks, instructions, self.arch())
 
     def _weight(self, meta: dict) -> float:
         fl = self.cfg.fl
@@ -322,6 +348,21 @@ class Server:
             state[name][pos] = 0.0
             self.server_opt.reset(name, pos)
         info.metrics.update(upd.metrics)
+        if upd.keep:
+            self.compact(upd.keep)
+            info.metrics["widths"] = dict(self.model.cfg.widths or {})
+
+    @torch.no_grad()
+    def compact(self, keep: dict[str, torch.Tensor]) -> None:
+        """Shrink the model physically: surviving weights, the server optimiser's state and
+        the masks follow the same index selection (nothing is re-initialised)."""
+        from fedasr.model.compact import CompactionPlan
+
+        plan = CompactionPlan(self.model, keep)
+        self.model = plan.build()
+        self.server_opt.state = {name: {k: plan.apply({name: t})[name] for k, t in st.items()}
+                                 for name, st in self.server_opt.state.items()}
+        self.masks = {n: m for n, m in plan.apply(self.masks).items() if not bool(m.all())}
 
     def down_bytes(self, payload: bytes, header: bytes) -> int:
         return self._count(len(payload) + len(header))

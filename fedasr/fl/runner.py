@@ -36,7 +36,6 @@ from fedasr.fl.protocol import ClientWorker, RoundInfo, Server, TooFewClients
 from fedasr.fl.server import ClientRejected
 from fedasr.fsutil import atomic_write_text
 from fedasr.model.transducer import ModelConfig, Transducer
-from fedasr.prune.masks import sparsity_report
 from fedasr.rundir import RunDir
 from fedasr.trainer import transducer_loss
 
@@ -100,11 +99,14 @@ class Runner:
         torch.manual_seed(derive_seed(cfg.seed, 0))
         self.device = resolve_device(cfg.device)
         model = Transducer(mcfg)  # the global model: on the CPU (server side)
-        self.local = Transducer(mcfg).to(self.device)  # the client worker's model; dev evaluation
+        local = Transducer(mcfg).to(self.device)  # the client worker's model; dev evaluation
         self.server = Server(cfg, model, fed.client_ids, centralized=centralized)
+        # the prunable weights of the starting architecture: sparsity is measured against them
+        # (a compacted model has fewer)
+        self.base_sizes = {n: p.numel() for n, p in model.named_parameters() if n in self.server.method.names}
         fl = cfg.fl
         steps = fl.clients_per_round * fl.local_steps if centralized and fl.local_steps is not None else None
-        self.worker = ClientWorker(cfg, fed, self.local, train_fn=client_fn, persistent=centralized,
+        self.worker = ClientWorker(cfg, fed, local, train_fn=client_fn, persistent=centralized,
                                    num_steps=steps if centralized else fl.local_steps)
         self.round = 0
         self.history: list[dict] = []
@@ -133,8 +135,14 @@ class Runner:
     def lr_step(self) -> int:
         return self.server.lr_step
 
+    @property
+    def local(self) -> Transducer:
+        """The client worker's model (on the device)."""
+        return self.worker.model
+
     def served_model(self) -> Transducer:
         """The worker's model loaded with what clients receive (weights x masks)."""
+        self.worker.ensure_architecture(self.server.arch())
         self.local.load_state_dict(self.server.served_state())
         return self.local
 
@@ -145,7 +153,7 @@ class Runner:
 
     def state(self) -> dict:
         return {"round": self.round, "history": self.history, "torch_rng": torch.get_rng_state(),
-                "server": self.server.state_dict(), "client": self.worker.state_dict()}
+                "server": self.server.state_dict(), "client": self.worker.state_dict(), "base_sizes": self.base_sizes}
 
     def save(self) -> None:
         path = self.run.checkpoint(self.round)
@@ -161,13 +169,14 @@ class Runner:
 
     def restore(self, path: Path) -> None:
         ckpt = read_checkpoint(path)
-        load_weights(self.model, ckpt["model"], path)  # checks the architecture
         st = ckpt["state"]
         if "server" not in st:
             raise FedasrError(f"{path}: written by an older fedasr (no server state); start the run again")
+        self.server.load_state_dict(st["server"], ckpt["model"], ckpt["masks"], ckpt["model_config"])
+        load_weights(self.model, ckpt["model"], path)  # checks the architecture
         self.round = int(st["round"])
         self.history = list(st["history"])
-        self.server.load_state_dict(st["server"], ckpt["model"], ckpt["masks"])
+        self.base_sizes = dict(st.get("base_sizes", self.base_sizes))
         self.worker.load_state_dict(st.get("client", {}))
         torch.set_rng_state(st["torch_rng"])
 
@@ -255,13 +264,18 @@ class Runner:
         return row
 
     def sparsity_metrics(self) -> dict:
+        """Sparsity of the prunable weights against the starting architecture: 1 - nonzero /
+        original size (zeros of masks and units a compaction removed alike)."""
         served = self.server.served_state()
-        rep = sparsity_report(served, self.prunable) if self.prunable else None
-        params = {n for n, _ in self.model.named_parameters()}
-        return {"sparsity": rep["sparsity"] if rep else 0.0,
-                "prunable_fraction": rep["prunable_fraction"] if rep else 0.0,
-                "nonzero_params": sum(int((served[n] != 0).sum()) for n in params),
-                "layer_sparsity": {k: round(v, 5) for k, v in rep["per_layer"].items()} if rep else {}}
+        params = {n: served[n] for n, _ in self.model.named_parameters()}
+        nonzero = {n: int((params[n] != 0).sum()) for n in self.base_sizes}
+        base = sum(self.base_sizes.values())
+        return {"sparsity": 1 - sum(nonzero.values()) / base if base else 0.0,
+                "prunable_fraction": sum(params[n].numel() for n in self.base_sizes) / sum(
+                    p.numel() for p in params.values()),
+                "nonzero_params": sum(int((p != 0).sum()) for p in params.values()),
+                "num_params": sum(p.numel() for p in params.values()),
+                "layer_sparsity": {n: round(1 - nonzero[n] / self.base_sizes[n], 5) for n in self.base_sizes}}
 
     @torch.no_grad()
     def dev_eval(self) -> dict:

@@ -12,7 +12,7 @@ A federated round, as every engine runs it (:mod:`fedasr.fl.protocol`)::
                                              training, report() at the end
     server  report_aggregator(r)          streaming: add(report, weight) per client
     server  update(r, weights, agg)       -> MethodUpdate: masks for the next round (+ positions to
-                                             reset, + a smaller architecture for compacting methods)
+                                             reset, + units to keep: a smaller architecture)
 
 Everything sent is encoded by :mod:`fedasr.codec` (instructions and reports as their own
 tensors: a top-K report travels as K indices + K values) and counted where it is encoded.
@@ -65,6 +65,9 @@ class MethodUpdate:
     # (e.g. FedTiny's regrown weights start from zero)
     reset: Masks = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)  # added to the round's metrics row
+    # a smaller architecture: per group-table family, the units to keep (the server compacts
+    # the model, its optimiser state and the masks; clients get the smaller model)
+    keep: dict[str, torch.Tensor] | None = None
 
 
 class ClientHooks:
@@ -114,6 +117,7 @@ class RoundContext:
     total_rounds: int
     weights: Tensors  # the dense master weights and buffers, by state-dict name
     masks: Masks
+    model: nn.Module | None = None  # the server's model (its architecture: group table, widths)
 
 
 class PruningMethod:

@@ -135,17 +135,20 @@ class SelfAttention(nn.Module):
     and the same columns of ``out_proj``.
     """
 
-    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0) -> None:
+    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0, d_head: Optional[int] = None) -> None:
         super().__init__()
-        if d_model % num_heads != 0:
-            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        if d_head is None:  # the usual layout: the heads split d_model
+            if d_model % num_heads != 0:
+                raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+            d_head = d_model // num_heads
         self.num_heads = num_heads
-        self.d_head = d_model // num_heads
+        self.d_head = d_head  # fixed per head: a compacted layer keeps fewer heads of the same size
+        inner = num_heads * d_head
         self.norm = nn.LayerNorm(d_model)
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.q_proj = nn.Linear(d_model, inner)
+        self.k_proj = nn.Linear(d_model, inner)
+        self.v_proj = nn.Linear(d_model, inner)
+        self.out_proj = nn.Linear(inner, d_model)
         self.attn_dropout = dropout
         self.dropout = nn.Dropout(dropout)
 
@@ -194,20 +197,21 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
 class ConvModule(nn.Module):
     """Conformer convolution module.
 
-    LayerNorm -> pointwise1 (d -> 2d) -> GLU -> depthwise (k, 'same') -> BatchNorm ->
-    SiLU -> pointwise2 (d -> d) -> Dropout. Channel ``c`` after the GLU is
-    ``pointwise1`` output ``c`` gated by output ``c + d``.
+    LayerNorm -> pointwise1 (d -> 2c) -> GLU -> depthwise (k, 'same') -> BatchNorm ->
+    SiLU -> pointwise2 (c -> d) -> Dropout, with c = d inner channels (fewer in a compacted
+    model). Channel ``i`` after the GLU is ``pointwise1`` output ``i`` gated by output ``i + c``.
     """
 
-    def __init__(self, d_model: int, kernel_size: int, dropout: float = 0.0) -> None:
+    def __init__(self, d_model: int, kernel_size: int, dropout: float = 0.0, channels: Optional[int] = None) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"conv_kernel must be odd for 'same' padding, got {kernel_size}")
+        c = channels or d_model  # inner channels (d_model unless compacted)
         self.norm = nn.LayerNorm(d_model)
-        self.pointwise1 = nn.Conv1d(d_model, 2 * d_model, 1)
-        self.depthwise = nn.Conv1d(d_model, d_model, kernel_size, padding=(kernel_size - 1) // 2, groups=d_model)
-        self.batch_norm = MaskedBatchNorm1d(d_model)
-        self.pointwise2 = nn.Conv1d(d_model, d_model, 1)
+        self.pointwise1 = nn.Conv1d(d_model, 2 * c, 1)
+        self.depthwise = nn.Conv1d(c, c, kernel_size, padding=(kernel_size - 1) // 2, groups=c)
+        self.batch_norm = MaskedBatchNorm1d(c)
+        self.pointwise2 = nn.Conv1d(c, d_model, 1)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -223,14 +227,20 @@ class ConvModule(nn.Module):
 
 
 class ConformerLayer(nn.Module):
-    """x += ff1/2; x += attn; x += conv; x += ff2/2; x = final_norm(x)."""
+    """x += ff1/2; x += attn; x += conv; x += ff2/2; x = final_norm(x).
 
-    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, conv_kernel: int, dropout: float = 0.0) -> None:
+    ``widths`` (a compacted layer): ``ff1``/``ff2`` hidden units, ``attn`` heads (of the
+    full model's head size ``d_head``), ``conv`` inner channels."""
+
+    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, conv_kernel: int, dropout: float = 0.0,
+                 widths: Optional[dict] = None) -> None:
         super().__init__()
-        self.ff1 = FeedForward(d_model, ffn_dim, dropout)
-        self.attn = SelfAttention(d_model, num_heads, dropout)
-        self.conv = ConvModule(d_model, conv_kernel, dropout)
-        self.ff2 = FeedForward(d_model, ffn_dim, dropout)
+        w = widths or {}
+        d_head = d_model // num_heads
+        self.ff1 = FeedForward(d_model, w.get("ff1", ffn_dim), dropout)
+        self.attn = SelfAttention(d_model, w.get("attn", num_heads), dropout, d_head=d_head)
+        self.conv = ConvModule(d_model, conv_kernel, dropout, channels=w.get("conv"))
+        self.ff2 = FeedForward(d_model, w.get("ff2", ffn_dim), dropout)
         self.final_norm = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -251,31 +261,36 @@ class ConformerEncoder(nn.Module):
 
     def __init__(self, num_features: int = 80, d_model: int = 144, num_layers: int = 4, num_heads: int = 4,
                  ffn_dim: int = 576, conv_kernel: int = 15, subsampling_channels: int = 64, dropout: float = 0.0,
-                 input_scale: bool = True) -> None:
+                 input_scale: bool = True, layer_widths: Optional[list] = None) -> None:
         super().__init__()
         self.d_model = d_model
         self.subsampling = Conv2dSubsampling(num_features, subsampling_channels, d_model)
         self.pos_enc = SinusoidalPositionalEncoding(d_model)
         self.xscale = math.sqrt(d_model) if input_scale else 1.0
         self.dropout = nn.Dropout(dropout)
+        widths = layer_widths or [None] * num_layers
         self.layers = nn.ModuleList(
-            ConformerLayer(d_model, num_heads, ffn_dim, conv_kernel, dropout) for _ in range(num_layers)
+            ConformerLayer(d_model, num_heads, ffn_dim, conv_kernel, dropout, widths[i]) for i in range(num_layers)
         )
 
-    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor, trim: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``trim=False`` (ONNX export): no data-dependent Python control flow; the output
+        keeps every subsampled frame of the padded input (T' from the input's shape) and the
+        masks are always applied; its valid frames equal the trimmed output's."""
         if feats.dim() != 3:
             raise ValueError(f"feats must be (B, T, F), got shape {tuple(feats.shape)}")
         lengths = lengths.to(device=feats.device, dtype=torch.long)
         x, out_lengths = self.subsampling(feats, lengths)
-        t_out = int(out_lengths.max()) if out_lengths.numel() else 0
-        x = x[:, :t_out]
-        if t_out == 0:  # every utterance shorter than 7 frames: nothing to encode
-            return x, out_lengths
+        if trim:
+            t_out = int(out_lengths.max()) if out_lengths.numel() else 0
+            x = x[:, :t_out]
+            if t_out == 0:  # every utterance shorter than 7 frames: nothing to encode
+                return x, out_lengths
         # scale the content up before adding positions (x * sqrt(d), as in ESPnet; input_scale):
         # the projection's outputs start near 0.3 std and the encoding would otherwise swamp them
         x = self.dropout(self.pos_enc(x * self.xscale))
-        mask = lengths_to_mask(out_lengths, t_out)
-        layer_mask = None if bool(mask.all()) else mask  # no padding: skip the masking work
+        mask = lengths_to_mask(out_lengths, x.size(1))
+        layer_mask = None if trim and bool(mask.all()) else mask  # no padding: skip the masking work
         for layer in self.layers:
             x = layer(x, layer_mask)
         return x.masked_fill(~mask[..., None], 0.0), out_lengths

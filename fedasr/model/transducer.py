@@ -60,6 +60,10 @@ class ModelConfig:
     pred_context: int = 2  # stateless: tokens the predictor sees (the current one included)
     input_scale: bool = True  # scale the subsampled features by sqrt(d_model) before adding positions
     simple_head: bool = False  # linear am/lm heads for the auxiliary "simple" transducer loss (k2)
+    # A compacted model's per-module widths (None: the uniform sizes above). Keys:
+    # "encoder.layers.I.ff1" / ".ff2" (hidden units), ".attn" (heads of d_model/num_heads
+    # each), ".conv" (inner channels), "predictor" (LSTM units or stateless width), "joiner".
+    widths: Optional[Dict[str, int]] = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -90,6 +94,27 @@ class ModelConfig:
             raise ModelConfigError(f"model config: conv_kernel must be odd, got {self.conv_kernel}")
         if self.num_features < 7:
             raise ModelConfigError(f"model config: num_features must be >= 7, got {self.num_features}")
+        if self.widths is not None:
+            if not isinstance(self.widths, dict):
+                raise ModelConfigError(f"model config: widths must be a mapping, got {self.widths!r}")
+            valid = {"predictor", "joiner"} | {f"encoder.layers.{i}.{m}" for i in range(self.num_layers)
+                                               for m in ("ff1", "ff2", "attn", "conv")}
+            for k, v in self.widths.items():
+                if k not in valid:
+                    raise ModelConfigError(f"model config: widths: unknown module {k!r}")
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ModelConfigError(f"model config: widths.{k} must be a positive integer, got {v!r}")
+            if "predictor" in self.widths and self.predictor == "lstm" and self.pred_layers != 1:
+                raise ModelConfigError("model config: widths.predictor needs pred_layers: 1")
+
+    def width(self, module: str, default: int) -> int:
+        """The width of ``module`` (see ``widths``)."""
+        return (self.widths or {}).get(module, default)
+
+    def layer_widths(self) -> list[dict]:
+        return [{m: self.widths[f"encoder.layers.{i}.{m}"] for m in ("ff1", "ff2", "attn", "conv")
+                 if f"encoder.layers.{i}.{m}" in self.widths} for i in range(self.num_layers)] \
+            if self.widths else [None] * self.num_layers
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -270,15 +295,16 @@ class Transducer(nn.Module):
         self.encoder = ConformerEncoder(
             num_features=cfg.num_features, d_model=cfg.d_model, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
             ffn_dim=cfg.ffn_dim, conv_kernel=cfg.conv_kernel, subsampling_channels=cfg.subsampling_channels,
-            dropout=cfg.dropout, input_scale=cfg.input_scale)
+            dropout=cfg.dropout, input_scale=cfg.input_scale, layer_widths=cfg.layer_widths())
         if cfg.predictor == "stateless":
-            self.predictor = StatelessPredictor(cfg.vocab_size, cfg.pred_embed_dim, cfg.pred_context, cfg.dropout,
-                                                cfg.blank_id)
+            self.predictor = StatelessPredictor(cfg.vocab_size, cfg.width("predictor", cfg.pred_embed_dim),
+                                                cfg.pred_context, cfg.dropout, cfg.blank_id)
         else:
             self.predictor = Predictor(
-                cfg.vocab_size, cfg.pred_embed_dim, cfg.pred_hidden, cfg.pred_layers, cfg.dropout, cfg.blank_id
+                cfg.vocab_size, cfg.pred_embed_dim, cfg.width("predictor", cfg.pred_hidden), cfg.pred_layers,
+                cfg.dropout, cfg.blank_id
             )
-        self.joiner = Joiner(cfg.d_model, self.predictor.output_dim, cfg.joint_dim, cfg.vocab_size)
+        self.joiner = Joiner(cfg.d_model, self.predictor.output_dim, cfg.width("joiner", cfg.joint_dim), cfg.vocab_size)
         self.ctc_head: Optional[nn.Linear] = nn.Linear(cfg.d_model, cfg.vocab_size) if cfg.ctc_head else None
         if cfg.simple_head:  # logits am[t] + lm[u] for the auxiliary simple loss (not used to decode)
             self.simple_am_proj = nn.Linear(cfg.d_model, cfg.vocab_size)

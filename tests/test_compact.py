@@ -1,0 +1,213 @@
+"""Compaction (every unit family, outputs unchanged), `fedasr compact`/`eval`/`info`,
+Automatic Structured Pruning (band rule, shrinking mid-run, resume) and ONNX export."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAST, MICRO_MODEL, run_cli, sets
+from fedasr.checkpoint import load_checkpoint
+from fedasr.config import load_config
+from fedasr.data.batching import AsrDataset
+from fedasr.data.federation import Federation
+from fedasr.fl.runner import Runner
+from fedasr.methods.asp import band_keep, unit_norms
+from fedasr.model.compact import CompactionPlan, compact_with_masks, compactable, units_pruned_whole
+from fedasr.model.groups import KINDS, group_families
+from fedasr.model.transducer import ModelConfig, Transducer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def micro(**kw):
+    torch.manual_seed(0)
+    m = Transducer(ModelConfig.from_dict({**MICRO_MODEL, "pred_layers": 1, **kw})).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm1d):
+                mod.running_mean.normal_(generator=g)
+                mod.running_var.uniform_(0.5, 2.0, generator=g)
+                mod.weight.normal_(generator=g)
+                mod.bias.normal_(generator=g)
+    return m
+
+
+def unit_masks(model, drop: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """Masks removing the listed units of each family (every parameter slice they own)."""
+    params = dict(model.named_parameters())
+    masks = {}
+    for fam in group_families(model):
+        for u in drop.get(fam.name, []):
+            for m in fam.members:
+                if m.param in params:
+                    mk = masks.setdefault(m.param, torch.ones_like(params[m.param], dtype=torch.bool))
+                    mk.index_fill_(m.dim, m.index[u], False)
+    with torch.no_grad():
+        for n, mk in masks.items():
+            params[n].mul_(mk)
+    return masks
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(3, 70, MICRO_MODEL["num_features"], generator=g)
+    return feats, torch.tensor([70, 52, 33]), torch.tensor([[1, 2, 3, 4], [5, 6, 1, 0], [2, 2, 0, 0]]), \
+        torch.tensor([4, 3, 2])
+
+
+@pytest.mark.parametrize("predictor,simple", [("lstm", False), ("stateless", True)])
+def test_compaction_of_every_family_keeps_the_outputs(predictor, simple):
+    model = micro(predictor=predictor, simple_head=simple)
+    fams = compactable(model)
+    assert {f.kind for f in fams} == set(KINDS)
+    g = torch.Generator().manual_seed(5)
+    drop = {f.name: torch.randperm(f.num_units, generator=g)[: max(1, f.num_units // 3)].tolist() for f in fams}
+    masks = unit_masks(model, drop)
+    small, left, plan = compact_with_masks(model, masks)
+    assert not left  # unit masks leave nothing behind
+    for f in fams:  # each family lost exactly its dropped units
+        assert int(plan.keep[f.name].sum()) == f.num_units - len(drop[f.name]), f.name
+    assert small.num_parameters() == model.num_parameters() - sum(int((~m).sum()) for m in masks.values())
+    x = batch()
+    with torch.no_grad():
+        a, b = model(*x), small.eval()(*x)
+        enc_a, _ = model.encode(x[0], x[1])
+        enc_b, _ = small.encode(x[0], x[1])
+    assert (enc_a - enc_b).abs().max() <= 1e-5
+    assert (a.logits - b.logits).abs().max() <= 1e-5
+    assert (a.ctc_logits - b.ctc_logits).abs().max() <= 1e-5
+    if simple:
+        assert (a.simple_lm - b.simple_lm).abs().max() <= 1e-5
+    # the surviving weights were copied, not re-initialised: the same values, fewer of them
+    s_big, s_small = model.state_dict(), small.state_dict()
+    for n, t in s_small.items():
+        kept = plan.apply({n: s_big[n]})[n]
+        assert torch.equal(t, kept), n
+    # an optimizer-state-like dict follows the same index selection
+    moments = {n: torch.randn(p.shape) for n, p in model.named_parameters()}
+    assert all(plan.apply(moments)[n].shape == p.shape for n, p in small.named_parameters())
+
+
+def test_partial_masks_are_refused_or_kept():
+    model = micro()
+    masks = unit_masks(model, {"encoder.layers.0.ff1.units": [0, 1, 2]})
+    extra = masks["encoder.layers.0.ff1.linear1.weight"]
+    extra[5, :3] = False  # a few weights of a live unit: not a whole unit
+    with pytest.raises(Exception, match=r"3 of its .* masked weights are not in whole units"):
+        compact_with_masks(model, masks)
+    small, left, plan = compact_with_masks(model, masks, allow_partial=True)
+    assert int(plan.keep["encoder.layers.0.ff1.units"].sum()) == MICRO_MODEL["ffn_dim"] - 3
+    assert list(left) == ["encoder.layers.0.ff1.linear1.weight"] and int((~left[list(left)[0]]).sum()) == 3
+    assert units_pruned_whole(model, {}) == {}
+
+
+def test_asp_band_rule_against_a_hand_computation():
+    norms = torch.tensor([1.0, 2.0, 2.1, 2.2, 1.9, 2.05, 9.0, 2.0], dtype=torch.float64)
+    mu = float(norms.mean())
+    sigma = float(np.std(norms.numpy()))  # population
+    k = 1.5
+    both = [bool(mu - k * sigma <= x <= mu + k * sigma) for x in norms.tolist()]
+    lower = [bool(x >= mu - k * sigma) for x in norms.tolist()]
+    assert band_keep(norms, k, "both").tolist() == both and both[6] is False  # the 9.0 outlier goes
+    assert band_keep(norms, k, "lower").tolist() == lower and lower[6] is True
+    assert band_keep(torch.tensor([1.0, 1.0]), 0.5, "both").tolist() == [True, True]
+    model = micro()
+    fam = next(f for f in group_families(model) if f.kind == "attention_head")
+    w = dict(model.state_dict())
+    by_hand = torch.zeros(fam.num_units, dtype=torch.float64)
+    dh = model.encoder.layers[0].attn.d_head
+    for h in range(fam.num_units):
+        rows = slice(h * dh, (h + 1) * dh)
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            by_hand[h] += w[f"{fam.name[:-6]}.{proj}.weight"][rows].abs().double().sum()
+        by_hand[h] += w[f"{fam.name[:-6]}.out_proj.weight"][:, rows].abs().double().sum()
+    torch.testing.assert_close(unit_norms(model, fam, w), by_hand)
+
+
+ASP = ["pruning.method=asp", "pruning.asp.k=1.0", "fl.aggregation=fedadam"]
+
+
+def test_asp_shrinks_the_model_mid_run_and_resumes_exactly(federation, tmp_path):
+    cfg = FAST + ASP + ["fl.rounds=4", "pruning.asp.max_prune_round=2"]
+    straight = Runner(tmp_path / "a", Federation(federation), load_config(None, cfg))
+    straight.start()
+    dense_params = straight.model.num_parameters()
+    rows = straight.run_rounds()
+    assert rows[0]["num_params"] < dense_params
+    assert [("widths" in r) for r in rows] == [True, True, False, False]
+    assert rows[0]["num_params"] > rows[1]["num_params"] == rows[3]["num_params"]
+    assert rows[1]["bytes_down"] > rows[2]["bytes_down"]  # clients get the smaller dense model
+    assert rows[3]["sparsity"] > 0.2 and rows[3]["nonzero_params"] <= rows[3]["num_params"]
+    widths = straight.model.cfg.widths
+    assert widths and all(v >= 1 for v in widths.values())
+    # the server optimiser's state follows the shapes
+    for name, st in straight.server.server_opt.state.items():
+        assert all(t.shape == straight.model.state_dict()[name].shape for t in st.values()), name
+
+    class Stop(Exception):
+        pass
+
+    class KillAfterRound1:
+        def round_start(self, rnd, clients): pass
+        def client_done(self, client, ok): pass
+        def round_end(self, row):
+            raise Stop
+
+    half = Runner(tmp_path / "b", Federation(federation), load_config(None, cfg), events=KillAfterRound1())
+    half.start()
+    with pytest.raises(Stop):
+        half.run_rounds()
+    resumed = Runner.resume(tmp_path / "b")  # across the shrink of round 1 (and 2 still to come)
+    resumed.run_rounds()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.model.cfg.widths == widths
+
+
+def test_compact_eval_info_and_export_through_the_cli(federation, tmp_path):
+    run = tmp_path / "unit"
+    settings = FAST + ["fl.rounds=2", "pruning.method=federated_pruning", "pruning.target_sparsity=0.5",
+                       "pruning.federated_pruning.pattern=unit", "pruning.federated_pruning.allocation=uniform",
+                       "model.overrides.predictor=stateless"]
+    r = run_cli("train", "--federation", federation, "--out", run, *sets(*settings))
+    assert r.returncode == 0, r.stderr
+    ckpt = run / "checkpoints" / "round_0002.pt"
+    small = tmp_path / "small.pt"
+    r = run_cli("compact", ckpt, "--out", small)
+    assert r.returncode == 0, r.stderr
+    big_model, _, big_ckpt = load_checkpoint(ckpt)
+    small_model, _, small_ckpt = load_checkpoint(small)
+    masked = sum(int((~m).sum()) for m in big_ckpt["masks"].values())
+    assert masked > 0 and not small_ckpt["masks"]
+    assert big_model.num_parameters() - small_model.num_parameters() == masked  # exactly the pruned units go
+    # the same WER and hypotheses from the compacted checkpoint
+    for c in (ckpt, small):
+        r = run_cli("eval", "--run", run, "--checkpoint", c, "--split", "test-clean")
+        assert r.returncode == 0, r.stderr
+        (run / f"hyp-{c.name}").write_text((run / "decode" / "test-clean-beam1.tsv").read_text())
+    assert (run / f"hyp-{ckpt.name}").read_text() == (run / "hyp-small.pt").read_text()
+    r = run_cli("info", small, "--json", tmp_path / "info.json")
+    assert r.returncode == 0 and json.loads((tmp_path / "info.json").read_text())["parameters"] == \
+        small_model.num_parameters()
+    # a column-pattern checkpoint is refused with one line
+    col = run_cli("prune", ckpt, "--sparsity", "0.5", "--pattern", "column", "--out", tmp_path / "col.pt")
+    assert col.returncode == 0, col.stderr
+    r = run_cli("compact", tmp_path / "col.pt", "--out", tmp_path / "x.pt")
+    assert r.returncode != 0 and "not in whole units" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.pt").exists()
+    # ONNX: onnxruntime decodes a few utterances to the hypotheses of `fedasr eval`
+    pytest.importorskip("onnxruntime")
+    from fedasr.export import OnnxTransducer
+
+    r = run_cli("export", small, "--out", tmp_path / "onnx")
+    assert r.returncode == 0, r.stderr
+    onnx = OnnxTransducer(tmp_path / "onnx")
+    fed = Federation(federation)
+    hyps = {line.split("\t")[0]: line.split("\t")[2] for line in
+            (run / "hyp-small.pt").read_text().splitlines()[1:]}
+    cuts = fed.split_cuts("test-clean")
+    for c in list(cuts)[:6]:
+        assert fed.tokenizer.decode(onnx.decode(c.load_features())) == hyps[c.id], c.id
