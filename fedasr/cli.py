@@ -424,13 +424,14 @@ def _report(sweep_dir: Path) -> None:
 
     rows, splits, csv_path, png_path = write_report(sweep_dir)
     table = Table(title=f"WER vs sparsity — {sweep_dir}")
-    for col in ("scheme", "sparsity", "achieved", *[f"WER {s}" for s in splits], "nonzero params",
+    for col in ("scheme", "target", "achieved", *[f"WER {s}" for s in splits], "nonzero params", "params",
                 "model MB", "comm MB"):
         table.add_column(col, justify="left" if col == "scheme" else "right")
     for r in rows:
-        table.add_row(r["scheme"], f"{r['sparsity']:.2f}", f"{100 * r['achieved_sparsity']:.1f}%",
+        table.add_row(r["scheme"], r.get("knob") or f"{r['sparsity']:.2f}", f"{100 * r['achieved_sparsity']:.1f}%",
                       *[f"{100 * r[f'wer_{s}']:.2f}%" if f"wer_{s}" in r else "-" for s in splits],
-                      f"{r['nonzero_params']:,}", f"{r['model_bytes'] / 1e6:.2f}", f"{r['comm_bytes'] / 1e6:.0f}")
+                      f"{r['nonzero_params']:,}", f"{r['num_params']:,}", f"{r['model_bytes'] / 1e6:.2f}",
+                      f"{r['comm_bytes'] / 1e6:.0f}")
     console.print(table)
     console.print(f"wrote {csv_path} and {png_path}")
 

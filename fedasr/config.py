@@ -210,8 +210,22 @@ class PruningSection:
 @dataclass
 class SweepScheme:
     name: str = "scheme"
-    pruning: dict = field(default_factory=dict)  # pruning.* keys of this scheme
+    pruning: dict = field(default_factory=dict)  # pruning.* keys of this scheme (method included)
     overrides: list = field(default_factory=list)  # further "key=value" settings
+    # a method that decides its own sparsity (ASP) sweeps its knob instead of the targets:
+    # {key: pruning.asp.k, values: [1.5, 2.0, 2.5]}
+    knob: dict = field(default_factory=dict)
+    sparsities: Optional[list] = None  # this scheme's targets [default: sweep.sparsities]
+
+    def validate(self, prefix: str) -> None:
+        p = f"{prefix}." if prefix else ""
+        for i, v in enumerate(self.sparsities or []):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 1:
+                raise FedasrError(f"{p}sparsities[{i}]: must be a number in (0, 1), got {v!r}")
+        if self.knob:
+            if set(self.knob) != {"key", "values"} or not isinstance(self.knob["key"], str) \
+                    or not isinstance(self.knob["values"], list) or not self.knob["values"]:
+                raise FedasrError(f"{p}knob: expected {{key: SETTING, values: [V, ...]}}")
 
 
 @dataclass

@@ -41,9 +41,10 @@ SWEEP_FILE = "sweep.json"
 @dataclass
 class SweepRun:
     scheme: str
-    sparsity: float
+    sparsity: float  # the target (0 for a knob scheme: the method decides)
     path: Path
     settings: list[str]  # --set overrides on top of the recipe
+    knob: dict | None = None  # {key, value} of a knob scheme
 
 
 def load_recipe(path: str | Path) -> dict:
@@ -62,7 +63,13 @@ def plan_runs(recipe: dict, out: Path) -> list[SweepRun]:
         if "method" not in sch.pruning:
             raise FedasrError(f"sweep.schemes[{i}].pruning.method: required (the scheme's pruning method)")
         base = [f"pruning.{k}={json.dumps(v)}" for k, v in _flatten(sch.pruning).items()] + list(sch.overrides)
-        for s in sorted(set(cfg.sweep.sparsities)):
+        if sch.knob:  # the method decides its sparsity: one run per knob value
+            leaf = sch.knob["key"].rsplit(".", 1)[-1]
+            for v in sch.knob["values"]:
+                runs.append(SweepRun(sch.name, 0.0, out / "runs" / sch.name / f"{leaf}{v}",
+                                     base + [f"{sch.knob['key']}={json.dumps(v)}"], {"key": sch.knob["key"], "value": v}))
+            continue
+        for s in sorted(set(sch.sparsities if sch.sparsities is not None else cfg.sweep.sparsities)):
             if s == 0:
                 continue
             runs.append(SweepRun(sch.name, float(s), out / "runs" / sch.name / f"s{s:.2f}",
@@ -143,7 +150,7 @@ def run_sweep(recipe_path: str | Path, federation: str | Path, out: str | Path, 
             return run
         run.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.path / SWEEP_FILE, json.dumps({"scheme": run.scheme, "sparsity": run.sparsity,
-                                                             "settings": run.settings}))
+                                                             "settings": run.settings, "knob": run.knob}))
         log = run.path / "log.txt"
         if RunDir(run.path).latest() is not None:
             _cli(["train", "--resume", str(run.path)], log, threads)
@@ -183,7 +190,9 @@ def collect(sweep_dir: str | Path) -> tuple[list[dict], list[str]]:
         metrics = run.metrics()
         ckpt = read_checkpoint(latest)
         params = {k: v for k, v in ckpt["model"].items() if not is_bn_stat(k)}
+        knob = meta.get("knob")
         row = {"scheme": meta["scheme"], "sparsity": meta["sparsity"],
+               "knob": f"{knob['key'].rsplit('.', 1)[-1]}={knob['value']}" if knob else "",
                "achieved_sparsity": round(metrics[-1].get("sparsity", 0.0), 5)}
         for split, r in sorted(results.items()):
             row[f"wer_{split}"] = round(r["wer"], 5)
@@ -192,9 +201,10 @@ def collect(sweep_dir: str | Path) -> tuple[list[dict], list[str]]:
         row["nonzero_params"] = sum(int((v != 0).sum()) for v in params.values())
         row["model_bytes"] = len(codec.encode(params, ckpt["masks"]))
         row["comm_bytes"] = sum(m["bytes_down"] + m["bytes_up"] for m in metrics)
+        row["num_params"] = metrics[-1].get("num_params", sum(v.numel() for v in params.values()))
         row["rounds"] = metrics[-1]["round"]
         rows.append(row)
-    rows.sort(key=lambda r: (r["scheme"] != "dense", r["scheme"], r["sparsity"]))
+    rows.sort(key=lambda r: (r["scheme"] != "dense", r["scheme"], r["sparsity"], r["achieved_sparsity"]))
     return rows, sorted(splits)
 
 
@@ -214,14 +224,17 @@ def plot_curves(rows: list[dict], splits: list[str], title: str):
             ax.axhline(100 * dense[0][key], color="0.4", ls="--", lw=1,
                        label=f"dense {100 * dense[0][key]:.1f}% ({dense[0]['model_bytes'] / 1e6:.1f} MB)")
         for sch in schemes:
-            pts = sorted((r for r in dense + [r for r in rows if r["scheme"] == sch] if key in r),
-                         key=lambda r: r["sparsity"])
-            ax.plot([100 * r.get("achieved_sparsity", r["sparsity"]) for r in pts], [100 * r[key] for r in pts],
-                    marker="o", color=colors[sch], label=sch)
+            own = [r for r in rows if r["scheme"] == sch]
+            knobbed = any(r.get("knob") for r in own)  # the method chose its sparsity: points
+            pts = sorted((r for r in (own if knobbed else dense + own) if key in r),
+                         key=lambda r: r["achieved_sparsity"])
+            ax.plot([100 * r["achieved_sparsity"] for r in pts], [100 * r[key] for r in pts],
+                    marker="D" if knobbed else "o", ls=":" if knobbed else "-", color=colors[sch], label=sch)
             for r in pts:
                 if r["scheme"] != "dense":
-                    ax.annotate(f"{r['model_bytes'] / 1e6:.1f} MB", (100 * r.get("achieved_sparsity", r["sparsity"]),
-                                100 * r[key]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                    label = f"{r['model_bytes'] / 1e6:.1f} MB" + (f" ({r['knob']})" if r.get("knob") else "")
+                    ax.annotate(label, (100 * r["achieved_sparsity"], 100 * r[key]), textcoords="offset points",
+                                xytext=(4, 4), fontsize=7)
         ax.set_title(split)
         ax.set_xlabel("sparsity of prunable weights (%)")
         ax.set_ylabel("WER (%)")
@@ -258,8 +271,8 @@ def write_report(sweep_dir: str | Path) -> tuple[list[dict], list[str], Path, Pa
     rows, splits = collect(sweep_dir)
     if not rows:
         raise FedasrError(f"{sweep_dir}: no finished run to report")
-    cols = ["scheme", "sparsity", "achieved_sparsity", *[f"wer_{s}" for s in splits], "nonzero_params",
-            "model_bytes", "comm_bytes", "rounds"]
+    cols = ["scheme", "sparsity", "knob", "achieved_sparsity", *[f"wer_{s}" for s in splits], "nonzero_params",
+            "num_params", "model_bytes", "comm_bytes", "rounds"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()

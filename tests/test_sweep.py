@@ -73,3 +73,20 @@ def test_recipes_parse_and_build_the_model(recipe):
     model = Transducer(ModelConfig.preset(cfg.model.preset, vocab_size=256, **cfg.model.overrides))
     assert model.num_parameters() > 1e6
     assert cfg.sweep.schemes and all(0 <= s < 1 for s in cfg.sweep.sparsities)
+
+
+def test_knob_schemes_and_per_scheme_sparsities_plan_their_runs(tmp_path):
+    from fedasr.sweep import plan_runs
+
+    recipe = {"sweep": {"sparsities": [0.0, 0.5, 0.9], "schemes": [
+        {"name": "fp", "pruning": {"method": "federated_pruning"}},
+        {"name": "tiny", "pruning": {"method": "fedtiny"}, "sparsities": [0.9]},
+        {"name": "asp", "pruning": {"method": "asp"}, "knob": {"key": "pruning.asp.k", "values": [1.5, 2.5]}}]}}
+    runs = plan_runs(recipe, tmp_path)
+    assert [(r.scheme, r.sparsity, r.path.name) for r in runs] == [
+        ("dense", 0.0, "dense"), ("fp", 0.5, "s0.50"), ("fp", 0.9, "s0.90"), ("tiny", 0.9, "s0.90"),
+        ("asp", 0.0, "k1.5"), ("asp", 0.0, "k2.5")]
+    asp = runs[-1]
+    assert "pruning.asp.k=2.5" in asp.settings and "pruning.method=\"asp\"" in asp.settings
+    assert not any(s.startswith("pruning.target_sparsity") for s in asp.settings)
+    assert asp.knob == {"key": "pruning.asp.k", "value": 2.5}

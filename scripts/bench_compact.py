@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""CPU inference speed of compacted models, measured in one run: dense vs 50% and 80% unit
+sparsity (Federated Pruning's ``unit`` pattern, then `fedasr compact`), ``small`` preset.
+
+For each model: the real-time factor of batch-1 greedy decoding of 10 s utterances (1,000
+feature frames) in PyTorch and in onnxruntime (`fedasr export`), with one thread and with
+all cores; printed with the speed-up over dense, beside the parameter and FLOP ratios.
+Weights are random (speed depends on shapes only); the joiner's blank bias is raised so
+that every model emits no token, i.e. the measured path is the encoder plus one joiner
+call per frame — a trained model adds a predictor step and a joiner call per emitted
+token (a few per second of speech), the same work for every model up to the smaller
+predictor and joiner. The encoder alone is timed too.
+
+    python scripts/bench_compact.py [--preset small] [--seconds 10] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+
+def unit_pruned(model, sparsity: float):
+    from fedasr.config import PruningSection
+    from fedasr.methods.federated_pruning import FederatedPruning, FederatedPruningConfig
+    from fedasr.model.compact import compact_with_masks
+    from fedasr.prune.masks import apply_masks
+
+    fp = FederatedPruning(FederatedPruningConfig(pattern="unit", allocation="uniform"),
+                          PruningSection(method="federated_pruning", target_sparsity=sparsity), model, 1, 0)
+    masks = fp.compute(1, dict(model.state_dict()), {})
+    pruned = type(model)(model.cfg)
+    pruned.load_state_dict(model.state_dict())
+    apply_masks(pruned, masks)
+    small, _, _ = compact_with_masks(pruned, masks)
+    return small.eval()
+
+
+class _Tok:
+    """A stand-in tokenizer for the export (pieces are not needed to time decoding)."""
+
+    def __init__(self, vocab: int):
+        class SP:
+            def id_to_piece(self, i):
+                return f"t{i}"
+
+            def get_piece_size(self):
+                return vocab
+
+        self.sp = SP()
+
+
+class _Cmvn:
+    mean = [0.0] * 80
+    std = [1.0] * 80
+
+
+def best(repeat: int, fn) -> float:
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return min(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.8])
+    args = ap.parse_args()
+
+    from fedasr.export import OnnxTransducer, export_model
+    from fedasr.info import count_flops
+    from fedasr.model.decode import greedy_search
+    from fedasr.model.transducer import ModelConfig, Transducer
+
+    cores = os.cpu_count() or 1
+    torch.manual_seed(0)
+    dense = Transducer(ModelConfig.preset(args.preset, vocab_size=256, predictor="stateless")).eval()
+    with torch.no_grad():
+        dense.joiner.output.bias[dense.blank_id] += 50.0  # every model emits blanks only (see above)
+    models = {"dense": dense}
+    for s in args.sparsity:
+        models[f"unit {s:.0%}"] = unit_pruned(dense, s)
+    frames = int(args.seconds * 100)
+    feats = torch.randn(1, frames, 80, generator=torch.Generator().manual_seed(1))
+    lens = torch.tensor([frames])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, m in models.items():
+            fl = count_flops(m, args.seconds)
+            row = {"model": name, "params": m.num_parameters(), "flops": fl["flops"]}
+            with torch.no_grad():
+                for threads in (1, cores):
+                    torch.set_num_threads(threads)
+                    enc_t = best(args.repeat, lambda: m.encode(feats, lens))
+
+                    def greedy():
+                        enc, el = m.encode(feats, lens)
+                        return greedy_search(m, enc, el)
+
+                    row[f"torch_enc_{threads}"] = enc_t / args.seconds
+                    row[f"torch_{threads}"] = best(args.repeat, greedy) / args.seconds
+            d = os.path.join(tmp, name.replace(" ", "_").replace("%", ""))
+            export_model(m, _Tok(256), _Cmvn(), d)
+            x = feats.numpy()
+            for threads in (1, cores):
+                onnx = OnnxTransducer(d, threads=threads)
+                row[f"ort_enc_{threads}"] = best(args.repeat, lambda: onnx.encode(x, np.array([frames]))) / args.seconds
+
+                def ort_greedy():
+                    enc, el = onnx.encode(x, np.array([frames]))
+                    return onnx.greedy(enc[0, : int(el[0])])
+
+                row[f"ort_{threads}"] = best(args.repeat, ort_greedy) / args.seconds
+            rows.append(row)
+            print(f"measured {name}", flush=True)
+    base = rows[0]
+    cols = [("torch", 1), ("torch", cores), ("ort", 1), ("ort", cores)]
+    print(f"\n{args.preset} preset, batch-1 greedy decoding of {args.seconds:g} s; RTF (speed-up vs dense)")
+    print(f"{'model':<10} {'params':>11} {'x':>6} {'FLOPs x':>8} " + " ".join(
+        f"{f'{b} {t}t':>17}" for b, t in cols) + f" {'ort enc 1t':>17}")
+    for r in rows:
+        cells = " ".join(f"{r[f'{b}_{t}']:.4f} ({base[f'{b}_{t}'] / r[f'{b}_{t}']:.2f}x)".rjust(17) for b, t in cols)
+        enc = f"{r['ort_enc_1']:.4f} ({base['ort_enc_1'] / r['ort_enc_1']:.2f}x)".rjust(17)
+        print(f"{r['model']:<10} {r['params']:>11,} {r['params'] / base['params']:6.3f} "
+              f"{r['flops'] / base['flops']:8.3f} {cells} {enc}")
+
+
+if __name__ == "__main__":
+    main()
