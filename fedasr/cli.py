@@ -185,16 +185,32 @@ def train(
     init_from: Optional[Path] = typer.Option(None, help="Start from this checkpoint's weights and masks "
                                              "(e.g. the output of `fedasr prune`) and fine-tune."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
+    engine: str = typer.Option("embedded", help="embedded (one process) or flower (Flower's Deployment Engine)."),
+    superlink: Optional[str] = typer.Option(None, help="flower: a running SuperLink HOST:PORT [default: start one "
+                                            "and SuperNodes on this machine, on loopback]."),
+    insecure: bool = typer.Option(False, help="flower: plain HTTP to --superlink (loopback or tests only)."),
+    root_certificates: Optional[Path] = typer.Option(None, help="flower: CA certificate(s) of --superlink (TLS)."),
+    slots: Optional[int] = typer.Option(None, help="flower, one machine: SuperNodes = concurrent clients "
+                                        "[default: clients per round, at most the cores]."),
+    round_timeout: float = typer.Option(900.0, help="flower: seconds a round waits for its clients."),
 ) -> None:
     """Train the Conformer-Transducer federatedly (or centrally) over the federation's clients."""
     from fedasr.config import load_config
     from fedasr.data.federation import Federation
     from fedasr.fl.runner import Runner
 
+    if engine not in ("embedded", "flower"):
+        raise FedasrError(f"--engine: unknown {engine!r} (embedded, flower)")
+    if engine == "flower":
+        _train_flower(federation, config, out, set_, centralized, resume, init_from, overwrite, superlink, insecure,
+                      root_certificates, slots, round_timeout)
+        return
+    if superlink is not None:
+        raise FedasrError("--superlink: only with --engine flower")
     if resume is not None:
         if config is not None or set_ or centralized or init_from is not None:
             raise FedasrError("--resume: the run's own config.yaml is used; drop --config/--set/--centralized/--init-from")
-        runner = Runner.resume(resume, federation=federation)
+        runner = Runner.resume(resume, federation=federation, engine="embedded")
     else:
         if federation is None or out is None:
             raise FedasrError("--federation and --out are required (or --resume RUN_DIR)")
@@ -205,6 +221,53 @@ def train(
         runner.events = _RoundProgress(prog, runner.cfg.fl.rounds, runner.round)
         history = runner.run_rounds()
     _print_history(history, runner.run.root)
+
+
+def _train_flower(federation, config, out, set_, centralized, resume, init_from, overwrite, superlink, insecure,
+                  root_certificates, slots, round_timeout) -> None:
+    """`train --engine flower`: validate here (one-line errors before anything starts), then
+    run on Flower; the run directory ends up as the embedded engine leaves it."""
+    import shutil
+
+    from fedasr.config import load_config, parse_config
+    from fedasr.data.federation import Federation
+    from fedasr.fl.flower.launch import run_flower
+    from fedasr.fl.runner import model_config
+    from fedasr.rundir import RunDir
+
+    if centralized:
+        raise FedasrError("--centralized: the baseline runs on the embedded engine (drop --engine flower)")
+    if superlink is not None and not insecure and root_certificates is None:
+        raise FedasrError("--superlink: give --root-certificates CA.pem (TLS), or --insecure for loopback tests")
+    if resume is not None:
+        if config is not None or set_ or init_from is not None:
+            raise FedasrError("--resume: the run's own config.yaml is used; drop --config/--set/--init-from")
+        rd = RunDir(resume)
+        raw = rd.read_config()
+        if rd.latest() is None:
+            raise FedasrError(f"{resume}: no complete checkpoint to resume from; start the run again")
+        fed = Federation(federation or raw["federation"])
+        cfg = parse_config({k: v for k, v in raw.items() if k not in ("federation", "mode", "engine", "init_from")})
+        run_dir = resume
+    else:
+        if federation is None or out is None:
+            raise FedasrError("--federation and --out are required (or --resume RUN_DIR)")
+        cfg = load_config(config, set_)
+        fed = Federation(federation)
+        model_config(cfg, fed.tokenizer.vocab_size)  # a bad model config fails here, not in the ServerApp
+        if out.exists() and any(out.iterdir()):
+            if not overwrite:
+                raise FedasrError(f"{out}: run directory exists (use --resume to continue it or --overwrite)")
+            shutil.rmtree(out)
+        run_dir = out
+    n_slots = slots or max(1, min(cfg.fl.clients_per_round, os.cpu_count() or 1))
+    done = len(RunDir(run_dir).metrics()) if resume is not None else 0
+    with progress_bar() as prog:
+        events = _RoundProgress(prog, cfg.fl.rounds, done)
+        run_flower(Path(run_dir), fed.root, cfg.to_dict(), resume=resume is not None, init_from=init_from,
+                   superlink=superlink, insecure=insecure, root_certificates=root_certificates, slots=n_slots,
+                   round_timeout=round_timeout, on_row=events.round_end)
+    _print_history(RunDir(run_dir).metrics(), Path(run_dir))
 
 
 def _print_history(history: list[dict], root: Path) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -143,6 +144,10 @@ class ClientWorker:
             self._state = {**self._state, "optimizer": None}
 
     def handle(self, header: bytes, payload: bytes) -> bytes:
+        """One message -> the encoded reply. The reply says how long the client worked
+        (``client_seconds``: from receiving to having encoded its reply, minus that encoding):
+        an engine's overhead is the round's wall time minus that."""
+        t0 = time.perf_counter()
         h = json.loads(header)
         msg = decode_down(payload)
         self.ensure_architecture(msg.arch)
@@ -153,7 +158,8 @@ class ClientWorker:
 
             report = self.method.client_phase(msg.phase, self.model, msg.weights, msg.masks, batches,
                                               msg.instructions)
-            return encode_up({}, {}, report, {"kind": PHASE, "num_examples": len(data)})
+            return encode_up({}, {}, report, {"kind": PHASE, "num_examples": len(data),
+                                              "client_seconds": time.perf_counter() - t0})
         hooks = self.method.client_hooks(msg.masks, msg.instructions)
         extra = {}
         if self.persistent:
@@ -161,7 +167,8 @@ class ClientWorker:
         res = self.train_fn(h["client"], self.model, msg.weights, data, self.cfg, seed=int(h["seed"]),
                             global_step=int(h["global_step"]), hooks=hooks, num_steps=self.num_steps, **extra)
         return encode_up(res.update, msg.masks, hooks.report(),
-                         {"kind": TRAIN, "num_examples": res.num_examples, "metrics": res.metrics})
+                         {"kind": TRAIN, "num_examples": res.num_examples, "metrics": res.metrics,
+                          "client_seconds": time.perf_counter() - t0})
 
     def _persistent_parts(self, data) -> dict:
         from fedasr.trainer import BatchStream, make_optimizer
@@ -291,6 +298,7 @@ class Server:
     def absorb_phase(self, reply: bytes, info: RoundInfo) -> None:
         up = decode_up(reply)
         info.bytes_up += self._count(len(reply))
+        info.client_time += float(up.meta.get("client_seconds", 0.0))
         self._phase_agg.add(up.report, self._weight(up.meta))
 
     def end_phase(self, rnd: int, phase: str, info: RoundInfo) -> None:
@@ -323,6 +331,7 @@ class Server:
         except (ValueError, RuntimeError, KeyError) as e:
             raise ClientRejected(f"bad report: {e}") from None
         info.bytes_up += self._count(len(reply))
+        info.client_time += float(up.meta.get("client_seconds", 0.0))
         info.examples += int(up.meta["num_examples"])
         info.processed += int(metrics.get("processed", 0))
         info.losses.append(float(metrics.get("loss", float("nan"))))

@@ -32,7 +32,7 @@ from fedasr.data.federation import Federation
 from fedasr.errors import FedasrError
 from fedasr.evaluate import evaluate
 from fedasr.fl.client import derive_seed, make_dataset, train_client
-from fedasr.fl.protocol import ClientWorker, RoundInfo, Server, TooFewClients
+from fedasr.fl.protocol import PHASE, TRAIN, ClientWorker, RoundInfo, Server, TooFewClients
 from fedasr.fl.server import ClientRejected
 from fedasr.fsutil import atomic_write_text
 from fedasr.model.transducer import ModelConfig, Transducer
@@ -86,10 +86,42 @@ def dev_subset(cuts: CutSet, cap: int | None) -> CutSet:
 CLIENT_FAULTS = (ClientRejected, FloatingPointError, RuntimeError, ValueError, KeyError, FedasrError)
 
 
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+class Transport(Protocol):
+    """How an engine carries a message to clients and their replies back."""
+
+    def exchange(self, rnd: int, kind: str, clients: list[str], payload: bytes,
+                 headers: dict[str, bytes]) -> dict[str, tuple[bytes | None, str | None]]:
+        """Per client: (reply, None), or (None, reason) when it failed."""
+        ...
+
+
+class LocalTransport:
+    """The embedded engine: one in-process client worker handles every client in turn."""
+
+    def __init__(self, worker: ClientWorker):
+        self.worker = worker
+
+    def exchange(self, rnd, kind, clients, payload, headers):
+        out = {}
+        for i, name in enumerate(clients):
+            try:
+                out[name] = (self.worker.handle(headers[name], payload), None)
+            except CLIENT_FAULTS as e:
+                out[name] = (None, _reason(e))
+            if kind == TRAIN and i == 0:
+                _test_fault_hook(rnd)
+        return out
+
+
 class Runner:
     def __init__(self, run_dir: str | Path, fed: Federation, cfg: RunConfig, *, centralized: bool = False,
-                 events: Events | None = None, client_fn: Callable = train_client):
+                 events: Events | None = None, client_fn: Callable = train_client, engine: str = "embedded"):
         self.run = RunDir(Path(run_dir))
+        self.engine = engine  # recorded in config.yaml
         self.fed = fed
         self.cfg = cfg
         self.centralized = centralized
@@ -108,6 +140,7 @@ class Runner:
         steps = fl.clients_per_round * fl.local_steps if centralized and fl.local_steps is not None else None
         self.worker = ClientWorker(cfg, fed, local, train_fn=client_fn, persistent=centralized,
                                    num_steps=steps if centralized else fl.local_steps)
+        self.transport: Transport = LocalTransport(self.worker)  # the Flower engine swaps its own in
         self.round = 0
         self.history: list[dict] = []
         dev_splits = [s for s, m in fed.eval_splits.items() if m["role"] == "dev"]
@@ -149,7 +182,7 @@ class Runner:
     # ---------------------------------------------------------------- state
     def config_dict(self) -> dict:
         return {"federation": str(self.fed.root.resolve()), "mode": "centralized" if self.centralized else "federated",
-                **self.cfg.to_dict()}
+                "engine": self.engine, **self.cfg.to_dict()}
 
     def state(self) -> dict:
         return {"round": self.round, "history": self.history, "torch_rng": torch.get_rng_state(),
@@ -213,7 +246,9 @@ class Runner:
         raw.pop("federation", None)
         raw.pop("init_from", None)
         mode = raw.pop("mode", "federated")
-        runner = cls(run_dir, fed, parse_config(raw), centralized=(mode == "centralized"), events=events, **kw)
+        engine = raw.pop("engine", "embedded")
+        runner = cls(run_dir, fed, parse_config(raw), centralized=(mode == "centralized"), events=events,
+                     engine=kw.pop("engine", engine), **kw)
         latest = rd.latest()
         if latest is None:
             raise FedasrError(f"{run_dir}: no complete checkpoint to resume from; start the run again")
@@ -221,25 +256,25 @@ class Runner:
         return runner
 
     # ---------------------------------------------------------------- rounds
-    def _exchange(self, rnd: int, clients: list[str], payload: bytes, absorb, info: RoundInfo,
-                  first_train: bool = False) -> None:
-        """Send ``payload`` to every client of the round and absorb the replies; a client
-        that fails is dropped with its reason."""
+    def _exchange(self, rnd: int, kind: str, clients: list[str], payload: bytes, absorb, info: RoundInfo) -> None:
+        """Send ``payload`` to every client of the round (through the engine's transport) and
+        absorb the replies in the clients' order (a fixed aggregation order); a client that
+        fails or whose reply is rejected is dropped with its reason."""
+        headers = {name: self.server.client_header(rnd, name) for name in clients}
         for name in clients:
-            header = self.server.client_header(rnd, name)
-            info.bytes_down += self.server.down_bytes(payload, header)
-            try:
-                t0 = time.perf_counter()
-                reply = self.worker.handle(header, payload)
-                info.client_time += time.perf_counter() - t0
-                absorb(reply, info)
-                if first_train:
-                    self.events.client_done(name, True)
-                    _test_fault_hook(rnd)
-            except CLIENT_FAULTS as e:
-                info.dropped.append({"client": name, "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
-                if first_train:
-                    self.events.client_done(name, False)
+            info.bytes_down += self.server.down_bytes(payload, headers[name])
+        replies = self.transport.exchange(rnd, kind, clients, payload, headers)
+        for name in clients:
+            reply, error = replies[name]
+            if reply is not None:
+                try:
+                    absorb(reply, info)
+                except CLIENT_FAULTS as e:
+                    reply, error = None, _reason(e)
+            if error is not None:
+                info.dropped.append({"client": name, "reason": error})
+            if kind == TRAIN:
+                self.events.client_done(name, reply is not None)
 
     def _round(self, rnd: int) -> dict:
         server = self.server
@@ -247,10 +282,10 @@ class Runner:
         self.events.round_start(rnd, clients)
         info = RoundInfo(clients)
         for phase in server.phases(rnd):
-            self._exchange(rnd, clients, server.phase_payload(rnd, phase), server.absorb_phase, info)
+            self._exchange(rnd, PHASE, clients, server.phase_payload(rnd, phase), server.absorb_phase, info)
             server.end_phase(rnd, phase, info)
         payload = server.begin_round(rnd, clients)
-        self._exchange(rnd, clients, payload, server.absorb, info, first_train=True)
+        self._exchange(rnd, TRAIN, clients, payload, server.absorb, info)
         try:
             server.end_round(rnd, info)
         except TooFewClients as e:

@@ -1,0 +1,62 @@
+"""The Flower ClientApp: hands each message to fedasr's client worker.
+
+A SuperNode's node config may name ``client-id`` (it then serves that client only) and
+``federation-dir`` (its copy of the federation; default: the run's). The run config
+(``fedasr train`` passes it with ``flwr run``) carries the resolved run config as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedasr.fl.flower.transport import pack, unpack
+
+app = ClientApp()
+_WORKERS: dict = {}  # per process: Flower may start one process per message, or keep one
+
+
+def _worker(context: Context):
+    key = (context.run_config["config"], str(context.node_config.get("federation-dir", "")))
+    if key not in _WORKERS:
+        import torch
+
+        from fedasr.config import parse_config, resolve_device
+        from fedasr.data.federation import Federation
+        from fedasr.fl.protocol import ClientWorker
+        from fedasr.fl.runner import model_config
+        from fedasr.model.transducer import Transducer
+
+        if "OMP_NUM_THREADS" in os.environ:
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        cfg = parse_config(json.loads(context.run_config["config"]))
+        fed = Federation(context.node_config.get("federation-dir") or context.run_config["federation"])
+        with torch.random.fork_rng():
+            model = Transducer(model_config(cfg, fed.tokenizer.vocab_size)).to(resolve_device(cfg.device))
+        _WORKERS.clear()
+        _WORKERS[key] = ClientWorker(cfg, fed, model)
+    return _WORKERS[key]
+
+
+@app.query("hello")
+def hello(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"hello": ConfigRecord({"client-id": str(context.node_config.get("client-id", ""))})}),
+                   reply_to=msg)
+
+
+def _handle(msg: Message, context: Context) -> Message:
+    payload, header = unpack(msg.content)
+    return Message(pack(_worker(context).handle(header, payload)), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _handle(msg, context)
+
+
+@app.query("phase")
+def phase(msg: Message, context: Context) -> Message:
+    return _handle(msg, context)

@@ -1,0 +1,135 @@
+"""Carrying fedasr's messages over Flower's Message API (flwr 1.41).
+
+A message is a ``RecordDict`` with the payload as one raw-bytes ``Array`` (Flower sends
+it in 5 MB chunks) and the per-client header in a ``ConfigRecord``; message types are
+``train`` (local training) and ``query.phase`` (an evaluate-only phase of the pruning
+method). Replies carry the client's encoded reply the same way.
+
+Nodes: a SuperNode whose node config names a ``client-id`` serves that client only (its
+own data, on its own machine); the others are *slots* that serve any client of the
+federation (one machine: the data is shared). Each slot works on one message at a time; a
+node that errs with ``NODE_UNAVAILABLE`` or misses the round's deadline is not used again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+from fedasr.errors import FedasrError
+from fedasr.fl.protocol import PHASE
+
+NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode
+KIND_TO_TYPE = {PHASE: "query.phase", "train": "train"}
+
+
+def pack(payload: bytes, header: bytes | None = None) -> RecordDict:
+    rec = {"fedasr": ArrayRecord({"payload": Array(dtype="bytes", shape=(len(payload),), stype="fedasr/payload",
+                                                   data=payload)})}
+    if header is not None:
+        rec["header"] = ConfigRecord({"header": header.decode()})
+    return RecordDict(rec)
+
+
+def unpack(content: RecordDict) -> tuple[bytes, bytes | None]:
+    payload = bytes(content["fedasr"]["payload"].data)
+    header = content["header"]["header"].encode() if "header" in content else None
+    return payload, header
+
+
+class FlowerTransport:
+    def __init__(self, grid, clients: list[str], round_timeout: float = 900.0, poll: float = 0.1,
+                 wait_nodes: float = 300.0, log: Callable[[str], None] = lambda s: None):
+        self.grid = grid
+        self.round_timeout = round_timeout
+        self.poll = poll
+        self.log = log
+        self.dead: set[int] = set()
+        self.owner: dict[int, str | None] = self._discover(set(clients), wait_nodes)
+
+    def _discover(self, clients: set[str], wait: float) -> dict[int, str | None]:
+        """Ask every node who it is: {node id: the client it serves, or None (a slot)}."""
+        deadline = time.monotonic() + wait
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if nodes:
+                msgs = [Message(RecordDict({"hello": ConfigRecord({})}), n, "query.hello", ttl=60.0) for n in nodes]
+                replies, missing = self._send(msgs, 120.0)
+                owner = {}
+                for n, r in replies.items():
+                    if not r.has_error():
+                        cid = r.content["hello"].get("client-id", "")
+                        owner[n] = str(cid) if cid != "" else None
+                fixed = {c for c in owner.values() if c is not None}
+                unknown = fixed - clients
+                if unknown:
+                    raise FedasrError(f"SuperNode client-id {sorted(unknown)[0]!r} is not a client of the federation")
+                if any(c is None for c in owner.values()) or fixed == clients:
+                    self.log(f"flower: {len(owner)} SuperNodes ({len(fixed)} with their own client)")
+                    return owner
+            if time.monotonic() > deadline:
+                raise FedasrError(f"flower: no usable SuperNodes within {wait:.0f} s (need one per client "
+                                  f"or client-less slots)")
+            time.sleep(1.0)
+
+    def _send(self, msgs: list[Message], timeout: float) -> tuple[dict[int, Message], set[int]]:
+        """Push, then pull every ``poll`` seconds until every reply or the deadline
+        (``grid.send_and_receive`` sleeps 3 s between pulls)."""
+        ids = list(self.grid.push_messages(msgs))
+        node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, msgs)}
+        pending = set(node_of)
+        replies: dict[int, Message] = {}
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for r in self.grid.pull_messages(list(pending)):
+                mid = r.metadata.reply_to_message_id
+                if mid in pending:
+                    pending.discard(mid)
+                    replies[node_of[mid]] = r
+            if pending:
+                time.sleep(self.poll)
+        return replies, {node_of[m] for m in pending}
+
+    def exchange(self, rnd: int, kind: str, clients: list[str], payload: bytes,
+                 headers: dict[str, bytes]) -> dict[str, tuple[bytes | None, str | None]]:
+        out: dict[str, tuple[bytes | None, str | None]] = {}
+        fixed = {c: n for n, c in self.owner.items() if c is not None}
+        todo = list(clients)
+        deadline = time.monotonic() + self.round_timeout
+        while todo:
+            slots = [n for n, c in self.owner.items() if c is None and n not in self.dead]
+            wave: list[tuple[str, int]] = []
+            for c in list(todo):
+                node = fixed.get(c)
+                if node is None:
+                    if not slots:
+                        continue
+                    node = slots.pop(0)
+                elif node in self.dead:
+                    out[c] = (None, f"NodeUnavailable: the SuperNode of {c} is gone")
+                    todo.remove(c)
+                    continue
+                wave.append((c, node))
+                todo.remove(c)
+            if not wave:
+                for c in todo:
+                    out[c] = (None, "NodeUnavailable: no SuperNode left to serve it")
+                break
+            msgs = [Message(pack(payload, headers[c]), n, KIND_TO_TYPE[kind], group_id=str(rnd),
+                            ttl=max(60.0, self.round_timeout)) for c, n in wave]
+            replies, missing = self._send(msgs, max(1.0, deadline - time.monotonic()))
+            for c, n in wave:
+                r = replies.get(n)
+                if r is None:
+                    self.dead.add(n)
+                    out[c] = (None, f"TimeoutError: no reply within the round's {self.round_timeout:.0f} s "
+                                    f"(SuperNode {n})")
+                elif r.has_error():
+                    if r.error.code == NODE_UNAVAILABLE:
+                        self.dead.add(n)
+                    out[c] = (None, f"FlowerError {r.error.code}: {r.error.reason.splitlines()[0][:160]}")
+                else:
+                    out[c] = (unpack(r.content)[0], None)
+        return out
