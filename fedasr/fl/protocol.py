@@ -253,15 +253,18 @@ class Server:
         return {"lr_step": self.lr_step, "server_optimizer": self.server_opt.state_dict(),
                 "method": self.method.state_dict(), "dense_masked": dense}
 
-    def load_state_dict(self, st: dict, served: dict[str, torch.Tensor], masks: Masks, arch: dict) -> None:
+    def load_state_dict(self, st: dict, served: dict[str, torch.Tensor], masks: Masks, arch: dict,
+                        source: str = "checkpoint") -> None:
         """``served``: the checkpoint's (masked) weights of architecture ``arch`` (a compacted
         run's own widths); the dense values of the masked tensors come from the state."""
+        from fedasr.checkpoint import load_weights
+
         if arch != self.model.cfg.to_dict():
             from fedasr.model.transducer import ModelConfig, Transducer
 
             with torch.random.fork_rng():
                 self.model = Transducer(ModelConfig.from_dict(arch))
-        self.model.load_state_dict({**served, **st.get("dense_masked", {})})
+        load_weights(self.model, {**served, **st.get("dense_masked", {})}, source)
         self.masks = dict(masks)
         self.lr_step = int(st["lr_step"])
         self.server_opt.load_state_dict(st["server_optimizer"])

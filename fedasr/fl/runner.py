@@ -205,8 +205,7 @@ class Runner:
         st = ckpt["state"]
         if "server" not in st:
             raise FedasrError(f"{path}: written by an older fedasr (no server state); start the run again")
-        self.server.load_state_dict(st["server"], ckpt["model"], ckpt["masks"], ckpt["model_config"])
-        load_weights(self.model, ckpt["model"], path)  # checks the architecture
+        self.server.load_state_dict(st["server"], ckpt["model"], ckpt["masks"], ckpt["model_config"], path)
         self.round = int(st["round"])
         self.history = list(st["history"])
         self.base_sizes = dict(st.get("base_sizes", self.base_sizes))
