@@ -24,6 +24,8 @@ import time
 import numpy as np
 import torch
 
+from benchlib import best_time
+
 
 def unit_pruned(model, sparsity: float):
     from fedasr.config import PruningSection
@@ -60,15 +62,6 @@ class _Cmvn:
     std = [1.0] * 80
 
 
-def best(repeat: int, fn) -> float:
-    out = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return min(out)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
@@ -101,26 +94,26 @@ def main() -> None:
             with torch.no_grad():
                 for threads in (1, cores):
                     torch.set_num_threads(threads)
-                    enc_t = best(args.repeat, lambda: m.encode(feats, lens))
+                    enc_t = best_time(args.repeat, lambda: m.encode(feats, lens))
 
                     def greedy():
                         enc, el = m.encode(feats, lens)
                         return greedy_search(m, enc, el)
 
                     row[f"torch_enc_{threads}"] = enc_t / args.seconds
-                    row[f"torch_{threads}"] = best(args.repeat, greedy) / args.seconds
+                    row[f"torch_{threads}"] = best_time(args.repeat, greedy) / args.seconds
             d = os.path.join(tmp, name.replace(" ", "_").replace("%", ""))
             export_model(m, _Tok(256), _Cmvn(), d)
             x = feats.numpy()
             for threads in (1, cores):
                 onnx = OnnxTransducer(d, threads=threads)
-                row[f"ort_enc_{threads}"] = best(args.repeat, lambda: onnx.encode(x, np.array([frames]))) / args.seconds
+                row[f"ort_enc_{threads}"] = best_time(args.repeat, lambda: onnx.encode(x, np.array([frames]))) / args.seconds
 
                 def ort_greedy():
                     enc, el = onnx.encode(x, np.array([frames]))
                     return onnx.greedy(enc[0, : int(el[0])])
 
-                row[f"ort_{threads}"] = best(args.repeat, ort_greedy) / args.seconds
+                row[f"ort_{threads}"] = best_time(args.repeat, ort_greedy) / args.seconds
             rows.append(row)
             print(f"measured {name}", flush=True)
     base = rows[0]

@@ -15,18 +15,9 @@ from __future__ import annotations
 
 import argparse
 import random
-import time
 
+from benchlib import best_time
 from fedasr.data import text
-
-
-def best_of(repeat: int, fn) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -44,11 +35,11 @@ def main() -> None:
         raise AssertionError("an impossible request was accepted")
 
     rows = [
-        ("open, 50,000 sentences", best_of(args.repeat, lambda: text.generate_sentences("open", 50_000,
+        ("open, 50,000 sentences", best_time(args.repeat, lambda: text.generate_sentences("open", 50_000,
                                                                                           random.Random(5))), 5.0),
-        ("open, 200,000 sentences", best_of(args.repeat, lambda: text.generate_sentences("open", 200_000,
+        ("open, 200,000 sentences", best_time(args.repeat, lambda: text.generate_sentences("open", 200_000,
                                                                                            random.Random(0))), 20.0),
-        ("small, refuse 10^12", best_of(args.repeat, refuse), 1.0),
+        ("small, refuse 10^12", best_time(args.repeat, refuse), 1.0),
     ]
     print(f"{'what':<28} {'seconds':>9} {'budget':>8} {'ratio':>7}")
     for what, secs, budget in rows:

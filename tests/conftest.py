@@ -36,6 +36,42 @@ def run_cli(*args, cwd=None, timeout=600, env=None):
                           text=True, cwd=cwd, timeout=timeout, env=None if env is None else {**os.environ, **env})
 
 
+class Stopped(Exception):
+    """Raised by :class:`StopAfterRound` once round N is checkpointed."""
+
+
+class StopAfterRound:
+    """Runner events that stop a run right after round ``n`` (its checkpoint is written),
+    as a crash would; `Runner.resume` then continues it."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def round_start(self, rnd, clients):
+        pass
+
+    def client_done(self, client, ok):
+        pass
+
+    def round_end(self, row):
+        if row["round"] == self.n:
+            raise Stopped
+
+
+def interrupted_then_resumed(run_dir, fed, cfg, n: int):
+    """A run stopped after round ``n`` and resumed to the end; returns the resumed Runner."""
+    from fedasr.fl.runner import Runner
+
+    half = Runner(run_dir, fed, cfg, events=StopAfterRound(n))
+    half.start()
+    with pytest.raises(Stopped):
+        half.run_rounds()
+    resumed = Runner.resume(run_dir)
+    assert resumed.round == n
+    resumed.run_rounds()
+    return resumed
+
+
 E2E_FIXTURES = {"corpus", "federation"}
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, MICRO_MODEL, run_cli, sets
+from conftest import FAST, MICRO_MODEL, interrupted_then_resumed, run_cli, sets
 from fedasr.checkpoint import load_checkpoint
 from fedasr.config import load_config
 from fedasr.data.batching import AsrDataset
@@ -147,21 +147,8 @@ def test_asp_shrinks_the_model_mid_run_and_resumes_exactly(federation, tmp_path)
     for name, st in straight.server.server_opt.state.items():
         assert all(t.shape == straight.model.state_dict()[name].shape for t in st.values()), name
 
-    class Stop(Exception):
-        pass
-
-    class KillAfterRound1:
-        def round_start(self, rnd, clients): pass
-        def client_done(self, client, ok): pass
-        def round_end(self, row):
-            raise Stop
-
-    half = Runner(tmp_path / "b", Federation(federation), load_config(None, cfg), events=KillAfterRound1())
-    half.start()
-    with pytest.raises(Stop):
-        half.run_rounds()
-    resumed = Runner.resume(tmp_path / "b")  # across the shrink of round 1 (and 2 still to come)
-    resumed.run_rounds()
+    # stopped after round 1's shrink, resumed across it (round 2 shrinks again)
+    resumed = interrupted_then_resumed(tmp_path / "b", Federation(federation), load_config(None, cfg), 1)
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.model.cfg.widths == widths

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import FAST, MICRO_MODEL
+from conftest import FAST, MICRO_MODEL, interrupted_then_resumed
 from fedasr.config import PruningSection, from_dict, load_config
 from fedasr.data.batching import Batch
 from fedasr.data.federation import Federation
@@ -204,22 +204,7 @@ def test_fedtiny_run_selects_adjusts_and_resumes_exactly(federation, tmp_path):
         assert r["sparsity"] == pytest.approx(0.8, abs=0.02)
     assert rows[0]["bytes_down"] > rows[1]["bytes_down"]  # round 1 also sent the candidates
 
-    class Stop(Exception):
-        pass
-
-    class KillAfterRound2:
-        def round_start(self, rnd, clients): pass
-        def client_done(self, client, ok): pass
-        def round_end(self, row):
-            if row["round"] == 2:
-                raise Stop
-
-    half = Runner(tmp_path / "b", Federation(federation), load_config(None, cfg), events=KillAfterRound2())
-    half.start()
-    with pytest.raises(Stop):
-        half.run_rounds()
-    resumed = Runner.resume(tmp_path / "b")
-    resumed.run_rounds()
+    resumed = interrupted_then_resumed(tmp_path / "b", Federation(federation), load_config(None, cfg), 2)
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(torch.equal(straight.masks[k], resumed.masks[k]) for k in straight.masks)

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from conftest import FAST, run_cli, sets
+from conftest import FAST, interrupted_then_resumed, run_cli, sets
 from fedasr.config import PruningSection, from_dict, load_config
 from fedasr.data.federation import Federation
 from fedasr import codec
@@ -272,22 +272,7 @@ def test_resumed_pruned_run_equals_straight_run(federation, tmp_path):
     straight = Runner(tmp_path / "a", Federation(federation), load_config(None, base))
     straight.start()
     straight.run_rounds()
-    class Killed(Exception):
-        pass
-
-    class KillAfterRound1:
-        def round_start(self, rnd, clients): pass
-        def client_done(self, client, ok): pass
-        def round_end(self, row):
-            raise Killed  # the round's checkpoint is already written
-
-    half = Runner(tmp_path / "b", Federation(federation), load_config(None, base), events=KillAfterRound1())
-    half.start()
-    with pytest.raises(Killed):
-        half.run_rounds()
-    resumed = Runner.resume(tmp_path / "b")
-    assert resumed.round == 1 and resumed.masks
-    resumed.run_rounds()
+    resumed = interrupted_then_resumed(tmp_path / "b", Federation(federation), load_config(None, base), 1)
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(torch.equal(straight.masks[k], resumed.masks[k]) for k in straight.masks)

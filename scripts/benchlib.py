@@ -1,0 +1,16 @@
+"""Helpers shared by the benchmark scripts (run as `python scripts/bench_*.py`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+
+def best_time(repeat: int, fn: Callable[[], object]) -> float:
+    """The fastest of ``repeat`` timed calls of ``fn`` (seconds): the least disturbed run."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
