@@ -139,8 +139,6 @@ def export_checkpoint(path, out, federation=None) -> dict:
     fed = Federation(fed_dir)
     if fed.tokenizer.proto != tok.proto:
         raise FedasrError(f"{path}: the checkpoint's tokenizer differs from {fed.root}/tokenizer.model")
-    if model.cfg.widths is None and ckpt["masks"]:
-        pass  # masked but not compacted: exported as is (zeros included); `fedasr compact` first for speed
     return export_model(model, tok, fed.cmvn, out, source=str(path))
 
 

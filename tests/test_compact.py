@@ -10,11 +10,10 @@ import torch
 from conftest import FAST, MICRO_MODEL, interrupted_then_resumed, run_cli, sets
 from fedasr.checkpoint import load_checkpoint
 from fedasr.config import load_config
-from fedasr.data.batching import AsrDataset
 from fedasr.data.federation import Federation
 from fedasr.fl.runner import Runner
 from fedasr.methods.asp import band_keep, unit_norms
-from fedasr.model.compact import CompactionPlan, compact_with_masks, compactable, units_pruned_whole
+from fedasr.model.compact import compact_with_masks, compactable, units_pruned_whole
 from fedasr.model.groups import KINDS, group_families
 from fedasr.model.transducer import ModelConfig, Transducer
 

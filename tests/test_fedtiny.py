@@ -13,7 +13,7 @@ from fedasr.data.federation import Federation
 from fedasr.fl.protocol import encode_up
 from fedasr.fl.runner import Runner
 from fedasr.methods.base import MeanAggregator, Report, RoundContext
-from fedasr.methods.fedtiny import (FedTiny, FedTinyConfig, PooledBatchNormAggregator, TopKAggregator, TopKHooks,
+from fedasr.methods.fedtiny import (FedTiny, FedTinyConfig, PooledBatchNormAggregator, TopKHooks,
                                     recalibrate_batchnorm)
 from fedasr.model.transducer import ModelConfig, Transducer
 
