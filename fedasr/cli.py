@@ -255,6 +255,10 @@ def _train_flower(federation, config, out, set_, centralized, resume, init_from,
         cfg = load_config(config, set_)
         fed = Federation(federation)
         model_config(cfg, fed.tokenizer.vocab_size)  # a bad model config fails here, not in the ServerApp
+        if init_from is not None:
+            from fedasr.checkpoint import read_checkpoint
+
+            read_checkpoint(init_from)  # exists and is a checkpoint
         if out.exists() and any(out.iterdir()):
             if not overwrite:
                 raise FedasrError(f"{out}: run directory exists (use --resume to continue it or --overwrite)")

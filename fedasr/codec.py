@@ -48,7 +48,9 @@ def encode(tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | No
         arr = t.numpy()
         entry = {"name": name, "dtype": dt, "shape": list(t.shape)}
         m = masks.get(name)
-        if m is not None and tuple(m.shape) == tuple(t.shape):
+        if m is not None and tuple(m.shape) != tuple(t.shape):
+            raise ValueError(f"{name}: mask shape {tuple(m.shape)} does not fit the tensor's {tuple(t.shape)}")
+        if m is not None:
             keep = m.detach().cpu().numpy().astype(bool).reshape(-1)
             bits = np.packbits(keep).tobytes()
             vals = np.ascontiguousarray(arr.reshape(-1)[keep]).astype(dt).tobytes()

@@ -172,6 +172,8 @@ class PruningSection:
             if k in COMMON_PRUNING_KEYS:
                 common[k] = v
             elif k in methods and methods[k].Config is not None:
+                if v is not None and not isinstance(v, dict):
+                    raise FedasrError(f"{p}{k}: expected a mapping of {k}'s settings, got {v!r}")
                 blocks[k] = from_dict(methods[k].Config, v if v is not None else {}, f"{p}{k}")
             else:
                 known = list(COMMON_PRUNING_KEYS) + sorted(n for n, m in methods.items() if m.Config is not None)

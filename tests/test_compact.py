@@ -197,3 +197,23 @@ def test_compact_eval_info_and_export_through_the_cli(federation, tmp_path):
     cuts = fed.split_cuts("test-clean")
     for c in list(cuts)[:6]:
         assert fed.tokenizer.decode(onnx.decode(c.load_features())) == hyps[c.id], c.id
+
+
+def test_centralized_asp_keeps_its_batch_stream_and_resumes_exactly(federation, tmp_path):
+    """Regression: a shrink restarted the centralized client's batch stream (and resume differed)."""
+    cfg = FAST + ["fl.rounds=3", "pruning.method=asp", "pruning.asp.k=0.5", "pruning.asp.max_prune_round=2"]
+    straight = Runner(tmp_path / "a", Federation(federation), load_config(None, cfg), centralized=True)
+    straight.start()
+    straight.run_rounds()
+    assert straight.worker._stream.consumed == 3 * 2 * 2  # rounds x clients_per_round x local_steps, unbroken
+    resumed = Runner(tmp_path / "b", Federation(federation), load_config(None, cfg), centralized=True)
+    from conftest import StopAfterRound, Stopped
+
+    resumed.events = StopAfterRound(1)
+    resumed.start()
+    with pytest.raises(Stopped):
+        resumed.run_rounds()
+    again = Runner.resume(tmp_path / "b")
+    again.run_rounds()
+    a, b = straight.model.state_dict(), again.model.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

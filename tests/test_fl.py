@@ -93,6 +93,11 @@ def test_aggregator_rejects_bad_updates():
     assert agg.count == 0
 
 
+def test_a_mask_that_does_not_fit_its_tensor_is_an_error():
+    with pytest.raises(ValueError, match=r"a: mask shape \(3,\) does not fit"):
+        codec.encode({"a": torch.zeros(4)}, {"a": torch.ones(3, dtype=torch.bool)})
+
+
 def test_payload_round_trip_and_masked_size():
     t = {"a": torch.randn(64, 32), "b": torch.arange(5)}
     back = codec.decode(codec.encode(t))
@@ -199,6 +204,7 @@ def test_centralized_baseline_runs_same_compute(federation, tmp_path):
     ("fl.bogus=1", "fl.bogus: unknown key"),
     ("fl.aggregation=fedmagic", "fl.aggregation: unknown 'fedmagic'"),
     ("train.lr=-1", "train.lr: must be positive"),
+    ("pruning.fedtiny=5", "pruning.fedtiny: expected a mapping"),
 ])
 def test_bad_config_names_the_key(federation, tmp_path, setting, expect):
     r = run_cli("train", "--federation", federation, "--out", tmp_path / "r", "--set", setting)

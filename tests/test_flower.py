@@ -15,7 +15,6 @@ import torch
 from conftest import FAST, run_cli, sets
 
 pytest.importorskip("flwr")
-pytestmark = pytest.mark.e2e
 
 RUN = FAST + ["fl.rounds=3", "eval.every=0", "fl.aggregation=fedadam"]
 
@@ -43,6 +42,7 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_flower_engine_gives_the_embedded_weights(federation, tmp_path):
     one = {"OMP_NUM_THREADS": "1"}  # Flower's clients get one thread each (2 slots on 2 cores)
     emb = run_cli("train", "--federation", federation, "--out", tmp_path / "emb", *sets(*RUN), env=one)
@@ -64,6 +64,7 @@ def test_flower_engine_gives_the_embedded_weights(federation, tmp_path):
     assert flower_processes(tmp_path / "flw") == []
 
 
+@pytest.mark.e2e
 def test_killed_supernode_is_dropped_and_a_killed_federation_resumes(federation, tmp_path):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "fedasr.cli", "train", "--engine", "flower", "--federation", str(federation),
@@ -90,3 +91,43 @@ def test_killed_supernode_is_dropped_and_a_killed_federation_resumes(federation,
     final = rows(run)
     assert [r["round"] for r in final] == [1, 2, 3] and not final[2]["dropped"]
     assert flower_processes(run) == []
+
+
+def test_supernodes_for_some_clients_only_narrow_the_sample(monkeypatch):
+    """Regression: with SuperNodes for 2 of 3 clients the run waited forever; now the server
+    samples among the clients whose SuperNode answered (a fake grid, no processes)."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedasr.fl.flower import transport as T
+
+    class Reply:
+        def __init__(self, cid, mid):
+            self.content = RecordDict({"hello": ConfigRecord({"client-id": cid})})
+            self.metadata = type("M", (), {"reply_to_message_id": mid})()
+
+        def has_error(self):
+            return False
+
+    class Grid:
+        nodes = {11: "a", 12: "b"}
+
+        def get_node_ids(self):
+            return list(self.nodes)
+
+        def push_messages(self, msgs):
+            self.sent = [(i, m.metadata.dst_node_id) for i, m in enumerate(msgs)]
+            return [i for i, _ in self.sent]
+
+        def pull_messages(self, ids):
+            return [Reply(self.nodes[n], i) for i, n in self.sent if i in ids]
+
+    class FakeMessage:  # Flower's Message needs a running app's identity
+        def __init__(self, content, dst, *a, **k):
+            self.metadata = type("M", (), {"dst_node_id": dst})()
+
+    monkeypatch.setattr(T, "Message", FakeMessage)
+    t = T.FlowerTransport(Grid(), ["a", "b", "c"], wait_nodes=0.5)
+    assert t.clients == ["a", "b"] and t.owner == {11: "a", 12: "b"}
+    Grid.nodes = {11: "a", 13: "x"}
+    with pytest.raises(Exception, match="client-id 'x' is not a client"):
+        T.FlowerTransport(Grid(), ["a", "b", "c"], wait_nodes=0.5)

@@ -27,6 +27,7 @@ import torch
 
 from fedasr import codec
 from fedasr.config import RunConfig
+from fedasr.data.batching import AsrDataset
 from fedasr.data.federation import Federation
 from fedasr.errors import FedasrError
 from fedasr.fl.client import derive_seed, make_dataset, train_client
@@ -44,11 +45,13 @@ class TooFewClients(FedasrError):
 
 # ---------------------------------------------------------------------------- messages
 def encode_down(kind: str, rnd: int, phase: str | None, weights: dict[str, torch.Tensor], masks: Masks,
-                instructions: Instructions, arch: dict | None = None) -> bytes:
-    """``arch``: the model config the weights belong to (a compacted model has its own widths)."""
+                instructions: Instructions, arch: dict | None = None, tokenizer: str | None = None) -> bytes:
+    """``arch``: the model config the weights belong to (a compacted model has its own widths);
+    ``tokenizer``: the sha256 of the server's tokenizer (a client with another one refuses)."""
     tensors = {f"w/{k}": v for k, v in weights.items()}
     tensors.update({f"i/{k}": v for k, v in instructions.tensors.items()})
-    meta = {"kind": kind, "round": rnd, "phase": phase, "instructions": instructions.meta, "arch": arch}
+    meta = {"kind": kind, "round": rnd, "phase": phase, "instructions": instructions.meta, "arch": arch,
+            "tokenizer": tokenizer}
     return codec.encode(tensors, {f"w/{k}": m for k, m in masks.items()}, meta)
 
 
@@ -61,6 +64,7 @@ class Down:
     masks: Masks
     instructions: Instructions
     arch: dict | None = None
+    tokenizer: str | None = None
 
 
 def decode_down(payload: bytes) -> Down:
@@ -68,7 +72,7 @@ def decode_down(payload: bytes) -> Down:
     weights = {k[2:]: v for k, v in tensors.items() if k.startswith("w/")}
     instr = Instructions({k[2:]: v for k, v in tensors.items() if k.startswith("i/")}, meta.get("instructions", {}))
     return Down(meta["kind"], int(meta["round"]), meta.get("phase"), weights,
-                {k[2:]: m for k, m in masks.items()}, instr, meta.get("arch"))
+                {k[2:]: m for k, m in masks.items()}, instr, meta.get("arch"), meta.get("tokenizer"))
 
 
 def client_header(client: str, seed: int, global_step: int) -> bytes:
@@ -118,6 +122,9 @@ class ClientWorker:
         self._optimizer = None
         self._stream = None
         self._state: dict = {}
+        import hashlib
+
+        self._tok_sha = hashlib.sha256(fed.tokenizer.proto).hexdigest()
 
     def dataset(self, client: str):
         if self.persistent:
@@ -139,9 +146,17 @@ class ClientWorker:
         with torch.random.fork_rng():
             self.model = Transducer(ModelConfig.from_dict(arch)).to(device)
         self.method = make_method(self.cfg.pruning, self.model, self.cfg.fl.rounds, self.cfg.seed)
-        self._optimizer = None  # a persistent client's optimizer follows the new shapes
-        if self._state.get("optimizer") is not None:
-            self._state = {**self._state, "optimizer": None}
+        # a persistent client keeps its batch stream; its optimizer restarts on the smaller
+        # model, unless the state it was restored with belongs to that model already
+        if self._optimizer is not None:
+            self._state = {"batches": self._stream.consumed}
+            self._optimizer = None
+        elif self._state.get("arch") != arch:
+            self._state = {k: v for k, v in self._state.items() if k not in ("optimizer", "arch")}
+
+    def _check_tokenizer(self, sha: str | None) -> None:
+        if sha is not None and sha != self._tok_sha:
+            raise FedasrError(f"{self.fed.root}: its tokenizer differs from the server's (another federation?)")
 
     def handle(self, header: bytes, payload: bytes) -> bytes:
         """One message -> the encoded reply. The reply says how long the client worked
@@ -150,11 +165,14 @@ class ClientWorker:
         t0 = time.perf_counter()
         h = json.loads(header)
         msg = decode_down(payload)
+        self._check_tokenizer(msg.tokenizer)
         self.ensure_architecture(msg.arch)
         data = self.dataset(h["client"])
         if msg.kind == PHASE:
+            plain = AsrDataset(data.cuts, data.tokenizer, data.cmvn, spec_augment=None)  # evaluate-only: no SpecAugment
+
             def batches():
-                return data.batches(self.cfg.train.max_duration, shuffle=False, num_buckets=1)
+                return plain.batches(self.cfg.train.max_duration, shuffle=False, num_buckets=1)
 
             report = self.method.client_phase(msg.phase, self.model, msg.weights, msg.masks, batches,
                                               msg.instructions)
@@ -173,18 +191,20 @@ class ClientWorker:
     def _persistent_parts(self, data) -> dict:
         from fedasr.trainer import BatchStream, make_optimizer
 
+        if self._stream is None:
+            self._stream = BatchStream(data, self.cfg.train, derive_seed(self.cfg.seed, 0),
+                                       consumed=int(self._state.get("batches", 0)))
         if self._optimizer is None:
             self._optimizer = make_optimizer(self.model, self.cfg.train)
             if self._state.get("optimizer"):
                 self._optimizer.load_state_dict(self._state["optimizer"])
-            self._stream = BatchStream(data, self.cfg.train, derive_seed(self.cfg.seed, 0),
-                                       consumed=int(self._state.get("batches", 0)))
         return {"optimizer": self._optimizer, "stream": self._stream}
 
     def state_dict(self) -> dict:
         if self._optimizer is None:
             return dict(self._state)
-        return {"optimizer": self._optimizer.state_dict(), "batches": self._stream.consumed}
+        return {"optimizer": self._optimizer.state_dict(), "batches": self._stream.consumed,
+                "arch": self.model.cfg.to_dict()}
 
     def load_state_dict(self, d: dict) -> None:
         self._state = dict(d or {})
@@ -210,11 +230,14 @@ class Server:
     last value here, clients get ``weights x masks``), the masks, the server optimiser, the
     pruning method, the client sample, and the aggregation of every reply."""
 
-    def __init__(self, cfg: RunConfig, model: torch.nn.Module, clients: list[str], *, centralized: bool = False):
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, clients: list[str], *, centralized: bool = False,
+                 tokenizer_sha: str | None = None):
         self.cfg = cfg
         self.model = model  # on the CPU
-        self.clients = sorted(clients)
+        self.clients = sorted(clients)  # those sampled from (an engine may narrow them to the reachable)
+        self.client_index = {c: i for i, c in enumerate(self.clients)}  # a client's seed index: fixed
         self.centralized = centralized
+        self.tokenizer_sha = tokenizer_sha
         if centralized:  # one client: the server takes its weights as they are
             fl = type(cfg.fl)(**{**cfg.fl.__dict__, "aggregation": "fedavg", "server_lr": 1.0})
             self.server_opt = ServerOptimizer(fl)
@@ -282,7 +305,7 @@ class Server:
         return [self.clients[i] for i in sorted(rng.choice(len(self.clients), k, replace=False).tolist())]
 
     def client_header(self, rnd: int, client: str) -> bytes:
-        idx = 0 if self.centralized else self.clients.index(client)
+        idx = 0 if self.centralized else self.client_index[client]
         return client_header(client, derive_seed(self.cfg.seed, rnd, idx), self.lr_step)
 
     def _count(self, n: int) -> int:
@@ -293,19 +316,35 @@ class Server:
         return self.method.phases(rnd)
 
     def phase_payload(self, rnd: int, phase: str) -> bytes:
-        instructions, masks = self.method.phase_instructions(phase, self.ctx(rnd))
-        self._phase_agg = self.method.phase_aggregator(phase, self.ctx(rnd))
+        ctx = self.ctx(rnd)
+        instructions, masks = self.method.phase_instructions(phase, ctx)
+        self._phase_agg = self.method.phase_aggregator(phase, ctx)
+        self._phase_count = 0
         return encode_down(PHASE, rnd, phase, self.weights(), self.masks if masks is None else masks, instructions,
-                           self.arch())
+                           self.arch(), self.tokenizer_sha)
 
     def absorb_phase(self, reply: bytes, info: RoundInfo) -> None:
         up = decode_up(reply)
+        weight = self._weight(up.meta)
+        try:
+            self._phase_agg.add(up.report, weight)
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise ClientRejected(f"bad report: {e}") from None
         info.bytes_up += self._count(len(reply))
         info.client_time += float(up.meta.get("client_seconds", 0.0))
-        self._phase_agg.add(up.report, self._weight(up.meta))
+        self._phase_count += 1
 
     def end_phase(self, rnd: int, phase: str, info: RoundInfo) -> None:
+        self._enough(rnd, self._phase_count, info, f"phase {phase!r}")
         self._apply(self.method.end_phase(phase, self.ctx(rnd), self._phase_agg), info)
+
+    def _enough(self, rnd: int, count: int, info: RoundInfo, what: str = "") -> None:
+        needed = 1 if self.centralized else self.cfg.fl.min_clients
+        if count < needed:
+            where = f" in {what}" if what else ""
+            raise TooFewClients(f"round {rnd}: only {count} of {len(info.clients)} clients succeeded{where} "
+                                f"(fl.min_clients={needed}); first failure: "
+                                f"{info.dropped[0]['reason'] if info.dropped else 'none'}")
 
     # ---------------------------------------------------------------- training
     def begin_round(self, rnd: int, clients: list[str]) -> bytes:
@@ -313,12 +352,18 @@ class Server:
         instructions = self.method.configure(ctx)
         self._agg = StreamingAggregator(self.model.state_dict())
         self._reports = self.method.report_aggregator(ctx)
-        return encode_down(TRAIN, rnd, None, self.weights(), self.masks, instructions, self.arch())
+        return encode_down(TRAIN, rnd, None, self.weights(), self.masks, instructions, self.arch(),
+                           self.tokenizer_sha)
 
     def _weight(self, meta: dict) -> float:
+        """A client's aggregation weight (``fl.weighting``); evaluate-only phases process no
+        training utterances, so there ``processed`` weighs by the dataset size."""
         fl = self.cfg.fl
-        return {"examples": float(meta["num_examples"]), "processed": float(meta.get("metrics", {}).get("processed", 0)),
-                "uniform": 1.0}[fl.weighting]
+        if fl.weighting == "uniform":
+            return 1.0
+        if fl.weighting == "processed" and meta.get("kind") != PHASE:
+            return float(meta.get("metrics", {}).get("processed", 0))
+        return float(meta["num_examples"])
 
     def absorb(self, reply: bytes, info: RoundInfo) -> None:
         """Fold one client's reply into the round; a bad one raises :class:`ClientRejected`
@@ -328,11 +373,14 @@ class Server:
         if not math.isfinite(float(metrics.get("loss", 0.0))):
             raise ClientRejected(f"non-finite loss {metrics['loss']}")
         weight = self._weight(up.meta)
-        self._agg.add(up.update, weight)
+        if not weight > 0 or not math.isfinite(weight):
+            raise ClientRejected(f"bad aggregation weight {weight}")
+        self._agg.check(up.update)  # a rejected client leaves nothing behind: check all, then add
         try:
-            self._reports.add(up.report, weight)
+            self._reports.add(up.report, weight)  # (aggregators validate a report before folding it in)
         except (ValueError, RuntimeError, KeyError) as e:
             raise ClientRejected(f"bad report: {e}") from None
+        self._agg.add(up.update, weight)
         info.bytes_up += self._count(len(reply))
         info.client_time += float(up.meta.get("client_seconds", 0.0))
         info.examples += int(up.meta["num_examples"])
@@ -343,11 +391,7 @@ class Server:
     def end_round(self, rnd: int, info: RoundInfo) -> None:
         """Server optimiser step on the dense weights (pruned positions frozen), then the
         pruning method's update: masks for the next round."""
-        needed = 1 if self.centralized else self.cfg.fl.min_clients
-        if self._agg.count < needed:
-            raise TooFewClients(f"round {rnd}: only {self._agg.count} of {len(info.clients)} clients succeeded "
-                                f"(fl.min_clients={needed}); first failure: "
-                                f"{info.dropped[0]['reason'] if info.dropped else 'none'}")
+        self._enough(rnd, self._agg.count, info)
         self.server_opt.step(self.model.state_dict(), self._agg.mean(), self.masks)
         self.lr_step += max(info.steps) if info.steps else 0
         self._apply(self.method.update(self.ctx(rnd), self._reports), info)

@@ -132,7 +132,8 @@ class Runner:
         self.device = resolve_device(cfg.device)
         model = Transducer(mcfg)  # the global model: on the CPU (server side)
         local = Transducer(mcfg).to(self.device)  # the client worker's model; dev evaluation
-        self.server = Server(cfg, model, fed.client_ids, centralized=centralized)
+        self.server = Server(cfg, model, fed.client_ids, centralized=centralized,
+                             tokenizer_sha=hashlib.sha256(self.tokenizer.proto).hexdigest())
         # the prunable weights of the starting architecture: sparsity is measured against them
         # (a compacted model has fewer)
         self.base_sizes = {n: p.numel() for n, p in model.named_parameters() if n in self.server.method.names}
@@ -270,8 +271,8 @@ class Runner:
                     absorb(reply, info)
                 except CLIENT_FAULTS as e:
                     reply, error = None, _reason(e)
-            if error is not None:
-                info.dropped.append({"client": name, "reason": error})
+            if error is not None and not any(d["client"] == name for d in info.dropped):
+                info.dropped.append({"client": name, "reason": error})  # (its first failure of the round)
             if kind == TRAIN:
                 self.events.client_done(name, reply is not None)
 

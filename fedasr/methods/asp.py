@@ -30,7 +30,7 @@ from torch import nn
 
 from fedasr.errors import FedasrError
 from fedasr.methods.base import MethodUpdate, PruningMethod, RoundContext, register
-from fedasr.model.compact import CompactionPlan, compactable
+from fedasr.model.compact import compactable
 from fedasr.model.groups import KINDS
 
 SIDES = ("both", "lower")
@@ -53,6 +53,8 @@ class ASPConfig:
             raise FedasrError(f"{p}sides: unknown {self.sides!r} ({', '.join(SIDES)})")
         if self.patience < 1 or self.start_round < 1:
             raise FedasrError(f"{p}patience/start_round: must be at least 1")
+        if self.max_prune_round is not None and self.max_prune_round < 1:
+            raise FedasrError(f"{p}max_prune_round: must be at least 1")
         for kind in self.kinds:
             if kind not in KINDS:
                 raise FedasrError(f"{p}kinds: unknown {kind!r} ({', '.join(KINDS)})")
@@ -103,16 +105,11 @@ class AutomaticStructuredPruning(PruningMethod):
         if self.stopped or ctx.rnd < self.cfg.start_round or ctx.rnd > self.max_round:
             return MethodUpdate(ctx.masks)
         keep = self.plan(ctx)
-        before = sum(p.numel() for p in ctx.model.parameters())
-        after = before
-        if keep:
-            plan = CompactionPlan(ctx.model, keep)
-            with torch.random.fork_rng():
-                after = sum(p.numel() for p in type(ctx.model)(plan.config).parameters())
-        if after < before:
+        if keep:  # removing any unit removes parameters: the count falls
             self.stalled = 0
-            return MethodUpdate(ctx.masks, keep=keep, metrics={"asp_removed_units": plan.removed})
-        self.stalled += 1
+            return MethodUpdate(ctx.masks, keep=keep,
+                                metrics={"asp_removed_units": sum(int((~k).sum()) for k in keep.values())})
+        self.stalled += 1  # every unit inside its band: the count did not fall this round
         if self.stalled >= self.cfg.patience:
             self.stopped = True
         return MethodUpdate(ctx.masks, metrics={"asp_stalled": self.stalled})

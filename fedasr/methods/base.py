@@ -99,6 +99,11 @@ class MeanAggregator:
         self.count = 0
 
     def add(self, report: Report, weight: float) -> None:
+        for k, v in report.tensors.items():  # validate everything first: a rejected report adds nothing
+            if k in self.sums and tuple(v.shape) != tuple(self.sums[k].shape):
+                raise ValueError(f"{k}: shape {tuple(v.shape)}, the others sent {tuple(self.sums[k].shape)}")
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"{k}: non-finite values")
         for k, v in report.tensors.items():
             v = v.double() * weight
             self.sums[k] = self.sums[k] + v if k in self.sums else v

@@ -37,6 +37,7 @@ number pruned, as the paper states.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -71,6 +72,8 @@ class FedTinyConfig:
         p = f"{prefix}." if prefix else ""
         if self.candidates < 1 or self.phase_batches < 1 or self.update_every < 1:
             raise FedasrError(f"{p}candidates/phase_batches/update_every: must be at least 1")
+        if self.end_round is not None and self.end_round < 1:
+            raise FedasrError(f"{p}end_round: must be at least 1")
         if not 0 <= self.density_noise < 1:
             raise FedasrError(f"{p}density_noise: must be in [0, 1)")
         if not 0 < self.density_tolerance < 1:
@@ -158,12 +161,19 @@ class TopKAggregator:
         self.weight = 0.0
 
     def add(self, report: Report, weight: float) -> None:
-        for n in self.scores:
+        pairs = {}
+        for n in self.scores:  # validate everything first: a rejected report adds nothing
             idx, val = report.tensors.get(f"{n}/idx"), report.tensors.get(f"{n}/val")
             if idx is None or val is None:
                 continue
+            if idx.shape != val.shape or idx.dim() != 1:
+                raise ValueError(f"{n}: top-K indices and values do not match")
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.scores[n].numel()):
                 raise ValueError(f"{n}: top-K index out of range")
+            if not bool(torch.isfinite(val).all()):
+                raise ValueError(f"{n}: non-finite top-K values")
+            pairs[n] = (idx, val)
+        for n, (idx, val) in pairs.items():
             self.scores[n].index_add_(0, idx.long(), weight * val.double())
         self.weight += weight
 
@@ -171,24 +181,21 @@ class TopKAggregator:
         return {n: (s / self.weight).view(self.shapes[n]) for n, s in self.scores.items()} if self.weight else {}
 
 
-class PooledBatchNormAggregator:
+class PooledBatchNormAggregator(MeanAggregator):
     """Server side of ``bn_stats``: per candidate, the statistics of the pooled data."""
 
     def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
+        super().__init__()
         self.mean_sq: dict[str, torch.Tensor] = {}
-        self.weight = 0.0
 
     def add(self, report: Report, weight: float) -> None:
+        super().add(report, weight)
         for k, v in report.tensors.items():
-            v = v.double()
-            self.sums[k] = self.sums.get(k, 0) + weight * v
             if k.endswith("running_mean"):
-                self.mean_sq[k] = self.mean_sq.get(k, 0) + weight * v.square()
-        self.weight += weight
+                self.mean_sq[k] = self.mean_sq.get(k, 0) + weight * v.double().square()
 
     def result(self) -> dict[str, torch.Tensor]:
-        out = {k: v / self.weight for k, v in self.sums.items()}
+        out = super().result()
         pool_batchnorm_variances(out, self.mean_sq, self.weight)
         return out
 
@@ -253,6 +260,9 @@ class FedTiny(PruningMethod):
             self.selected = True
             return ctx.masks
         self.candidates = self.draw_candidates(ctx.weights)
+        if not self.phases(1):  # one candidate, no BatchNorm selection: nothing to select
+            self.selected, masks, self.candidates = True, self.candidates[0], []
+            return masks
         return self.candidates[0]
 
     def phases(self, rnd: int) -> list[str]:
@@ -291,7 +301,8 @@ class FedTiny(PruningMethod):
                                                                "chosen": chosen}})
 
     def adjusting(self, rnd: int) -> bool:
-        return self.selected and self.cfg.alpha > 0 and rnd % self.cfg.update_every == 0 and rnd <= self.end_round
+        # (at end_round itself the cosine rate is 0: nothing would change)
+        return self.selected and self.cfg.alpha > 0 and rnd % self.cfg.update_every == 0 and rnd < self.end_round
 
     def alpha_at(self, rnd: int) -> float:
         return self.cfg.alpha / 2 * (1 + math.cos(math.pi * rnd / self.end_round))
@@ -363,7 +374,7 @@ class FedTiny(PruningMethod):
             model.load_state_dict(weights)
             cand = {n: instructions.tensors[f"c{i}/{n}"] for n in self.names}
             apply_masks(model, cand)
-            data = (b for j, b in enumerate(batches()) if j < limit)
+            data = itertools.islice(batches(), limit)  # only the batches used are loaded
             if phase == "bn_stats":
                 recalibrate_batchnorm(model, data)
                 state = model.state_dict()

@@ -47,7 +47,8 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, sparsity: float, patt
     model, tok, ckpt = load_checkpoint(path)
     run_cfg = ckpt.get("config") or {}
     common = PruningSection(method="federated_pruning", target_sparsity=sparsity,
-                            include=run_cfg.get("pruning", {}).get("include", list(DEFAULT_PRUNABLE)))
+                            include=run_cfg.get("pruning", {}).get("include", list(DEFAULT_PRUNABLE)),
+                            exclude=run_cfg.get("pruning", {}).get("exclude", []))
     if not 0 <= sparsity < 1:
         raise FedasrError(f"--sparsity: must be in [0, 1), got {sparsity}")
     cfg = from_dict(FederatedPruningConfig, {"pattern": pattern, "importance": importance, "norm": norm,

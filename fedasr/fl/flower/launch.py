@@ -76,6 +76,15 @@ def _signal(pids: list[int], sig: int) -> None:
             pass
 
 
+def _die_with_parent() -> None:
+    """In a started child: SIGTERM it when this process dies, however it dies (Linux).
+    Flower's own helpers watch their parent and follow."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def become_subreaper() -> None:
     """Orphaned grandchildren (Flower's helpers) are re-parented to this process, so that
     they can be found and stopped (Linux; elsewhere a no-op)."""
@@ -128,7 +137,7 @@ class LocalFederation:
         log = self.workdir / f"{name}.log"
         with open(log, "wb") as fh:
             p = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
-                                 start_new_session=True, stdin=subprocess.DEVNULL)
+                                 start_new_session=True, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         st = Started(name, p, log, port)
         self.procs.append(st)
         end = time.monotonic() + timeout
@@ -158,19 +167,27 @@ class LocalFederation:
         return self.superlink
 
     def pids(self) -> list[int]:
-        """Everything started: the process trees, and the helpers re-parented to this process
-        (its subreaper) after their own parent exited."""
-        out: list[int] = []
+        """Everything started: the process trees, and Flower's helpers re-parented to this
+        process (its subreaper) after their parent exited — recognised by this federation's
+        FLWR_HOME in their environment (nothing else this process runs is touched)."""
+        out: set[int] = set()
         for st in self.procs:
-            out += process_tree(st.popen.pid)
-        return sorted(set(out) | set(process_tree(os.getpid())[1:]))
+            out.update(process_tree(st.popen.pid))
+        marker = f"FLWR_HOME={self.home}".encode()
+        for p in process_tree(os.getpid())[1:]:
+            try:
+                if marker in Path(f"/proc/{p}/environ").read_bytes():
+                    out.add(p)
+            except OSError:
+                pass
+        return sorted(out)
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM every process tree (SuperNodes first), SIGKILL what is left after
         ``grace`` seconds, and wait for them."""
         for st in reversed(self.procs):
             _signal(process_tree(st.popen.pid), signal.SIGTERM)
-        _signal(process_tree(os.getpid())[1:], signal.SIGTERM)
+        _signal(self.pids(), signal.SIGTERM)
         end = time.monotonic() + grace
         while time.monotonic() < end and any(_alive(p) for p in self.pids()):
             time.sleep(0.1)
@@ -202,8 +219,11 @@ def write_connection(home: Path, superlink: str, insecure: bool, root_certificat
 
 
 def _flwr(args: list[str], env: dict, timeout: float = 120.0) -> dict:
-    p = subprocess.run([_tool("flwr"), *args, "--format", "json"], capture_output=True, text=True, env=env,
-                       timeout=timeout, stdin=subprocess.DEVNULL)
+    try:
+        p = subprocess.run([_tool("flwr"), *args, "--format", "json"], capture_output=True, text=True, env=env,
+                           timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise FedasrError(f"flwr {args[0]}: no answer within {timeout:.0f} s (is the SuperLink reachable?)") from None
     try:
         return json.loads(p.stdout)
     except json.JSONDecodeError:
@@ -228,17 +248,18 @@ def run_flower(run_dir: Path, federation: Path, config: dict, *, resume: bool = 
     run_id = None
     previous = len(rd.metrics()) if resume else 0
 
-    def on_signal(signum, frame):  # a SIGTERM stops the run like Ctrl-C does
+    def on_signal(signum, frame):  # SIGTERM / SIGHUP stop the run like Ctrl-C does
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, on_signal)
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         become_subreaper()
         if local is not None:
             superlink = local.start()
         write_connection(work / "home", superlink, insecure or local is not None, root_certificates)
         run_config = {"run-dir": str(Path(run_dir).resolve()), "federation": str(Path(federation).resolve()),
-                      "config": json.dumps(config), "resume": bool(resume), "init-from": str(init_from or ""),
+                      "config": json.dumps(config), "resume": bool(resume),
+                      "init-from": str(Path(init_from).resolve()) if init_from else "",
                       "round-timeout": float(round_timeout)}
         (work / "run_config.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in run_config.items()))
         res = _flwr(["run", str(APP_DIR), CONNECTION, "--run-config", str(work / "run_config.toml")], env)
@@ -256,7 +277,7 @@ def run_flower(run_dir: Path, federation: Path, config: dict, *, resume: bool = 
             seen = max(seen, len(rows))
             if time.monotonic() - last_status > 3.0:
                 last_status = time.monotonic()
-                st = _flwr(["ls", CONNECTION, "--run-id", run_id], env).get("runs", [{}])[0]
+                st = (_flwr(["ls", CONNECTION, "--run-id", run_id], env).get("runs") or [{}])[0]
                 status = st.get("status", "")
                 if status.startswith("finished"):
                     for row in rd.metrics()[seen:]:
@@ -268,11 +289,19 @@ def run_flower(run_dir: Path, federation: Path, config: dict, *, resume: bool = 
                         raise FedasrError(f"flower run {run_id} {status.split(':')[1]}: {detail[:300]}{logs}")
                     return
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        if run_id is not None and local is None:
-            subprocess.run([_tool("flwr"), "stop", run_id, CONNECTION], env=env, capture_output=True, timeout=60)
+    except BaseException:
+        if run_id is not None and local is None:  # a remote SuperLink: stop the run there too
+            try:
+                subprocess.run([_tool("flwr"), "stop", run_id, CONNECTION], env=env, capture_output=True, timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
         raise
     finally:
-        signal.signal(signal.SIGTERM, old)
-        if local is not None:
-            local.stop()
+        for s in old:  # a second signal must not cut the clean-up short
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            if local is not None:
+                local.stop()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)

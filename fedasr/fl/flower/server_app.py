@@ -34,6 +34,8 @@ def main(grid: Grid, context: Context) -> None:
             runner.start(overwrite=True, init_from=rc.get("init-from") or None)
         runner.transport = FlowerTransport(grid, runner.server.clients, float(rc.get("round-timeout", 900.0)),
                                            log=lambda s: print(s, flush=True))
+        if runner.transport.clients is not None:  # SuperNodes for some clients only: sample among them
+            runner.server.clients = runner.transport.clients
         runner.run_rounds()
     except FedasrError as e:  # one line, for `fedasr train` to show
         print(f"fedasr error: {e}", file=sys.stderr, flush=True)

@@ -47,31 +47,48 @@ class FlowerTransport:
         self.poll = poll
         self.log = log
         self.dead: set[int] = set()
+        self._deadline: tuple[int, float] | None = None  # (round, monotonic deadline)
         self.owner: dict[int, str | None] = self._discover(set(clients), wait_nodes)
 
+    @property
+    def clients(self) -> list[str] | None:
+        """The clients that can be served: None when slots serve any client, else those
+        whose own SuperNode answered (the server samples among them)."""
+        if any(c is None for c in self.owner.values()):
+            return None
+        return sorted(c for c in self.owner.values() if c is not None)
+
+    def _hello(self) -> dict[int, str | None]:
+        nodes = sorted(self.grid.get_node_ids())
+        if not nodes:
+            return {}
+        msgs = [Message(RecordDict({"hello": ConfigRecord({})}), n, "query.hello", ttl=60.0) for n in nodes]
+        replies, _ = self._send(msgs, 120.0)
+        owner = {}
+        for n, r in replies.items():
+            if not r.has_error():
+                cid = r.content["hello"].get("client-id", "")
+                owner[n] = str(cid) if cid != "" else None
+        return owner
+
     def _discover(self, clients: set[str], wait: float) -> dict[int, str | None]:
-        """Ask every node who it is: {node id: the client it serves, or None (a slot)}."""
+        """Ask every node who it is: {node id: the client it serves, or None (a slot)}. Waits
+        up to ``wait`` seconds for a slot or for every client's SuperNode; then goes on with
+        the clients whose SuperNode answered."""
         deadline = time.monotonic() + wait
         while True:
-            nodes = sorted(self.grid.get_node_ids())
-            if nodes:
-                msgs = [Message(RecordDict({"hello": ConfigRecord({})}), n, "query.hello", ttl=60.0) for n in nodes]
-                replies, missing = self._send(msgs, 120.0)
-                owner = {}
-                for n, r in replies.items():
-                    if not r.has_error():
-                        cid = r.content["hello"].get("client-id", "")
-                        owner[n] = str(cid) if cid != "" else None
-                fixed = {c for c in owner.values() if c is not None}
-                unknown = fixed - clients
-                if unknown:
-                    raise FedasrError(f"SuperNode client-id {sorted(unknown)[0]!r} is not a client of the federation")
-                if any(c is None for c in owner.values()) or fixed == clients:
-                    self.log(f"flower: {len(owner)} SuperNodes ({len(fixed)} with their own client)")
-                    return owner
+            owner = self._hello()
+            fixed = {c for c in owner.values() if c is not None}
+            unknown = fixed - clients
+            if unknown:
+                raise FedasrError(f"SuperNode client-id {sorted(unknown)[0]!r} is not a client of the federation")
+            done = any(c is None for c in owner.values()) or fixed == clients
+            if done or (time.monotonic() > deadline and fixed):
+                self.log(f"flower: {len(owner)} SuperNodes ({len(fixed)} serving their own client, "
+                         f"{len(owner) - len(fixed)} slots)")
+                return owner
             if time.monotonic() > deadline:
-                raise FedasrError(f"flower: no usable SuperNodes within {wait:.0f} s (need one per client "
-                                  f"or client-less slots)")
+                raise FedasrError(f"flower: no SuperNode answered within {wait:.0f} s")
             time.sleep(1.0)
 
     def _send(self, msgs: list[Message], timeout: float) -> tuple[dict[int, Message], set[int]]:
@@ -97,7 +114,9 @@ class FlowerTransport:
         out: dict[str, tuple[bytes | None, str | None]] = {}
         fixed = {c: n for n, c in self.owner.items() if c is not None}
         todo = list(clients)
-        deadline = time.monotonic() + self.round_timeout
+        if self._deadline is None or self._deadline[0] != rnd:  # one deadline for the whole round
+            self._deadline = (rnd, time.monotonic() + self.round_timeout)
+        deadline = self._deadline[1]
         while todo:
             slots = [n for n, c in self.owner.items() if c is None and n not in self.dead]
             wave: list[tuple[str, int]] = []
