@@ -246,10 +246,16 @@ def test_byte_counts_match_formula(federation, tmp_path):
     r.start()
     state = {k: v.clone() for k, v in r.model.state_dict().items()}
     masks = {k: v.clone() for k, v in r.masks.items()}
+    sent = []  # what the engine really sent: (payload, {client: header})
+    exchange = r.transport.exchange
+    r.transport.exchange = lambda rnd, kind, clients, payload, headers: (
+        sent.append((payload, dict(headers))), exchange(rnd, kind, clients, payload, headers))[1]
     row = r.run_rounds()[0]
-    payload = encode_down("train", 1, None, state, masks, Instructions(meta={"report_gradients": False}),
-                          r.server.arch())
+    assert len(sent) == 1 and len(row["clients"]) == 2
+    payload, headers = sent[0]
+    # the shared payload holds the packed masks, the kept values and the unmasked tensors, nothing else
     header = int.from_bytes(payload[4:8], "little")
+    json.loads(payload[8:8 + header])
     expected = 0
     for k, v in state.items():
         item = v.element_size() if not v.is_floating_point() else 4
@@ -258,8 +264,9 @@ def test_byte_counts_match_formula(federation, tmp_path):
         else:
             expected += item * v.numel()
     assert len(payload) == 8 + header + expected
-    per_client = row["bytes_down"] / 2  # the shared payload + a small JSON header per client
-    assert len(payload) < per_client <= len(payload) + 100
+    # each client gets the shared payload + its own small JSON header (name, seed, step)
+    assert sorted(headers) == sorted(row["clients"]) and all(len(h) < 200 for h in headers.values())
+    assert row["bytes_down"] == sum(len(payload) + len(h) for h in headers.values())
     s = row["sparsity"]
     prunable = sum(state[k].numel() for k in masks)
     ratio_prunable = sum((state[k].numel() + 7) // 8 + 4 * int(masks[k].sum()) for k in masks) / (4 * prunable)
