@@ -13,8 +13,7 @@ from fedasr import codec
 from fedasr.fl.runner import Runner
 from fedasr.model.transducer import ModelConfig, Transducer
 from fedasr.prune.allocation import adaptive_fractions
-from fedasr.fl.protocol import encode_down
-from fedasr.methods.base import Instructions, MeanAggregator, Report, RoundContext
+from fedasr.methods.base import MeanAggregator, Report, RoundContext
 from fedasr.methods.federated_pruning import FederatedPruning, FederatedPruningConfig, GradientHooks
 from fedasr.prune.schedule import sparsity_at
 
