@@ -401,6 +401,30 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
     return data
 
 
+def merge_mappings(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: mappings merge key by key, anything else is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge_mappings(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_recipe(path: str | Path, what: str = "config file", _seen: tuple = ()) -> dict:
+    """A recipe file; ``extends: OTHER.yaml`` (relative to the file) starts from another recipe
+    and changes only what this one says (mappings merge, lists and values replace)."""
+    path = Path(path)
+    data = read_yaml_mapping(path, what)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise FedasrError(f"{path}: extends: expected a file name, got {parent!r}")
+    base = (path.parent / parent).resolve()
+    if base in _seen or base == path.resolve():
+        raise FedasrError(f"{path}: extends: {parent} leads back to this file")
+    return merge_mappings(read_recipe(base, what, _seen + (path.resolve(),)), data)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    data = read_yaml_mapping(path) if path is not None else {}
+    data = read_recipe(path) if path is not None else {}
     return parse_config(apply_overrides(data, overrides or []))

@@ -29,7 +29,7 @@ from typing import Callable
 
 import yaml
 
-from fedasr.config import SweepScheme, apply_overrides, from_dict, parse_config, read_yaml_mapping
+from fedasr.config import SweepScheme, apply_overrides, from_dict, parse_config, read_recipe
 from fedasr.data.federation import Federation
 from fedasr.errors import FedasrError
 from fedasr.fsutil import atomic_write_bytes, atomic_write_text
@@ -48,7 +48,7 @@ class SweepRun:
 
 
 def load_recipe(path: str | Path) -> dict:
-    return read_yaml_mapping(path, "recipe")
+    return read_recipe(path, "recipe")
 
 
 def plan_runs(recipe: dict, out: Path) -> list[SweepRun]:

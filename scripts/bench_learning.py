@@ -16,6 +16,7 @@ seconds per step, final and best dev WER, test WERs with --test), and prints the
         --variant base --variant "stateless: model.overrides.predictor=stateless" \\
         --mode centralized --budget-seconds 600 --out docs/learning/run1
     python scripts/bench_learning.py ... --configs a.yaml b.yaml      # one configuration per file
+    python scripts/bench_learning.py --merge runs/a runs/b --out docs/learning   # union of runs
 
 A variant is ``NAME`` or ``NAME: key=value; key=value`` (``--set`` syntax on top of the
 recipe). ``--budget-steps`` makes the stopping point independent of the machine's load,
@@ -157,9 +158,37 @@ def write_outputs(out: Path, rows: list[dict], summaries: list[dict]) -> None:
     atomic_write_bytes(out / "learning.png", png.getvalue())
 
 
+def read_csv(path: Path) -> list[dict]:
+    def value(v: str):
+        try:
+            return int(v)
+        except ValueError:
+            try:
+                return float(v)
+            except ValueError:
+                return v
+
+    with open(path, newline="") as f:
+        return [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def merge(folders: list[str], out: Path) -> None:
+    """One table and one figure from several runs (e.g. an ablation run in parallel)."""
+    rows, summaries = [], []
+    for d in folders:
+        for name, dest in (("learning.csv", rows), ("summary.csv", summaries)):
+            path = Path(d) / name
+            if not path.is_file():
+                raise SystemExit(f"{path}: missing (not a bench_learning output folder)")
+            dest += read_csv(path)
+    out.mkdir(parents=True, exist_ok=True)
+    write_outputs(out, rows, summaries)
+    print(f"wrote {out}/learning.csv, learning.png, summary.csv ({len(summaries)} configurations)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--federation", required=True)
+    ap.add_argument("--federation")
     ap.add_argument("--recipe", default="recipes/ci.yaml", help="Base recipe of the --variant configurations.")
     ap.add_argument("--variant", action="append", default=[], help="NAME or 'NAME: key=value; key=value'.")
     ap.add_argument("--configs", nargs="*", default=[], help="Recipe files, one configuration each.")
@@ -172,8 +201,15 @@ def main() -> None:
     ap.add_argument("--max-rounds", type=int, default=100000)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--test", action="store_true", help="Also decode the test splits at the end.")
+    ap.add_argument("--merge", nargs="*", default=[],
+                    help="Output folders of earlier runs: write their union to --out (no training).")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, Path(args.out))
+        return
+    if not args.federation:
+        ap.error("give --federation")
     if not args.budget_seconds and not args.budget_steps:
         ap.error("give --budget-seconds or --budget-steps")
     configs = [(parse_variant(v)[0], args.recipe, parse_variant(v)[1]) for v in args.variant]

@@ -8,6 +8,7 @@ import yaml
 
 from conftest import FAST, run_cli, sets
 from fedasr.config import load_config
+from fedasr.errors import FedasrError
 from fedasr.model.transducer import ModelConfig, Transducer
 
 REDUCED = FAST + ["fl.rounds=2", "pruning.federated_pruning.start_round=1", "pruning.federated_pruning.end_round=2",
@@ -90,3 +91,23 @@ def test_knob_schemes_and_per_scheme_sparsities_plan_their_runs(tmp_path):
     assert "pruning.asp.k=2.5" in asp.settings and "pruning.method=\"asp\"" in asp.settings
     assert not any(s.startswith("pruning.target_sparsity") for s in asp.settings)
     assert asp.knob == {"key": "pruning.asp.k", "value": 2.5}
+
+
+def test_recipe_extends_another(tmp_path):
+    from fedasr.sweep import load_recipe
+
+    (tmp_path / "base.yaml").write_text("seed: 3\ntrain: {lr: 0.002, ctc_weight: 0.3}\n"
+                                        "sweep: {sparsities: [0.0, 0.5], schemes: [{name: a, pruning: {method: fedtiny}}]}\n")
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("extends: ../base.yaml\ntrain: {lr: 0.0005}\nsweep: {schemes: [{name: b, pruning: {method: asp}}]}\n")
+    cfg = load_config(child)
+    assert cfg.seed == 3 and cfg.train.lr == 0.0005 and cfg.train.ctc_weight == 0.3  # mappings merge
+    assert [s["name"] for s in cfg.sweep.schemes] == ["b"] and cfg.sweep.sparsities == [0.0, 0.5]  # lists replace
+    assert "extends" not in load_recipe(child)
+    (tmp_path / "base.yaml").write_text("extends: sub/child.yaml\n")
+    with pytest.raises(FedasrError, match="leads back to this file"):
+        load_config(child)
+    child.write_text("extends: ../missing.yaml\n")
+    with pytest.raises(FedasrError, match="missing.yaml: config file does not exist"):
+        load_config(child)
