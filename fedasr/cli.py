@@ -441,7 +441,8 @@ def sweep(
     recipe: Path = typer.Argument(..., help="Recipe YAML with a sweep: section (e.g. recipes/ci.yaml)."),
     federation: Path = typer.Option(..., help="Federation directory."),
     out: Path = typer.Option(..., help="Sweep directory (runs/ inside; re-running skips finished runs)."),
-    sparsities: Optional[str] = typer.Option(None, help="Override the recipe's sparsities, e.g. 0,0.5,0.9."),
+    sparsities: Optional[str] = typer.Option(
+        None, help="Replace the recipe's targets (the schemes' own lists too), e.g. 0,0.5,0.9."),
     jobs: int = typer.Option(1, help="Runs in parallel (threads are split between them)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key for every run (repeatable)."),
 ) -> None:

@@ -116,11 +116,17 @@ def _cli(args: list[str], log: Path, threads: int) -> None:
 
 def resolved_recipe(recipe_path: str | Path, overrides: list[str] | None = None,
                     sparsities: list[float] | None = None) -> dict:
-    """The recipe with ``--set`` overrides and ``--sparsities`` applied."""
+    """The recipe with ``--set`` overrides and ``--sparsities`` applied (``--sparsities``
+    replaces every target list, the schemes' own included)."""
     extra = list(overrides or [])
     if sparsities is not None:
         extra.append(f"sweep.sparsities={json.dumps(sparsities)}")
-    return apply_overrides(load_recipe(recipe_path), extra)
+    recipe = apply_overrides(load_recipe(recipe_path), extra)
+    if sparsities is not None:
+        for scheme in (recipe.get("sweep") or {}).get("schemes") or []:
+            if isinstance(scheme, dict):
+                scheme.pop("sparsities", None)
+    return recipe
 
 
 def run_sweep(recipe_path: str | Path, federation: str | Path, out: str | Path, *,

@@ -138,18 +138,20 @@ def write_outputs(out: Path, rows: list[dict], summaries: list[dict]) -> None:
 
     atomic_write_text(out / "learning.csv", to_csv(rows))
     atomic_write_text(out / "summary.csv", to_csv(summaries))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for s in summaries:
-        pts = [r for r in rows if r["variant"] == s["variant"]]
-        label = f"{s['variant']} ({s['mode'][:4]})"
-        axes[0].plot([r["train_seconds"] for r in pts], [100 * r["dev_wer"] for r in pts], marker=".", label=label)
-        axes[1].plot([r["steps"] for r in pts], [100 * r["dev_wer"] for r in pts], marker=".", label=label)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
+    colors = plt.get_cmap("tab10" if len(summaries) <= 10 else "tab20")
+    for i, s in enumerate(summaries):
+        pts = [r for r in rows if r["variant"] == s["variant"] and r["mode"] == s["mode"]]
+        style = {"marker": ".", "label": f"{s['variant']} ({s['mode'][:4]})", "color": colors(i % colors.N),
+                 "linestyle": "-" if s["mode"] == "centralized" else "--"}
+        axes[0].plot([r["train_seconds"] for r in pts], [100 * r["dev_wer"] for r in pts], **style)
+        axes[1].plot([r["steps"] for r in pts], [100 * r["dev_wer"] for r in pts], **style)
     for ax, xl in zip(axes, ("training seconds (evaluation excluded)", "training steps (all clients)")):
         ax.set_xlabel(xl)
         ax.set_ylabel("dev WER (%)")
         ax.grid(alpha=0.3)
         ax.set_ylim(0, 105)
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle("Learning speed")
     fig.tight_layout()
     png = io.BytesIO()

@@ -68,7 +68,8 @@ def test_sweep_rejects_bad_recipe(federation, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "s" / "runs").exists()
 
 
-@pytest.mark.parametrize("recipe", ["recipes/ci.yaml", "recipes/librispeech100/federated_pruning.yaml"])
+@pytest.mark.parametrize("recipe", ["recipes/ci.yaml", "recipes/ci_structured.yaml",
+                                    "recipes/librispeech100/federated_pruning.yaml"])
 def test_recipes_parse_and_build_the_model(recipe):
     cfg = load_config(recipe)
     model = Transducer(ModelConfig.preset(cfg.model.preset, vocab_size=256, **cfg.model.overrides))
@@ -87,6 +88,12 @@ def test_knob_schemes_and_per_scheme_sparsities_plan_their_runs(tmp_path):
     assert [(r.scheme, r.sparsity, r.path.name) for r in runs] == [
         ("dense", 0.0, "dense"), ("fp", 0.5, "s0.50"), ("fp", 0.9, "s0.90"), ("tiny", 0.9, "s0.90"),
         ("asp", 0.0, "k1.5"), ("asp", 0.0, "k2.5")]
+    from fedasr.sweep import resolved_recipe
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    forced = plan_runs(resolved_recipe(tmp_path / "r.yaml", sparsities=[0.0, 0.3]), tmp_path)
+    assert [(r.scheme, r.sparsity) for r in forced] == [("dense", 0.0), ("fp", 0.3), ("tiny", 0.3),
+                                                        ("asp", 0.0), ("asp", 0.0)]  # --sparsities wins
     asp = runs[-1]
     assert "pruning.asp.k=2.5" in asp.settings and "pruning.method=\"asp\"" in asp.settings
     assert not any(s.startswith("pruning.target_sparsity") for s in asp.settings)
