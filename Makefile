@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo curve system-deps clean
+.PHONY: install test test-fast demo curve curve-structured system-deps clean
 
 install: $(STAMP)
 
@@ -33,19 +33,25 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS)
 
 # The main job on the embedded default: synthetic corpus -> federation -> the ci recipe's
-# sweep (dense + column/magnitude/adaptive pruning at 0.5, 0.7, 0.9; federated training and
-# WER on test-clean/test-other for each) -> $(DEMO_DIR)/sweep/wer_vs_sparsity.{csv,png}.
+# sweep (dense, column/magnitude/adaptive Federated Pruning at 0.5 and 0.9, FedTiny at 0.9;
+# federated training and WER on test-clean/test-other for each)
+# -> $(DEMO_DIR)/sweep/wer_vs_sparsity.{csv,png}.
 demo: $(DEMO_DIR)/federation/federation.yaml curve
 
 $(DEMO_DIR)/federation/federation.yaml: $(STAMP)
 	$(FEDASR) synth --out $(DEMO_DIR)/corpus --speakers 24 --utterances-per-speaker 50 --domain small --seed 0 --overwrite
 	$(FEDASR) shard --corpus $(DEMO_DIR)/corpus/LibriSpeech --train-split train --dev-split dev \
-	    --test-split test-clean --test-split test-other --by speaker --vocab-size 128 \
+	    --test-split test-clean --test-split test-other --by speaker --vocab-size 64 \
 	    --out $(DEMO_DIR)/federation --overwrite
 
 # The full ci recipe (re-running skips finished runs).
 curve: $(STAMP)
 	$(FEDASR) sweep recipes/ci.yaml --federation $(DEMO_DIR)/federation --out $(DEMO_DIR)/sweep --jobs 2
+
+# Structured pruning on the same recipe: FP unit pattern vs Automatic Structured Pruning
+curve-structured: $(DEMO_DIR)/federation/federation.yaml
+	$(FEDASR) sweep recipes/ci_structured.yaml --federation $(DEMO_DIR)/federation \
+	    --out $(DEMO_DIR)/sweep-structured --jobs 2
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
