@@ -228,6 +228,41 @@ def test_fedtiny_variants_select_and_adjust(federation, tmp_path, extra):
     assert ("mask_selection" in rows[0]) == ("pruning.fedtiny.candidates=1" not in extra)
 
 
+@pytest.mark.parametrize("extra", [[], ["pruning.fedtiny.candidates=1", "pruning.fedtiny.adaptive_bn=false"]])
+def test_dense_rounds_before_start_round_then_selection_from_the_trained_model(federation, tmp_path, extra):
+    from conftest import StopAfterRound, Stopped
+
+    cfg = load_config(None, FAST + FT + ["fl.rounds=3", "pruning.fedtiny.start_round=3",
+                                         "pruning.fedtiny.end_round=4"] + extra)
+    half = Runner(tmp_path / "a", Federation(federation), cfg, events=StopAfterRound(2))
+    half.start()
+    assert half.masks == {}
+    with pytest.raises(Stopped):
+        half.run_rounds()
+    rows = half.history
+    assert rows[0]["sparsity"] == 0.0 and not any("mask_selection" in r for r in rows)
+    # (the row's sparsity is the served model's after the round: masks installed at its end count)
+    assert rows[1]["sparsity"] == (pytest.approx(0.8, abs=0.02) if extra else 0.0)
+    # the candidates come from the model trained for two rounds (not the initial one)
+    method = half.server.method
+    expected = method.draw_candidates({n: half.model.state_dict()[n] for n in method.names})
+    if extra:  # one candidate, no BatchNorm selection: installed at once for round 3
+        assert method.selected and all(torch.equal(half.masks[n], expected[0][n]) for n in expected[0])
+    else:
+        assert not method.selected and half.masks == {}
+        assert all(torch.equal(c[n], e[n]) for c, e in zip(method.candidates, expected) for n in e)
+    resumed = Runner.resume(tmp_path / "a")
+    row = resumed.run_rounds()[-1]
+    assert row["sparsity"] == pytest.approx(0.8, abs=0.02) and row.get("regrown", 0) > 0
+    assert ("mask_selection" in row) == (not extra)
+    straight = Runner(tmp_path / "b", Federation(federation), cfg)
+    straight.start()
+    straight.run_rounds()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(straight.masks[k], resumed.masks[k]) for k in straight.masks)
+
+
 def test_a_rejected_report_leaves_nothing_in_the_aggregates():
     from fedasr.fl.protocol import RoundInfo, Server, encode_up
     from fedasr.fl.server import ClientRejected

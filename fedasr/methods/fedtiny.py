@@ -1,8 +1,10 @@
 """FedTiny (Huang et al., ICDCS 2023, "Distributed Pruning Towards Tiny Neural Networks in
 Federated Learning") on the Conformer-Transducer.
 
-1. **Adaptive BatchNorm selection** (round 1, before any training). The server draws
-   ``candidates`` coarse masks from the initial (or ``--init-from``) model: layer-wise
+1. **Adaptive BatchNorm selection** (at the start of round ``start_round``, default 1:
+   before any training; a later start trains the dense model federatedly until then, a
+   stand-in for the paper's server pre-training). The server draws ``candidates`` coarse
+   masks from the model as it is then (initial, ``--init-from``, or after the dense rounds): layer-wise
    magnitude pruning to per-layer densities ``d_l = d (1 + u_l)``, ``u_l ~ U[-noise, noise)``,
    redrawn until the overall density is within ``density_tolerance`` of the target
    ``d = 1 - target_sparsity`` (the authors' ``noise-uniform-magnitude``). Two evaluate-only
@@ -25,8 +27,9 @@ Federated Learning") on the Conformer-Transducer.
    Regrown weights start at zero, with a fresh server-optimiser state.
 
 Departures from the paper and the authors' code (the ``fedlottery`` branch of their FedML
-fork): the server has no data, so the candidates come from the initial model (no few-shot
-server pre-training; give a warm start with ``--init-from``); BatchNorm statistics are
+fork): the server has no data, so the candidates come from the initial model, a
+``--init-from`` warm start or ``start_round - 1`` federated dense rounds (no few-shot
+server pre-training); BatchNorm statistics are
 recomputed from scratch (cumulative average over ``phase_batches``) rather than as a
 momentum average from the server's statistics, and pooled with the intended
 data-weighted mean (the code keeps the last client's); clients report their gradient
@@ -67,6 +70,7 @@ class FedTinyConfig:
     update_every: int = 2  # rounds between prune/regrow adjustments (ΔR)
     end_round: Optional[int] = None  # last adjustment round [default: 3/4 of the rounds]
     granularity: str = "block"  # layer | block | entire
+    start_round: int = 1  # the round that begins with the mask selection (dense training before)
 
     def validate(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""
@@ -74,6 +78,8 @@ class FedTinyConfig:
             raise FedasrError(f"{p}candidates/phase_batches/update_every: must be at least 1")
         if self.end_round is not None and self.end_round < 1:
             raise FedasrError(f"{p}end_round: must be at least 1")
+        if self.start_round < 1:
+            raise FedasrError(f"{p}start_round: must be at least 1")
         if not 0 <= self.density_noise < 1:
             raise FedasrError(f"{p}density_noise: must be in [0, 1)")
         if not 0 < self.density_tolerance < 1:
@@ -259,14 +265,21 @@ class FedTiny(PruningMethod):
         if ctx.masks:  # a pruned --init-from checkpoint: its masks, no selection
             self.selected = True
             return ctx.masks
-        self.candidates = self.draw_candidates(ctx.weights)
-        if not self.phases(1):  # one candidate, no BatchNorm selection: nothing to select
+        if self.cfg.start_round > 1:
+            return {}  # dense rounds first; the candidates are drawn after round start_round - 1
+        return self._draw(ctx.weights)
+
+    def _draw(self, weights: dict[str, torch.Tensor]) -> Masks:
+        """Draw the candidates; the masks of the coming round (with one candidate and no
+        BatchNorm selection there is nothing to select: it is installed at once)."""
+        self.candidates = self.draw_candidates(weights)
+        if not self.phases(self.cfg.start_round):
             self.selected, masks, self.candidates = True, self.candidates[0], []
             return masks
-        return self.candidates[0]
+        return self.candidates[0] if self.cfg.start_round <= 1 else {}
 
     def phases(self, rnd: int) -> list[str]:
-        if self.selected or (self.cfg.candidates == 1 and not self.cfg.adaptive_bn):
+        if self.selected or not self.candidates or (self.cfg.candidates == 1 and not self.cfg.adaptive_bn):
             return []
         return list(PHASES) if self.cfg.adaptive_bn else ["candidate_loss"]
 
@@ -323,6 +336,8 @@ class FedTiny(PruningMethod):
         return TopKAggregator({n: ctx.masks[n].shape for n in self._topk_plan(ctx)})
 
     def update(self, ctx: RoundContext, aggregator) -> MethodUpdate:
+        if not self.selected and not self.candidates and ctx.rnd + 1 == self.cfg.start_round:
+            return MethodUpdate(self._draw(ctx.weights))  # from the aggregated dense model
         if not self.adjusting(ctx.rnd):
             return MethodUpdate(ctx.masks)
         plan = self._topk_plan(ctx)
