@@ -11,9 +11,11 @@ from fedasr.config import load_config
 from fedasr.errors import FedasrError
 from fedasr.model.transducer import ModelConfig, Transducer
 
-REDUCED = FAST + ["fl.rounds=2", "pruning.federated_pruning.start_round=1", "pruning.federated_pruning.end_round=2",
-                  "pruning.fedtiny.end_round=2", "pruning.fedtiny.update_every=1", "pruning.fedtiny.phase_batches=1",
-                  "pruning.fedtiny.candidates=2"]
+# the ci recipe at toy size (its model options kept: FAST replaces model.overrides)
+REDUCED = FAST + ["model.overrides.predictor=stateless", "model.overrides.simple_head=true",
+                  "fl.rounds=2", "pruning.federated_pruning.start_round=1", "pruning.federated_pruning.end_round=2",
+                  "pruning.fedtiny.start_round=2", "pruning.fedtiny.end_round=2", "pruning.fedtiny.update_every=1",
+                  "pruning.fedtiny.phase_batches=1", "pruning.fedtiny.candidates=2"]
 
 
 def test_reduced_ci_sweep_and_report(federation, tmp_path):
