@@ -54,9 +54,9 @@ def scenario(args) -> None:
         "fp-gradient": ["pruning.method=federated_pruning", "pruning.federated_pruning.importance=gradient",
                         "pruning.federated_pruning.schedule=constant", "pruning.federated_pruning.start_round=1"],
         "fedtiny-block": ["pruning.method=fedtiny", "pruning.fedtiny.candidates=1", "pruning.fedtiny.adaptive_bn=false",
-                          "pruning.fedtiny.update_every=1", "pruning.fedtiny.granularity=block"],
+                          "pruning.fedtiny.update_every=1", "pruning.fedtiny.granularity=block", "pruning.fedtiny.start_round=1"],
         "fedtiny-entire": ["pruning.method=fedtiny", "pruning.fedtiny.candidates=1", "pruning.fedtiny.adaptive_bn=false",
-                           "pruning.fedtiny.update_every=1", "pruning.fedtiny.granularity=entire"],
+                           "pruning.fedtiny.update_every=1", "pruning.fedtiny.granularity=entire", "pruning.fedtiny.start_round=1"],
     }[args.name]
     cfg = load_config(args.recipe, sets + ["device=cpu"])
     fed = Federation(args.federation)
@@ -65,6 +65,7 @@ def scenario(args) -> None:
     server.start()
     if args.name.startswith("fedtiny"):
         server.method.selected = True
+        assert server.masks, "FedTiny must be sparse in the measured round"
     rnd = 1
     client = sorted(fed.client_ids)[0]
     worker = ClientWorker(cfg, fed, Transducer(mcfg))
