@@ -89,6 +89,35 @@ class ClientHooks:
         return Report()
 
 
+class GradientMeanHooks(ClientHooks):
+    """Masks as usual; sums ``contribution(name, grad)`` of each local step's gradient
+    (taken before masking) for ``names`` and reports through ``mean(name)``, the sum over
+    the steps divided by their count."""
+
+    def __init__(self, masks: Masks, names):
+        super().__init__(masks)
+        self.grad_names = list(names)
+        self._sum: dict[str, torch.Tensor] = {}
+        self._steps = 0
+
+    def contribution(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+    def after_backward(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for n in self.grad_names:
+            g = params[n].grad
+            if g is not None:
+                c = self.contribution(n, g.detach())
+                acc = self._sum.get(n)
+                self._sum[n] = c if acc is None else acc + c
+        self._steps += 1
+        super().after_backward(model)
+
+    def mean(self, name: str) -> torch.Tensor:
+        return self._sum[name] / max(1, self._steps)
+
+
 class MeanAggregator:
     """Streaming weighted mean of report tensors (float64 sums; memory does not grow with
     the number of clients)."""

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from fedasr.errors import FedasrError
-from fedasr.methods.base import (ClientHooks, Instructions, MethodUpdate, PruningMethod, Report, RoundContext,
-                                 register)
+from fedasr.methods.base import (ClientHooks, GradientMeanHooks, Instructions, MethodUpdate, PruningMethod, Report,
+                                 RoundContext, register)
 from fedasr.prune import allocation
 from fedasr.prune.masks import Masks
 from fedasr.prune.patterns import Layer, tensor_layers, unit_layers
@@ -70,28 +70,15 @@ class FederatedPruningConfig:
                               f"pruning.target_sparsity {pruning.target_sparsity}")
 
 
-class GradientHooks(ClientHooks):
+class GradientHooks(GradientMeanHooks):
     """Masks as usual, and accumulates the mean |gradient| of ``names`` (before masking:
     pruned positions need a gradient too, so that they can be regrown)."""
 
-    def __init__(self, masks: Masks, names: list[str]):
-        super().__init__(masks)
-        self.names = names
-        self._sum: dict[str, torch.Tensor] = {}
-        self._steps = 0
-
-    def after_backward(self, model: nn.Module) -> None:
-        params = dict(model.named_parameters())
-        for n in self.names:
-            g = params[n].grad
-            if g is not None:
-                acc = self._sum.get(n)
-                self._sum[n] = g.detach().abs() if acc is None else acc + g.detach().abs()
-        self._steps += 1
-        super().after_backward(model)
+    def contribution(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        return grad.abs()
 
     def report(self) -> Report:
-        return Report({n: (g / max(1, self._steps)).cpu() for n, g in self._sum.items()})
+        return Report({n: self.mean(n).cpu() for n in self._sum})
 
 
 @register

@@ -51,8 +51,8 @@ from torch import nn
 
 from fedasr.errors import FedasrError
 from fedasr.fl.server import pool_batchnorm_variances
-from fedasr.methods.base import (ClientHooks, Instructions, MeanAggregator, MethodUpdate, PruningMethod, Report,
-                                 RoundContext, register)
+from fedasr.methods.base import (ClientHooks, GradientMeanHooks, Instructions, MeanAggregator, MethodUpdate,
+                                 PruningMethod, Report, RoundContext, register)
 from fedasr.prune.masks import Masks, apply_masks
 
 GRANULARITIES = ("layer", "block", "entire")
@@ -125,32 +125,23 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> int:
     return seen
 
 
-class TopKHooks(ClientHooks):
+class TopKHooks(GradientMeanHooks):
     """Masks as usual; accumulates the mean gradient (before masking) at the pruned
     positions of ``topk``'s layers and reports only its K largest magnitudes per layer."""
 
     def __init__(self, masks: Masks, topk: dict[str, int]):
-        super().__init__(masks)
+        super().__init__(masks, topk)
         self.topk = topk
-        self._sum: dict[str, torch.Tensor] = {}
-        self._steps = 0
 
-    def after_backward(self, model: nn.Module) -> None:
-        params = dict(model.named_parameters())
-        for n in self.topk:
-            g = params[n].grad
-            if g is not None:
-                g = g.detach() * ~self.masks[n].to(g.device)  # pruned positions only
-                self._sum[n] = g if n not in self._sum else self._sum[n] + g
-        self._steps += 1
-        super().after_backward(model)
+    def contribution(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        return grad * ~self.masks[name].to(grad.device)  # pruned positions only
 
     def report(self) -> Report:
         out = {}
         for n, k in self.topk.items():
             if n not in self._sum:
                 continue
-            g = (self._sum[n] / max(1, self._steps)).reshape(-1).cpu()
+            g = self.mean(n).reshape(-1).cpu()
             k = min(int(k), int((g != 0).sum()))
             idx = torch.topk(g.abs(), k).indices if k > 0 else torch.zeros(0, dtype=torch.long)
             out[f"{n}/idx"] = idx.to(torch.int32)
