@@ -419,10 +419,10 @@ def read_recipe(path: str | Path, what: str = "config file", _seen: tuple = ()) 
         return data
     if not isinstance(parent, str):
         raise FedasrError(f"{path}: extends: expected a file name, got {parent!r}")
-    base = (path.parent / parent).resolve()
-    if base in _seen or base == path.resolve():
+    base, seen = (path.parent / parent).resolve(), _seen + (path.resolve(),)
+    if base in seen:
         raise FedasrError(f"{path}: extends: {parent} leads back to this file")
-    return merge_mappings(read_recipe(base, what, _seen + (path.resolve(),)), data)
+    return merge_mappings(read_recipe(base, what, seen), data)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

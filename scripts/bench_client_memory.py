@@ -47,16 +47,17 @@ def scenario(args) -> None:
     sets = [f"fl.local_steps={args.steps}", "fl.clients_per_round=1", "fl.rounds=4"]
     if args.name != "dense":
         sets += [f"pruning.target_sparsity={args.sparsity}"]
+    # FedTiny in an adjustment round right after its selection (one candidate, at round 1)
+    fedtiny = ["pruning.method=fedtiny", "pruning.fedtiny.candidates=1", "pruning.fedtiny.adaptive_bn=false",
+               "pruning.fedtiny.update_every=1", "pruning.fedtiny.start_round=1"]
     sets += {
         "dense": [],
         "fp-magnitude": ["pruning.method=federated_pruning", "pruning.federated_pruning.importance=magnitude",
                          "pruning.federated_pruning.schedule=constant", "pruning.federated_pruning.start_round=1"],
         "fp-gradient": ["pruning.method=federated_pruning", "pruning.federated_pruning.importance=gradient",
                         "pruning.federated_pruning.schedule=constant", "pruning.federated_pruning.start_round=1"],
-        "fedtiny-block": ["pruning.method=fedtiny", "pruning.fedtiny.candidates=1", "pruning.fedtiny.adaptive_bn=false",
-                          "pruning.fedtiny.update_every=1", "pruning.fedtiny.granularity=block", "pruning.fedtiny.start_round=1"],
-        "fedtiny-entire": ["pruning.method=fedtiny", "pruning.fedtiny.candidates=1", "pruning.fedtiny.adaptive_bn=false",
-                           "pruning.fedtiny.update_every=1", "pruning.fedtiny.granularity=entire", "pruning.fedtiny.start_round=1"],
+        "fedtiny-block": fedtiny + ["pruning.fedtiny.granularity=block"],
+        "fedtiny-entire": fedtiny + ["pruning.fedtiny.granularity=entire"],
     }[args.name]
     cfg = load_config(args.recipe, sets + ["device=cpu"])
     fed = Federation(args.federation)

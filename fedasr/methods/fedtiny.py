@@ -4,9 +4,9 @@ Federated Learning") on the Conformer-Transducer.
 1. **Adaptive BatchNorm selection** (at the start of round ``start_round``, default 1:
    before any training; a later start trains the dense model federatedly until then, a
    stand-in for the paper's server pre-training). The server draws ``candidates`` coarse
-   masks from the model as it is then (initial, ``--init-from``, or after the dense rounds): layer-wise
-   magnitude pruning to per-layer densities ``d_l = d (1 + u_l)``, ``u_l ~ U[-noise, noise)``,
-   redrawn until the overall density is within ``density_tolerance`` of the target
+   masks from the model as it is then (initial, ``--init-from``, or after the dense
+   rounds): layer-wise magnitude pruning to per-layer densities ``d_l = d (1 + u_l)``,
+   ``u_l ~ U[-noise, noise)``, redrawn until the overall density is within ``density_tolerance`` of the target
    ``d = 1 - target_sparsity`` (the authors' ``noise-uniform-magnitude``). Two evaluate-only
    client phases follow: ``bn_stats`` — each client applies each candidate and recomputes
    the BatchNorm statistics (the Conformer's conv modules) by forward passes over
