@@ -72,7 +72,7 @@ def interrupted_then_resumed(run_dir, fed, cfg, n: int):
     return resumed
 
 
-E2E_FIXTURES = {"corpus", "federation"}
+E2E_FIXTURES = {"corpus", "federation", "server_federation"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -97,10 +97,11 @@ def single_thread():
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
-    """4 training speakers x 12 utterances (+dev/test), 1 unseen test-other speaker."""
+    """4 training speakers x 12 utterances (+dev/test), 1 unseen test-other speaker, and
+    2 server speakers x 12 utterances (train-server: the other splits do not change)."""
     root = tmp_path_factory.mktemp("corpus")
     plan = synth.plan_corpus(speakers=4, utterances_per_speaker=12, seed=7, domain="small",
-                             test_other_speakers=1, dev_per_speaker=2, test_per_speaker=2)
+                             test_other_speakers=1, dev_per_speaker=2, test_per_speaker=2, server_speakers=2)
     synth.synthesize_corpus(root, plan, jobs=2)
     return root / "LibriSpeech"
 
@@ -110,4 +111,14 @@ def federation(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fed") / "federation"
     shard(ShardOptions(corpus=corpus, train_splits=["train"], dev_splits=["dev"],
                        test_splits=["test-clean", "test-other"], out=out, vocab_size=48, jobs=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def server_federation(corpus, tmp_path_factory) -> Path:
+    """The same clients, plus the server's own data (train-server): never a client."""
+    out = tmp_path_factory.mktemp("fed") / "server_federation"
+    shard(ShardOptions(corpus=corpus, train_splits=["train"], dev_splits=["dev"],
+                       test_splits=["test-clean", "test-other"], server_splits=["train-server"], out=out,
+                       vocab_size=48, jobs=2))
     return out

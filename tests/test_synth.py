@@ -26,7 +26,7 @@ def read_split(root, split):
 
 def test_librispeech_layout_and_audio(corpus):
     splits = {s: read_split(corpus, s) for s in synth.SPLITS}
-    assert [len(splits[s]) for s in synth.SPLITS] == [48, 8, 8, 8]
+    assert [len(splits[s]) for s in synth.SPLITS] == [48, 8, 8, 8, 24]
     words = vocabulary("small")
     for split, utts in splits.items():
         for uid, (spk, text, flac) in utts.items():
@@ -42,6 +42,10 @@ def test_librispeech_layout_and_audio(corpus):
     assert {v[0] for v in splits["test-clean"].values()} <= train_spk
     assert {v[0] for v in splits["dev"].values()} <= train_spk
     assert not {v[0] for v in splits["test-other"].values()} & train_spk
+    # the server's speakers are in no other split
+    server_spk = {v[0] for v in splits["train-server"].values()}
+    assert len(server_spk) == 2
+    assert not server_spk & {v[0] for s, u in splits.items() if s != "train-server" for v in u.values()}
     # sentences disjoint across splits
     texts = [v[1] for s in splits.values() for v in s.values()]
     assert len(texts) == len(set(texts))
@@ -57,6 +61,21 @@ def test_speakers_are_distinct_voices_and_enough_of_them():
     assert len({v.name for v in pool}) == len(pool)
     first = [v.voice.split("+")[-1] for v in pool[:30] if v.engine == "espeak-ng"]
     assert len(first) == len(set(first)), "the first speakers should use distinct voice variants"
+
+
+def test_server_speakers_leave_the_other_splits_unchanged():
+    kw = dict(speakers=3, utterances_per_speaker=4, seed=5, test_other_speakers=1, dev_per_speaker=1,
+              test_per_speaker=1)
+    plain = synth.plan_corpus(**kw)
+    with_server = synth.plan_corpus(**kw, server_speakers=2)
+    server = [u for u in with_server.utterances if u.split == "train-server"]
+    assert [u for u in with_server.utterances if u.split != "train-server"] == plain.utterances
+    assert len(server) == 2 * 4 and len({u.speaker for u in server}) == 2
+    assert not {u.speaker for u in server} & {u.speaker for u in plain.utterances}
+    assert not {u.voice for u in server} & {u.voice for u in plain.utterances}
+    assert not {u.text for u in server} & {u.text for u in plain.utterances}
+    with pytest.raises(synth.FedasrError, match="--server-speakers"):
+        synth.plan_corpus(**kw, server_speakers=-1)
 
 
 @pytest.mark.e2e

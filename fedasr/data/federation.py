@@ -2,10 +2,12 @@
 
 Layout of ``FED_DIR``::
 
-    federation.yaml            source, scheme, seed, clients, eval splits, dropped utterances
+    federation.yaml            source, scheme, seed, clients, server data, eval splits, dropped utterances
     tokenizer.model            SentencePiece model (blank = id 0)
-    cmvn.json                  global mean/std of the training clients' fbank features
+    cmvn.json                  global mean/std of the fbank features (the server's data when the
+                               federation has it, else the training clients')
     clients/CLIENT.jsonl.gz    one lhotse CutSet per client (with stored features)
+    server.jsonl.gz            the server's own utterances (``--server-split``; never a client)
     eval/SPLIT.jsonl.gz        dev and test CutSets
     feats/                     lilcom-compressed fbank features
 
@@ -16,7 +18,7 @@ error nothing is left behind.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +34,22 @@ from fedasr.fsutil import atomic_dir
 
 FEDERATION_FILE = "federation.yaml"
 FORMAT_VERSION = 1
+SERVER_MANIFEST = "server.jsonl.gz"
+
+
+def _check_server_disjoint(server: CutSet, train: CutSet) -> None:
+    """The server's data is its own: no utterance (and no speaker) of it may be a client's."""
+    if not len(server):
+        return
+    train_ids = {c.id for c in train}
+    shared = sorted(c.id for c in server if c.id in train_ids)
+    if shared:
+        raise FedasrError(f"--server-split: utterance {shared[0]} is in a training split too")
+    train_spk = {c.supervisions[0].speaker for c in train}
+    spk = sorted({c.supervisions[0].speaker for c in server} & train_spk)
+    if spk:
+        raise FedasrError(f"--server-split: speaker {spk[0]} also speaks in a training split "
+                          "(the server's data must not overlap the clients')")
 
 
 @dataclass
@@ -41,6 +59,7 @@ class ShardOptions:
     dev_splits: list[str]
     test_splits: list[str]
     out: Path
+    server_splits: list[str] = field(default_factory=list)  # the server's own data, never a client
     scheme: str = "speaker"
     num_clients: int | None = None
     alpha: float = 0.5
@@ -63,10 +82,10 @@ def shard(opts: ShardOptions, log: Callable[[str], None] = lambda s: None) -> di
     """Build the federation directory; returns the federation.yaml content."""
     if not opts.train_splits:
         raise FedasrError("--train-split: at least one training split is required")
-    names = opts.train_splits + opts.dev_splits + opts.test_splits
+    names = opts.train_splits + opts.server_splits + opts.dev_splits + opts.test_splits
     dupes = sorted({s for s in names if names.count(s) > 1})
     if dupes:
-        raise FedasrError(f"--train-split/--dev-split/--test-split: split {dupes[0]!r} given twice")
+        raise FedasrError(f"--train-split/--server-split/--dev-split/--test-split: split {dupes[0]!r} given twice")
     corpus = Path(opts.corpus).resolve()
     if not corpus.is_dir():
         raise FedasrError(f"{opts.corpus}: corpus directory does not exist")
@@ -91,10 +110,17 @@ def shard(opts: ShardOptions, log: Callable[[str], None] = lambda s: None) -> di
                                alpha=opts.alpha, min_utterances=opts.min_utterances,
                                max_clients=opts.max_clients)
     kept_ids = {u for ids in partition.clients.values() for u in ids}
-    train_texts = [c.supervisions[0].text for c in train if c.id in kept_ids]
+    server = CutSet.from_cuts(c for s in opts.server_splits for c in scans[s].cuts)
+    _check_server_disjoint(server, train)
+    # What the server owns decides the tokenizer and the normalisation when it has data:
+    # they exist before any client is asked (the seed model needs them); else the clients'.
+    if opts.server_splits:
+        tok_texts = [c.supervisions[0].text for c in server]
+    else:
+        tok_texts = [c.supervisions[0].text for c in train if c.id in kept_ids]
     if given_tok is None:
         log("training tokenizer")
-        tokenizer = train_tokenizer(train_texts, opts.vocab_size, opts.tokenizer_type)
+        tokenizer = train_tokenizer(tok_texts, opts.vocab_size, opts.tokenizer_type)
     else:
         tokenizer = given_tok
 
@@ -114,8 +140,18 @@ def shard(opts: ShardOptions, log: Callable[[str], None] = lambda s: None) -> di
                 "hours": round(_hours(cs), 5),
                 "speakers": sorted({c.supervisions[0].speaker for c in cs}),
             }
+        server_meta = None
+        stats_cuts = train_feats
+        if opts.server_splits:
+            log("computing features (server)")
+            server_feats = compute_features(server, tmp, "server", opts.jobs)
+            server_feats.to_file(tmp / SERVER_MANIFEST)
+            server_meta = {"splits": list(opts.server_splits), "manifest": SERVER_MANIFEST,
+                           "utterances": len(server_feats), "hours": round(_hours(server_feats), 5),
+                           "speakers": sorted({c.supervisions[0].speaker for c in server_feats})}
+            stats_cuts = server_feats
         log("normalisation statistics")
-        cmvn = GlobalCMVN.from_cuts(CutSet.from_cuts(c for c in train_feats).with_features_path_prefix(str(tmp.resolve())))
+        cmvn = GlobalCMVN.from_cuts(CutSet.from_cuts(c for c in stats_cuts).with_features_path_prefix(str(tmp.resolve())))
         cmvn.save(tmp / "cmvn.json")
         eval_meta = {}
         (tmp / "eval").mkdir()
@@ -136,6 +172,7 @@ def shard(opts: ShardOptions, log: Callable[[str], None] = lambda s: None) -> di
         meta = {
             "format_version": FORMAT_VERSION,
             "source": {"corpus": str(corpus), "train_splits": opts.train_splits,
+                       "server_splits": opts.server_splits,
                        "dev_splits": opts.dev_splits, "test_splits": opts.test_splits},
             "scheme": {"by": opts.scheme, "num_clients": opts.num_clients,
                        "alpha": opts.alpha if opts.scheme == "dirichlet" else None,
@@ -145,10 +182,12 @@ def shard(opts: ShardOptions, log: Callable[[str], None] = lambda s: None) -> di
                           "requested": opts.vocab_size if given_tok is None and opts.vocab_size else
                           ("given" if given_tok is not None else "auto"),
                           "type": opts.tokenizer_type if given_tok is None else "given",
-                          "source": str(opts.tokenizer) if opts.tokenizer else "trained on training clients",
+                          "source": str(opts.tokenizer) if opts.tokenizer else
+                          ("trained on the server's data" if opts.server_splits else "trained on training clients"),
                           "blank_id": 0},
             "features": {"type": "fbank", "num_mel_bins": 80, "frame_shift": 0.01,
-                         "storage": "lilcom_chunky", "cmvn": "cmvn.json"},
+                         "storage": "lilcom_chunky", "cmvn": "cmvn.json",
+                         "cmvn_from": "server" if opts.server_splits else "clients"},
             "summary": {
                 "clients": len(sizes),
                 "utterances": sum(sizes),
@@ -159,6 +198,7 @@ def shard(opts: ShardOptions, log: Callable[[str], None] = lambda s: None) -> di
                                      "max": max(hours)},
             },
             "clients": clients_meta,
+            "server": server_meta,
             "eval": eval_meta,
             "excluded_clients": partition.excluded_clients,
             "dropped": [{"path": p.path, "reason": p.reason} for p in dropped],
@@ -190,6 +230,21 @@ class Federation:
     @property
     def eval_splits(self) -> dict[str, dict]:
         return self.meta["eval"]
+
+    @property
+    def has_server_data(self) -> bool:
+        return bool(self.meta.get("server"))
+
+    def server_cuts(self) -> CutSet:
+        """The server's own utterances (``fedasr shard --server-split``)."""
+        if not self.has_server_data:
+            raise FedasrError(f"{self.root}: the federation holds no server data "
+                              "(shard it with --server-split SPLIT)")
+        return load_manifest(self.root / self.meta["server"]["manifest"], self.root)
+
+    def all_client_cuts(self) -> CutSet:
+        """The union of every client's utterances (the centralized baseline's data)."""
+        return CutSet.from_cuts(c for n in sorted(self.client_ids) for c in self.client_cuts(n))
 
     def client_cuts(self, client: str) -> CutSet:
         if client not in self.meta["clients"]:

@@ -12,7 +12,10 @@ so that every later stage runs the same code path it runs on the real corpus.
 
 A *speaker* is a voice: an engine voice (accent), a voice variant, a pitch and a rate.
 Splits: ``train``; ``dev`` and ``test-clean`` (speakers seen in training, new
-sentences); ``test-other`` (speakers never seen in training).
+sentences); ``test-other`` (speakers never seen in training); optionally
+``train-server`` (``server_speakers`` further speakers: the server's own data, e.g. for a
+seed model; sentences disjoint from every other split). Adding server speakers leaves
+every other split's voices, sentences and audio unchanged.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ ESPEAK_VARIANTS = (
 )
 FLITE_VOICES = (("slt", "F"), ("rms", "M"), ("awb", "M"), ("kal16", "M"))
 
-SPLITS = ("train", "dev", "test-clean", "test-other")
+SPLITS = ("train", "dev", "test-clean", "test-other", "train-server")
+SERVER_SPLIT = "train-server"
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,7 @@ def plan_corpus(
     dev_per_speaker: int | None = None,
     test_per_speaker: int | None = None,
     chapters_per_speaker: int = 3,
+    server_speakers: int = 0,
 ) -> SynthPlan:
     """Decide every utterance (speaker, chapter, text, voice) before any audio is made."""
     if speakers < 1:
@@ -162,16 +167,18 @@ def plan_corpus(
         raise FedasrError("--utterances-per-speaker: must be at least 1")
     if chapters_per_speaker < 1:
         raise FedasrError("--chapters-per-speaker: must be at least 1")
+    if server_speakers < 0:
+        raise FedasrError("--server-speakers: must be >= 0")
     if domain not in textgen.DOMAINS:
         raise FedasrError(f"--domain: unknown domain {domain!r} (choose from {', '.join(textgen.DOMAINS)})")
     n_other = max(1, speakers // 4) if test_other_speakers is None else test_other_speakers
     n_dev = max(1, utterances_per_speaker // 10) if dev_per_speaker is None else dev_per_speaker
     n_test = max(1, utterances_per_speaker // 10) if test_per_speaker is None else test_per_speaker
     pool = voice_pool(seed)
-    if speakers + n_other > len(pool):
+    if speakers + n_other + server_speakers > len(pool):
         raise FedasrError(
-            f"--speakers: {speakers} training + {n_other} test-other speakers requested, "
-            f"but the installed TTS engines offer {len(pool)} voices"
+            f"--speakers: {speakers} training + {n_other} test-other + {server_speakers} server speakers "
+            f"requested, but the installed TTS engines offer {len(pool)} voices"
         )
     n_other_utts = math.ceil(speakers * n_test / n_other) if n_other else 0
     counts = {
@@ -180,25 +187,37 @@ def plan_corpus(
         "test-clean": speakers * n_test,
         "test-other": n_other * n_other_utts,
     }
+    if server_speakers:  # drawn after "train": the other splits keep their sentences
+        counts[SERVER_SPLIT] = server_speakers * utterances_per_speaker
     try:
         texts = textgen.split_sentences(domain, counts, seed)
     except ValueError as e:
         raise FedasrError(f"--utterances-per-speaker: {e}") from None
     rng = random.Random(f"speakers-{seed}")
     ids = rng.sample(range(100, 9000), speakers + n_other)
-    per_speaker_counts = {"train": utterances_per_speaker, "dev": n_dev, "test-clean": n_test}
+    # the server's speaker ids from a stream of their own: the other splits stay as they were
+    taken = set(ids)
+    ids += random.Random(f"server-speakers-{seed}").sample(
+        [i for i in range(100, 9000) if i not in taken], server_speakers)
+    per_speaker_counts = {"train": utterances_per_speaker, "dev": n_dev, "test-clean": n_test,
+                          SERVER_SPLIT: utterances_per_speaker}
     utts: list[Utterance] = []
     spk_table: dict[int, tuple[Voice, str]] = {}
     seen = [(ids[i], pool[i]) for i in range(speakers)]
     unseen = [(ids[speakers + i], pool[speakers + i]) for i in range(n_other)]
+    first = speakers + n_other
+    server = [(ids[first + i], pool[first + i]) for i in range(server_speakers)]
     for spk, voice in seen:
         spk_table[spk] = (voice, "train")
     for spk, voice in unseen:
         spk_table[spk] = (voice, "test-other")
-    for split in SPLITS:
-        group = unseen if split == "test-other" else seen
+    for spk, voice in server:
+        spk_table[spk] = (voice, SERVER_SPLIT)
+    groups = {"test-other": unseen, SERVER_SPLIT: server}
+    for split in SPLITS:  # train-server last: the other splits' utterance seeds stay the same
+        group = groups.get(split, seen)
         per = n_other_utts if split == "test-other" else per_speaker_counts[split]
-        pending = iter(texts[split])
+        pending = iter(texts.get(split, []))
         for spk, voice in group:
             # chapters are numbered per speaker and split so that no chapter spans splits
             n_ch = min(chapters_per_speaker, per) if per else 0

@@ -21,10 +21,7 @@ from fedasr.trainer import transducer_loss
 def gradient_report(model: Transducer, names: list[str], fed: Federation, batches: int, seed: int) -> dict:
     """Mean |gradient| of ``names`` over ``batches`` training batches of the federation
     (what a client reports for gradient importance)."""
-    from lhotse import CutSet
-
-    cuts = CutSet.from_cuts(c for n in fed.client_ids for c in fed.client_cuts(n))
-    ds = AsrDataset(cuts, fed.tokenizer, fed.cmvn, cache=False)
+    ds = AsrDataset(fed.all_client_cuts(), fed.tokenizer, fed.cmvn, cache=False)
     acc = GradientHooks({}, names)
     # eval mode: BatchNorm normalises with (and does not update) the checkpoint's running
     # statistics, and no dropout; gradients flow all the same
