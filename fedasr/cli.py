@@ -65,6 +65,8 @@ def synth(
     dev_per_speaker: Optional[int] = typer.Option(None, help="Dev utterances per speaker [default: utts/10]."),
     test_per_speaker: Optional[int] = typer.Option(None, help="test-clean utterances per speaker [default: utts/10]."),
     chapters_per_speaker: int = typer.Option(3, help="Chapters per speaker and split."),
+    server_speakers: int = typer.Option(0, help="Further speakers in a train-server split: the server's own "
+                                        "data (seed model), sentences disjoint from every other split."),
     domain: str = typer.Option("small", help="Text domain: 'small' (≤200 words: digits, times, dates, "
                                "commands) or 'open' (≥1000-word grammar, hard)."),
     seed: int = typer.Option(0, help="Seed for voices, texts and noise."),
@@ -76,7 +78,7 @@ def synth(
 
     t0 = time.time()
     plan = S.plan_corpus(speakers, utterances_per_speaker, seed, domain, test_other_speakers,
-                         dev_per_speaker, test_per_speaker, chapters_per_speaker)
+                         dev_per_speaker, test_per_speaker, chapters_per_speaker, server_speakers)
     with progress_bar() as prog:
         task = prog.add_task("synthesizing", total=len(plan.utterances))
         summary = S.synthesize_corpus(out, plan, jobs=jobs, overwrite=overwrite,
@@ -101,6 +103,8 @@ def shard(
     train_split: list[str] = typer.Option(..., "--train-split", help="Training split (repeatable)."),
     dev_split: list[str] = typer.Option([], "--dev-split", help="Dev split (repeatable)."),
     test_split: list[str] = typer.Option([], "--test-split", help="Test split (repeatable)."),
+    server_split: list[str] = typer.Option([], "--server-split", help="The server's own data (repeatable; never a "
+                                           "client): the seed model trains on it, e.g. train-clean-100."),
     by: str = typer.Option("speaker", help="Partition: speaker, chapter, iid, dirichlet."),
     num_clients: Optional[int] = typer.Option(None, help="Clients for iid/dirichlet."),
     alpha: float = typer.Option(0.5, help="Dirichlet concentration (dirichlet only)."),
@@ -121,7 +125,7 @@ def shard(
 
     t0 = time.time()
     opts = ShardOptions(corpus=corpus, train_splits=list(train_split), dev_splits=list(dev_split),
-                        test_splits=list(test_split), out=out, scheme=by, num_clients=num_clients,
+                        test_splits=list(test_split), server_splits=list(server_split), out=out, scheme=by, num_clients=num_clients,
                         alpha=alpha, min_utterances=min_utterances, max_clients=max_clients, seed=seed,
                         vocab_size=vocab_size, tokenizer_type=tokenizer_type, tokenizer=tokenizer,
                         skip_invalid=skip_invalid, jobs=jobs, overwrite=overwrite)
@@ -138,6 +142,10 @@ def shard(
     table.add_row("hours / client", "", f"{s['hours_per_client']['min']:.4f}",
                   f"{s['hours_per_client']['median']:.4f}", f"{s['hours_per_client']['max']:.4f}",
                   f"{s['hours']:.3f}")
+    if meta.get("server"):
+        sv = meta["server"]
+        table.add_row(f"server: {', '.join(sv['splits'])} ({len(sv['speakers'])} speakers)", str(sv["utterances"]),
+                      "", "", "", f"{sv['hours']:.3f} h")
     for split, e in meta["eval"].items():
         table.add_row(f"{e['role']}: {split}", str(e["utterances"]), "", "", "", f"{e['hours']:.3f} h")
     console.print(table)
@@ -180,7 +188,10 @@ def train(
     config: Optional[Path] = typer.Option(None, help="Recipe YAML (e.g. recipes/ci.yaml)."),
     out: Optional[Path] = typer.Option(None, help="Run directory to create."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set fl.rounds=20 (repeatable)."),
-    centralized: bool = typer.Option(False, help="Train on the union of the clients' data (baseline)."),
+    centralized: bool = typer.Option(False, help="Train centrally: on the union of the clients' data (baseline), "
+                                     "or with --data server on the server's own data (the seed model)."),
+    data: str = typer.Option("clients", help="--centralized only: clients (their union) or server (the "
+                             "federation's server data, `shard --server-split`)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory from its latest checkpoint."),
     init_from: Optional[Path] = typer.Option(None, help="Start from this checkpoint's weights and masks "
                                              "(e.g. the output of `fedasr prune`) and fine-tune."),
@@ -202,20 +213,23 @@ def train(
     if engine not in ("embedded", "flower"):
         raise FedasrError(f"--engine: unknown {engine!r} (embedded, flower)")
     if engine == "flower":
+        if data != "clients":
+            raise FedasrError("--data server: the seed model trains centrally on the embedded engine")
         _train_flower(federation, config, out, set_, centralized, resume, init_from, overwrite, superlink, insecure,
                       root_certificates, slots, round_timeout)
         return
     if superlink is not None:
         raise FedasrError("--superlink: only with --engine flower")
     if resume is not None:
-        if config is not None or set_ or centralized or init_from is not None:
-            raise FedasrError("--resume: the run's own config.yaml is used; drop --config/--set/--centralized/--init-from")
+        if config is not None or set_ or centralized or init_from is not None or data != "clients":
+            raise FedasrError("--resume: the run's own config.yaml is used; "
+                              "drop --config/--set/--centralized/--data/--init-from")
         runner = Runner.resume(resume, federation=federation, engine="embedded")
     else:
         if federation is None or out is None:
             raise FedasrError("--federation and --out are required (or --resume RUN_DIR)")
         cfg = load_config(config, set_)
-        runner = Runner(out, Federation(federation), cfg, centralized=centralized)
+        runner = Runner(out, Federation(federation), cfg, centralized=centralized, data=data)
         runner.start(overwrite=overwrite, init_from=init_from)
     with progress_bar() as prog:
         runner.events = _RoundProgress(prog, runner.cfg.fl.rounds, runner.round)
@@ -243,11 +257,11 @@ def _train_flower(federation, config, out, set_, centralized, resume, init_from,
         if config is not None or set_ or init_from is not None:
             raise FedasrError("--resume: the run's own config.yaml is used; drop --config/--set/--init-from")
         rd = RunDir(resume)
-        raw = rd.read_config()
+        run, raw = rd.run_config()
         if rd.latest() is None:
             raise FedasrError(f"{resume}: no complete checkpoint to resume from; start the run again")
-        fed = Federation(federation or raw["federation"])
-        cfg = parse_config({k: v for k, v in raw.items() if k not in ("federation", "mode", "engine", "init_from")})
+        fed = Federation(federation or run["federation"])
+        cfg = parse_config(raw)
         run_dir = resume
     else:
         if federation is None or out is None:
@@ -450,23 +464,24 @@ def sweep(
     import threading
     import time
 
-    from fedasr.config import parse_config
-    from fedasr.sweep import plan_runs, resolved_recipe, rounds_done, run_sweep
+    from fedasr.sweep import plan_runs, plan_seed, resolved_recipe, rounds_done, run_sweep
 
     t0 = time.time()
     recipe_data = resolved_recipe(recipe, set_, _parse_sparsities(sparsities))
-    planned = plan_runs(recipe_data, out)
-    rounds = parse_config(recipe_data).fl.rounds
+    seed = plan_seed(recipe_data, out)
+    planned = ([seed] if seed else []) + plan_runs(recipe_data, out)
+    total = sum(r.rounds for r in planned)
     finished: set[Path] = set()
     with progress_bar() as prog:
         # rounds, not runs: a run takes minutes, so the bar follows the rounds each run in
-        # flight has checkpointed (its metrics.jsonl), and the estimate comes from them
-        task = prog.add_task("sweep rounds", total=rounds * len(planned))
+        # flight has checkpointed (its metrics.jsonl), and the estimate comes from them;
+        # the seed model's rounds come first
+        task = prog.add_task("sweep rounds" + (" (seed model first)" if seed else ""), total=total)
         stop = threading.Event()
 
         def poll() -> None:
             while not stop.wait(2.0):
-                done = sum(rounds if r.path in finished else min(rounds, rounds_done(r)) for r in planned)
+                done = sum(r.rounds if r.path in finished else min(r.rounds, rounds_done(r)) for r in planned)
                 prog.update(task, completed=done)
 
         watcher = threading.Thread(target=poll, daemon=True)
@@ -482,7 +497,7 @@ def sweep(
         finally:
             stop.set()
             watcher.join()
-        prog.update(task, completed=rounds * len(planned))
+        prog.update(task, completed=total)
     console.print(f"sweep finished in {time.time() - t0:.0f} s; `fedasr report {out}` for the curve")
     _report(out)
 
@@ -496,7 +511,8 @@ def _report(sweep_dir: Path) -> None:
                 "model MB", "comm MB"):
         table.add_column(col, justify="left" if col == "scheme" else "right")
     for r in rows:
-        table.add_row(r["scheme"], r.get("knob") or f"{r['sparsity']:.2f}", f"{100 * r['achieved_sparsity']:.1f}%",
+        table.add_row(r["scheme"] + (" (server data only)" if r.get("server_only") else ""),
+                      r.get("knob") or f"{r['sparsity']:.2f}", f"{100 * r['achieved_sparsity']:.1f}%",
                       *[f"{100 * r[f'wer_{s}']:.2f}%" if f"wer_{s}" in r else "-" for s in splits],
                       f"{r['nonzero_params']:,}", f"{r['num_params']:,}", f"{r['model_bytes'] / 1e6:.2f}",
                       f"{r['comm_bytes'] / 1e6:.0f}")

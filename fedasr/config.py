@@ -210,10 +210,41 @@ class PruningSection:
 
 
 @dataclass
+class SeedModelSection:
+    """The seed model `fedasr sweep` trains once, centrally on the server's own data
+    (`fedasr train --centralized --data server`), before its runs; every run starts from it
+    (``--init-from``). ``steps: 0`` = no seed: runs start from scratch."""
+
+    steps: int = 0  # centralized steps on the server's data
+    rounds: int = 4  # the seed run's checkpoints / dev evaluations; steps must be a multiple
+    overrides: list = field(default_factory=list)  # further "key=value" settings of the seed run
+
+    def validate(self, prefix: str) -> None:
+        p = f"{prefix}." if prefix else ""
+        if self.steps < 0:
+            raise FedasrError(f"{p}steps: must be >= 0 (0: no seed model)")
+        if self.rounds < 1:
+            raise FedasrError(f"{p}rounds: must be at least 1")
+        if self.steps and self.steps % self.rounds:
+            raise FedasrError(f"{p}steps: {self.steps} is not a multiple of {p}rounds ({self.rounds})")
+        for i, o in enumerate(self.overrides):
+            if not isinstance(o, str) or "=" not in o:
+                raise FedasrError(f"{p}overrides[{i}]: expected 'key=value', got {o!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.steps > 0
+
+
+@dataclass
 class SweepScheme:
     name: str = "scheme"
     pruning: dict = field(default_factory=dict)  # pruning.* keys of this scheme (method included)
     overrides: list = field(default_factory=list)  # further "key=value" settings
+    # the paper's baseline: one-shot prune of the seed model at each sparsity (the scheme's
+    # federated_pruning pattern/importance/allocation), then fine-tuning on the server's data
+    # alone for as many steps as a federated run's clients take together
+    server_only: bool = False
     # a method that decides its own sparsity (ASP) sweeps its knob instead of the targets:
     # {key: pruning.asp.k, values: [1.5, 2.0, 2.5]}
     knob: dict = field(default_factory=dict)
@@ -266,6 +297,7 @@ class RunConfig:
     fl: FLSection = field(default_factory=FLSection)
     eval: EvalSection = field(default_factory=EvalSection)
     pruning: PruningSection = field(default_factory=PruningSection)
+    seed_model: SeedModelSection = field(default_factory=SeedModelSection)
     sweep: SweepSection = field(default_factory=SweepSection)
 
     def to_dict(self) -> dict:

@@ -22,6 +22,8 @@ from fedasr.fsutil import atomic_write_text
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
+# what config.yaml records about the run beside its RunConfig
+RUN_KEYS = ("federation", "mode", "data", "engine", "init_from", "init_from_sha256")
 
 
 @dataclass
@@ -64,6 +66,11 @@ class RunDir:
         if not self.config_path.is_file():
             raise FedasrError(f"{self.root}: not a run directory ({CONFIG_FILE} missing)")
         return yaml.safe_load(self.config_path.read_text())
+
+    def run_config(self) -> tuple[dict, dict]:
+        """config.yaml split into (what the run records about itself: RUN_KEYS, the RunConfig mapping)."""
+        raw = self.read_config()
+        return {k: raw.pop(k) for k in RUN_KEYS if k in raw}, raw
 
     def metrics(self) -> list[dict]:
         """The rows of metrics.jsonl (empty before the first round)."""

@@ -5,8 +5,12 @@ A sweep runs one training run per (scheme, sparsity) of the recipe's ``sweep:`` 
 splits, and ``report`` gathers them into ``wer_vs_sparsity.csv`` and ``.png``::
 
     SWEEP_DIR/recipe.yaml                 the recipe as given (with --sparsities applied)
+    SWEEP_DIR/seed/                       the seed model (recipe ``seed_model:``): trained once,
+                                          centrally on the server's data; every run starts from it
     SWEEP_DIR/runs/dense/                 a normal run directory (+ results.json, log.txt)
     SWEEP_DIR/runs/SCHEME/s0.50/          ...
+    SWEEP_DIR/runs/SERVER_ONLY/s0.50/     a ``server_only`` scheme: pruned.pt (one-shot prune of
+                                          the seed) fine-tuned on the server's data alone
     SWEEP_DIR/wer_vs_sparsity.csv / .png
 
 Each run is a subprocess of the `fedasr` CLI (its output goes to the run's log.txt), so
@@ -23,7 +27,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +42,9 @@ from fedasr.rundir import RunDir
 SWEEP_FILE = "sweep.json"
 
 
+SEED_SCHEME = "seed"
+
+
 @dataclass
 class SweepRun:
     scheme: str
@@ -45,10 +52,54 @@ class SweepRun:
     path: Path
     settings: list[str]  # --set overrides on top of the recipe
     knob: dict | None = None  # {key, value} of a knob scheme
+    rounds: int = 0  # the run's rounds (its progress)
+    train_args: list[str] = field(default_factory=list)  # further `fedasr train` options
+    from_seed: bool = False  # starts from the seed model (--init-from)
+    prune: dict | None = None  # server-only: `fedasr prune` of the seed into RUN/pruned.pt first
+
+    @property
+    def pruned_checkpoint(self) -> Path:
+        return self.path / "pruned.pt"
 
 
 def load_recipe(path: str | Path) -> dict:
     return read_recipe(path, "recipe")
+
+
+def plan_seed(recipe: dict, out: Path) -> SweepRun | None:
+    """The seed run of the recipe's ``seed_model:`` block (None without one): centralized on
+    the server's data, ``steps`` in ``rounds`` rounds, dense."""
+    sm = parse_config(recipe).seed_model
+    if not sm.enabled:
+        return None
+    settings = ["pruning.method=none", f"fl.rounds={sm.rounds}", "fl.clients_per_round=1", "fl.client_fraction=null",
+                f"fl.local_steps={sm.steps // sm.rounds}", "fl.local_epochs=null", *sm.overrides]
+    run = SweepRun(SEED_SCHEME, 0.0, out / SEED_SCHEME, settings, rounds=sm.rounds,
+                   train_args=["--centralized", "--data", "server"])
+    parse_config(apply_overrides(recipe, settings))
+    return run
+
+
+def seed_checkpoint(seed: SweepRun) -> Path:
+    latest = RunDir(seed.path).latest()
+    if latest is None:
+        raise FedasrError(f"{seed.path}: the seed model has no checkpoint")
+    return latest
+
+
+def _server_only_prune(sch: SweepScheme, where: str, has_seed: bool) -> dict:
+    """`fedasr prune` options of a server-only scheme (its federated_pruning block)."""
+    from fedasr.methods.federated_pruning import FederatedPruningConfig
+
+    if not has_seed:
+        raise FedasrError(f"{where}.server_only: needs a seed model (seed_model.steps > 0) to prune")
+    if sch.pruning.get("method") != "federated_pruning":
+        raise FedasrError(f"{where}.pruning.method: a server_only scheme prunes with federated_pruning")
+    fp = from_dict(FederatedPruningConfig, sch.pruning.get("federated_pruning") or {}, f"{where}.pruning.federated_pruning")
+    if fp.importance == "gradient":
+        raise FedasrError(f"{where}.pruning.federated_pruning.importance: gradient importance needs the clients' "
+                          "data; a server_only scheme uses magnitude or random")
+    return {"pattern": fp.pattern, "importance": fp.importance, "allocation": fp.allocation, "norm": fp.norm}
 
 
 def plan_runs(recipe: dict, out: Path) -> list[SweepRun]:
@@ -56,24 +107,38 @@ def plan_runs(recipe: dict, out: Path) -> list[SweepRun]:
     schemes = [from_dict(SweepScheme, s, "sweep.schemes") for s in cfg.sweep.schemes]
     if not schemes:
         raise FedasrError("sweep.schemes: the recipe lists no pruning scheme")
+    rounds = cfg.fl.rounds
+    from_seed = cfg.seed_model.enabled
     runs: list[SweepRun] = []
     if any(s == 0 for s in cfg.sweep.sparsities):
-        runs.append(SweepRun("dense", 0.0, out / "runs" / "dense", ["pruning.method=none"]))
+        runs.append(SweepRun("dense", 0.0, out / "runs" / "dense", ["pruning.method=none"], rounds=rounds,
+                             from_seed=from_seed))
     for i, sch in enumerate(schemes):
+        where = f"sweep.schemes[{i}]"
         if "method" not in sch.pruning:
-            raise FedasrError(f"sweep.schemes[{i}].pruning.method: required (the scheme's pruning method)")
+            raise FedasrError(f"{where}.pruning.method: required (the scheme's pruning method)")
+        sparsities = sorted(set(sch.sparsities if sch.sparsities is not None else cfg.sweep.sparsities) - {0, 0.0})
+        if sch.server_only:
+            if sch.knob:
+                raise FedasrError(f"{where}.knob: a server_only scheme prunes at the sweep's sparsities")
+            opts = _server_only_prune(sch, where, cfg.seed_model.enabled)
+            for s in sparsities:
+                runs.append(SweepRun(sch.name, float(s), out / "runs" / sch.name / f"s{s:.2f}",
+                                     ["pruning.method=none", *sch.overrides], rounds=rounds,
+                                     train_args=["--centralized", "--data", "server"], from_seed=True,
+                                     prune={**opts, "sparsity": float(s)}))
+            continue
         base = [f"pruning.{k}={json.dumps(v)}" for k, v in _flatten(sch.pruning).items()] + list(sch.overrides)
         if sch.knob:  # the method decides its sparsity: one run per knob value
             leaf = sch.knob["key"].rsplit(".", 1)[-1]
             for v in sch.knob["values"]:
                 runs.append(SweepRun(sch.name, 0.0, out / "runs" / sch.name / f"{leaf}{v}",
-                                     base + [f"{sch.knob['key']}={json.dumps(v)}"], {"key": sch.knob["key"], "value": v}))
+                                     base + [f"{sch.knob['key']}={json.dumps(v)}"], {"key": sch.knob["key"], "value": v},
+                                     rounds=rounds, from_seed=from_seed))
             continue
-        for s in sorted(set(sch.sparsities if sch.sparsities is not None else cfg.sweep.sparsities)):
-            if s == 0:
-                continue
+        for s in sparsities:
             runs.append(SweepRun(sch.name, float(s), out / "runs" / sch.name / f"s{s:.2f}",
-                                 base + [f"pruning.target_sparsity={s}"]))
+                                 base + [f"pruning.target_sparsity={s}"], rounds=rounds, from_seed=from_seed))
     # fail now, not in the middle of the sweep, when a scheme's settings are wrong
     for r in runs:
         parse_config(apply_overrides(recipe, r.settings))
@@ -91,10 +156,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _finished(run: SweepRun, splits: list[str], rounds: int) -> bool:
+def _finished(run: SweepRun, splits: list[str]) -> bool:
     rd = RunDir(run.path)
     results, metrics = rd.results(), rd.metrics()
-    return bool(metrics) and all(s in results for s in splits) and metrics[-1]["round"] >= rounds
+    return bool(metrics) and all(s in results for s in splits) and metrics[-1]["round"] >= run.rounds
 
 
 def rounds_done(run: SweepRun) -> int:
@@ -141,38 +206,56 @@ def run_sweep(recipe_path: str | Path, federation: str | Path, out: str | Path, 
     for s in splits:
         if s not in fed.eval_splits:
             raise FedasrError(f"sweep.splits: unknown split {s!r} (federation has: {', '.join(fed.eval_splits)})")
+    seed = plan_seed(recipe, out)
+    if seed is not None and not fed.has_server_data:
+        raise FedasrError(f"seed_model: {fed.root} holds no server data to train the seed on "
+                          "(shard with --server-split, or set seed_model.steps=0)")
     out.mkdir(parents=True, exist_ok=True)
     recipe_file = out / "recipe.yaml"
     text = yaml.safe_dump(recipe, sort_keys=False)
     if recipe_file.is_file() and recipe_file.read_text() != text:
         raise FedasrError(f"{recipe_file}: this sweep directory was made with another recipe; use a new --out")
     atomic_write_text(recipe_file, text)
-    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    cpus = os.cpu_count() or 1
+    threads = max(1, cpus // max(1, jobs))
 
-    def one(run: SweepRun) -> SweepRun:
-        if _finished(run, splits, cfg.fl.rounds):
+    def one(run: SweepRun, threads: int = threads) -> SweepRun:
+        if _finished(run, splits):
             if progress:
                 progress(run, "skipped (finished)")
             return run
         run.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.path / SWEEP_FILE, json.dumps({"scheme": run.scheme, "sparsity": run.sparsity,
-                                                             "settings": run.settings, "knob": run.knob}))
+                                                             "settings": run.settings, "knob": run.knob,
+                                                             "server_only": run.prune is not None}))
         log = run.path / "log.txt"
         if RunDir(run.path).latest() is not None:
             _cli(["train", "--resume", str(run.path)], log, threads)
         else:
+            args = list(run.train_args)
+            if run.from_seed:
+                start = seed_checkpoint(seed)
+                if run.prune is not None:  # one-shot prune of the seed, then server-only fine-tuning
+                    p = run.prune
+                    _cli(["prune", str(start), "--sparsity", str(p["sparsity"]), "--pattern", p["pattern"],
+                          "--importance", p["importance"], "--allocation", p["allocation"], "--norm", p["norm"],
+                          "--seed", str(cfg.seed), "--out", str(run.pruned_checkpoint)], log, threads)
+                    start = run.pruned_checkpoint
+                args += ["--init-from", str(start)]
             sets = [a for s in run.settings for a in ("--set", s)]
             _cli(["train", "--federation", str(fed.root), "--config", str(recipe_file), "--out", str(run.path),
-                  "--overwrite", *sets], log, threads)
+                  "--overwrite", *args, *sets], log, threads)
         evals = [a for s in splits for a in ("--split", s)]
         _cli(["eval", "--run", str(run.path), "--beam", str(cfg.sweep.beam), *evals], log, threads)
         if progress:
             progress(run, "done")
         return run
 
+    if seed is not None:  # once, before every run, with every core
+        one(seed, threads=cpus)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
         list(ex.map(one, runs))
-    return runs
+    return ([seed] if seed is not None else []) + runs
 
 
 # ---------------------------------------------------------------------------- report
@@ -183,7 +266,7 @@ def collect(sweep_dir: str | Path) -> tuple[list[dict], list[str]]:
 
     sweep_dir = Path(sweep_dir)
     rows, splits = [], []
-    run_files = sorted((sweep_dir / "runs").glob(f"**/{SWEEP_FILE}"))
+    run_files = sorted((sweep_dir / SEED_SCHEME).glob(SWEEP_FILE)) + sorted((sweep_dir / "runs").glob(f"**/{SWEEP_FILE}"))
     if not run_files:
         raise FedasrError(f"{sweep_dir}: no sweep runs found (run `fedasr sweep` first)")
     for f in run_files:
@@ -209,8 +292,10 @@ def collect(sweep_dir: str | Path) -> tuple[list[dict], list[str]]:
         row["comm_bytes"] = sum(m["bytes_down"] + m["bytes_up"] for m in metrics)
         row["num_params"] = metrics[-1].get("num_params", sum(v.numel() for v in params.values()))
         row["rounds"] = metrics[-1]["round"]
+        row["server_only"] = bool(meta.get("server_only"))
         rows.append(row)
-    rows.sort(key=lambda r: (r["scheme"] != "dense", r["scheme"], r["sparsity"], r["achieved_sparsity"]))
+    rows.sort(key=lambda r: (r["scheme"] != SEED_SCHEME, r["scheme"] != "dense", r["scheme"], r["sparsity"],
+                             r["achieved_sparsity"]))
     return rows, sorted(splits)
 
 
@@ -221,7 +306,8 @@ def plot_curves(rows: list[dict], splits: list[str], title: str):
     import matplotlib.pyplot as plt
 
     dense = [r for r in rows if r["scheme"] == "dense"]
-    schemes = sorted({r["scheme"] for r in rows} - {"dense"})
+    seed = [r for r in rows if r["scheme"] == SEED_SCHEME]
+    schemes = sorted({r["scheme"] for r in rows} - {"dense", SEED_SCHEME})
     colors = {sch: f"C{i}" for i, sch in enumerate(schemes)}
     fig, axes = plt.subplots(1, len(splits) + 1, figsize=(5.2 * (len(splits) + 1), 4.2), squeeze=False)
     for ax, split in zip(axes[0], splits):
@@ -229,10 +315,14 @@ def plot_curves(rows: list[dict], splits: list[str], title: str):
         if dense and key in dense[0]:
             ax.axhline(100 * dense[0][key], color="0.4", ls="--", lw=1,
                        label=f"dense {100 * dense[0][key]:.1f}% ({dense[0]['model_bytes'] / 1e6:.1f} MB)")
+        if seed and key in seed[0]:
+            ax.axhline(100 * seed[0][key], color="0.6", ls=":", lw=1.2,
+                       label=f"seed model (server data) {100 * seed[0][key]:.1f}%")
         for sch in schemes:
             own = [r for r in rows if r["scheme"] == sch]
             knobbed = any(r.get("knob") for r in own)  # the method chose its sparsity: points
-            pts = sorted((r for r in (own if knobbed else dense + own) if key in r),
+            alone = knobbed or any(r.get("server_only") for r in own)  # no federated dense start
+            pts = sorted((r for r in (own if alone else dense + own) if key in r),
                          key=lambda r: r["achieved_sparsity"])
             ax.plot([100 * r["achieved_sparsity"] for r in pts], [100 * r[key] for r in pts],
                     marker="D" if knobbed else "o", ls=":" if knobbed else "-", color=colors[sch], label=sch)
@@ -257,6 +347,9 @@ def plot_curves(rows: list[dict], splits: list[str], title: str):
         if dense and key in dense[0]:
             ax.plot([dense[0]["model_bytes"] / 1e6], [100 * dense[0][key]], marker="*", ms=10, color="0.3", ls="",
                     label=f"dense · {split}")
+        if seed and key in seed[0]:
+            ax.plot([seed[0]["model_bytes"] / 1e6], [100 * seed[0][key]], marker="x", ms=8, color="0.5", ls="",
+                    label=f"seed · {split}")
     ax.set_title("WER vs model size")
     ax.set_xlabel("model size, sparse-encoded (MB)")
     ax.set_ylabel("WER (%)")
@@ -277,7 +370,7 @@ def write_report(sweep_dir: str | Path) -> tuple[list[dict], list[str], Path, Pa
     rows, splits = collect(sweep_dir)
     if not rows:
         raise FedasrError(f"{sweep_dir}: no finished run to report")
-    cols = ["scheme", "sparsity", "knob", "achieved_sparsity", *[f"wer_{s}" for s in splits], "nonzero_params",
+    cols = ["scheme", "server_only", "sparsity", "knob", "achieved_sparsity", *[f"wer_{s}" for s in splits], "nonzero_params",
             "num_params", "model_bytes", "comm_bytes", "rounds"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")

@@ -7,7 +7,10 @@ import pytest
 import yaml
 
 from conftest import FAST, run_cli, sets
+from fedasr.checkpoint import read_checkpoint
 from fedasr.config import load_config
+from fedasr.fsutil import file_sha256
+from fedasr.rundir import RunDir
 from fedasr.errors import FedasrError
 from fedasr.model.transducer import ModelConfig, Transducer
 
@@ -18,38 +21,94 @@ REDUCED = FAST + ["model.overrides.predictor=stateless", "model.overrides.simple
                   "pruning.fedtiny.phase_batches=1", "pruning.fedtiny.candidates=2"]
 
 
-def test_reduced_ci_sweep_and_report(federation, tmp_path):
+def test_reduced_ci_sweep_and_report(server_federation, tmp_path):
+    """The ci recipe's sweep at toy size: the seed model once on the server's data, every run
+    from it (federated schemes and the server-only baseline), the report with the seed row."""
     out = tmp_path / "sweep"
-    args = ["sweep", "recipes/ci.yaml", "--federation", federation, "--out", out, "--sparsities", "0,0.5",
-            "--jobs", "2", *sets(*REDUCED)]
-    r = run_cli(*args, env={"FEDASR_PROGRESS": "1"})
+    args = ["sweep", "recipes/ci.yaml", "--federation", server_federation, "--out", out, "--sparsities", "0,0.5",
+            "--jobs", "2", *sets(*REDUCED, "seed_model.steps=2", "seed_model.rounds=1")]
+    r = run_cli(*args, env={"FEDASR_PROGRESS": "1"}, timeout=1800)
     assert r.returncode == 0, r.stderr + r.stdout
-    n_runs = 1 + len(yaml.safe_load(open("recipes/ci.yaml"))["sweep"]["schemes"])
-    assert "sweep rounds" in r.stderr and f"{2 * n_runs}/{2 * n_runs}" in r.stderr  # followed by rounds
-    rows = list(csv.DictReader((out / "wer_vs_sparsity.csv").open()))
     recipe = yaml.safe_load(open("recipes/ci.yaml"))
     schemes = [s["name"] for s in recipe["sweep"]["schemes"]]
+    n_runs = 1 + len(schemes)
+    total = 1 + 2 * n_runs  # the seed's round, then 2 rounds a run
+    assert "sweep rounds (seed model first)" in r.stderr and f"{total}/{total}" in r.stderr  # followed by rounds
+    rows = list(csv.DictReader((out / "wer_vs_sparsity.csv").open()))
     assert sorted((row["scheme"], float(row["sparsity"])) for row in rows) == sorted(
-        [("dense", 0.0)] + [(s, 0.5) for s in schemes])
+        [("seed", 0.0), ("dense", 0.0)] + [(s, 0.5) for s in schemes])
+    assert {row["scheme"] for row in rows if row["server_only"] == "True"} == {"server-only"}
     for row in rows:
         for split in ("test-clean", "test-other"):
             wer = float(row[f"wer_{split}"])
             assert math.isfinite(wer) and wer >= 0
-        assert int(row["nonzero_params"]) > 0 and int(row["comm_bytes"]) > 0
-        if row["scheme"] == "dense":
+        assert int(row["nonzero_params"]) > 0
+        if row["scheme"] in ("seed", "dense"):
             assert float(row["achieved_sparsity"]) == 0.0
         else:  # column pattern: within one group (a 576-row FFN column); FedTiny: its density tolerance
             assert abs(float(row["achieved_sparsity"]) - 0.5) < 0.02
+        # centralized runs (the seed, server-only) send nothing
+        assert (int(row["comm_bytes"]) == 0) == (row["scheme"] in ("seed", "server-only"))
     dense = next(r for r in rows if r["scheme"] == "dense")
-    sparse = next(r for r in rows if r["scheme"] != "dense")
+    sparse = next(r for r in rows if r["scheme"] not in ("dense", "seed"))
     assert int(sparse["model_bytes"]) < int(dense["model_bytes"])
+    # the seed is trained once, on the server's data; every run's first checkpoint descends from it
+    seed_run = RunDir(out / "seed")
+    assert seed_run.read_config()["data"] == "server" and len(seed_run.metrics()) == 1
+    seed_ckpt = seed_run.latest()
+    seed_sha = file_sha256(seed_ckpt)
+    for f in sorted((out / "runs").glob("**/sweep.json")):
+        conf = RunDir(f.parent).read_config()
+        if f.parent.parent.name == "server-only":  # one-shot prune of the seed, then server data
+            assert conf["data"] == "server" and conf["mode"] == "centralized"
+            assert conf["init_from"] == str(f.parent / "pruned.pt")
+            assert read_checkpoint(f.parent / "pruned.pt")["config"]["pruned_from"] == str(seed_ckpt)
+        else:
+            assert conf["mode"] == "federated" and conf["init_from"] == str(seed_ckpt)
+            assert conf["init_from_sha256"] == seed_sha
     png = (out / "wer_vs_sparsity.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    # re-running skips the finished runs; report alone works too
+    # re-running skips the finished runs (the seed too: trained once); report alone works too
     again = run_cli(*args)
     assert again.returncode == 0 and again.stderr.count("skipped (finished)") == len(rows)
+    assert (out / "seed" / "log.txt").read_text().count("$ fedasr train") == 1
     rep = run_cli("report", out)
-    assert rep.returncode == 0 and "WER vs sparsity" in rep.stdout
+    assert rep.returncode == 0 and "WER vs sparsity" in rep.stdout and "seed" in rep.stdout
+
+
+def test_seed_and_server_only_plans_and_errors(tmp_path, federation):
+    from fedasr.sweep import plan_runs, plan_seed
+
+    fp = {"method": "federated_pruning", "federated_pruning": {"pattern": "row"}}
+    recipe = {"seed_model": {"steps": 40, "rounds": 2, "overrides": ["train.lr=0.002"]},
+              "fl": {"rounds": 3, "clients_per_round": 2, "local_steps": 5},
+              "sweep": {"sparsities": [0.0, 0.5], "schemes": [
+                  {"name": "fp", "pruning": fp}, {"name": "so", "server_only": True, "pruning": fp}]}}
+    seed = plan_seed(recipe, tmp_path)
+    assert seed.path == tmp_path / "seed" and seed.rounds == 2
+    assert {"fl.rounds=2", "fl.local_steps=20", "fl.clients_per_round=1", "train.lr=0.002"} <= set(seed.settings)
+    runs = plan_runs(recipe, tmp_path)
+    assert [(r.scheme, r.sparsity, r.from_seed, r.prune is not None) for r in runs] == [
+        ("dense", 0.0, True, False), ("fp", 0.5, True, False), ("so", 0.5, True, True)]
+    so = runs[-1]
+    assert so.prune["pattern"] == "row" and so.prune["sparsity"] == 0.5 and "--centralized" in so.train_args
+    # a server-only run takes as many steps as a federated run's clients together
+    c = load_config(None, [])
+    assert c.fl.rounds * c.fl.clients_per_round * c.fl.local_steps > 0
+    for bad, msg in [
+        ({"seed_model": {"steps": 5, "rounds": 2}}, "seed_model.steps: 5 is not a multiple of seed_model.rounds"),
+        ({"seed_model": {"steps": 0}, "sweep": {"schemes": [{"name": "so", "server_only": True, "pruning": fp}]}},
+         "server_only: needs a seed model"),
+        ({"seed_model": {"steps": 4}, "sweep": {"schemes": [{"name": "so", "server_only": True, "pruning": {
+            "method": "federated_pruning", "federated_pruning": {"importance": "gradient"}}}]}},
+         "gradient importance needs the clients' data"),
+    ]:
+        with pytest.raises(FedasrError, match=msg):
+            plan_runs(bad, tmp_path)
+    # a seed needs server data: one line, nothing started
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    r = run_cli("sweep", tmp_path / "r.yaml", "--federation", federation, "--out", tmp_path / "s")
+    assert r.returncode != 0 and "holds no server data" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_sweep_rejects_bad_recipe(federation, tmp_path):
@@ -71,6 +130,7 @@ def test_sweep_rejects_bad_recipe(federation, tmp_path):
 
 
 @pytest.mark.parametrize("recipe", ["recipes/ci.yaml", "recipes/ci_structured.yaml",
+                                    "recipes/librispeech/federated_pruning.yaml",
                                     "recipes/librispeech100/federated_pruning.yaml"])
 def test_recipes_parse_and_build_the_model(recipe):
     cfg = load_config(recipe)

@@ -107,12 +107,14 @@ class ClientWorker:
 
     ``persistent``: the centralized baseline's single client keeps its optimizer and its
     batch stream across rounds (``state_dict`` for resume); federated clients start each
-    round afresh, as real devices would."""
+    round afresh, as real devices would. It trains on the union of the clients' data, or on
+    the server's own data (``data="server"``: the seed model)."""
 
     def __init__(self, cfg: RunConfig, fed: Federation, model: torch.nn.Module, *, train_fn=train_client,
-                 persistent: bool = False, num_steps: int | None = None):
+                 persistent: bool = False, num_steps: int | None = None, data: str = "clients"):
         self.cfg = cfg
         self.fed = fed
+        self.data = data  # persistent: "clients" (their union) or "server" (the server's own data)
         self.model = model
         self.method = make_method(cfg.pruning, model, cfg.fl.rounds, cfg.seed)
         self.train_fn = train_fn
@@ -129,9 +131,7 @@ class ClientWorker:
     def dataset(self, client: str):
         if self.persistent:
             if self._data is None:
-                from lhotse import CutSet
-
-                cuts = CutSet.from_cuts(c for n in sorted(self.fed.client_ids) for c in self.fed.client_cuts(n))
+                cuts = self.fed.server_cuts() if self.data == "server" else self.fed.all_client_cuts()
                 self._data = make_dataset(cuts, self.fed.tokenizer, self.fed.cmvn, self.cfg)
             return self._data
         return make_dataset(self.fed.client_cuts(client), self.fed.tokenizer, self.fed.cmvn, self.cfg)

@@ -34,7 +34,7 @@ from fedasr.evaluate import evaluate
 from fedasr.fl.client import derive_seed, make_dataset, train_client
 from fedasr.fl.protocol import PHASE, TRAIN, ClientWorker, RoundInfo, Server, TooFewClients
 from fedasr.fl.server import ClientRejected
-from fedasr.fsutil import atomic_write_text
+from fedasr.fsutil import atomic_write_text, file_sha256
 from fedasr.model.transducer import ModelConfig, Transducer
 from fedasr.rundir import RunDir
 from fedasr.trainer import transducer_loss
@@ -119,12 +119,20 @@ class LocalTransport:
 
 class Runner:
     def __init__(self, run_dir: str | Path, fed: Federation, cfg: RunConfig, *, centralized: bool = False,
-                 events: Events | None = None, client_fn: Callable = train_client, engine: str = "embedded"):
+                 events: Events | None = None, client_fn: Callable = train_client, engine: str = "embedded",
+                 data: str = "clients"):
         self.run = RunDir(Path(run_dir))
         self.engine = engine  # recorded in config.yaml
         self.fed = fed
         self.cfg = cfg
         self.centralized = centralized
+        if data not in ("clients", "server"):
+            raise FedasrError(f"--data: unknown {data!r} (clients, server)")
+        if data == "server" and not centralized:
+            raise FedasrError("--data server: only with --centralized (the server's data is never a client)")
+        if data == "server" and not fed.has_server_data:
+            raise FedasrError(f"--data server: {fed.root} holds no server data (shard it with --server-split)")
+        self.data = data
         self.events = events or _NoEvents()
         self.tokenizer = fed.tokenizer
         mcfg = model_config(cfg, self.tokenizer.vocab_size)
@@ -140,7 +148,7 @@ class Runner:
         fl = cfg.fl
         steps = fl.clients_per_round * fl.local_steps if centralized and fl.local_steps is not None else None
         self.worker = ClientWorker(cfg, fed, local, train_fn=client_fn, persistent=centralized,
-                                   num_steps=steps if centralized else fl.local_steps)
+                                   num_steps=steps if centralized else fl.local_steps, data=data)
         self.transport: Transport = LocalTransport(self.worker)  # the Flower engine swaps its own in
         self.round = 0
         self.history: list[dict] = []
@@ -183,7 +191,7 @@ class Runner:
     # ---------------------------------------------------------------- state
     def config_dict(self) -> dict:
         return {"federation": str(self.fed.root.resolve()), "mode": "centralized" if self.centralized else "federated",
-                "engine": self.engine, **self.cfg.to_dict()}
+                "data": self.data, "engine": self.engine, **self.cfg.to_dict()}
 
     def state(self) -> dict:
         return {"round": self.round, "history": self.history, "torch_rng": torch.get_rng_state(),
@@ -234,6 +242,7 @@ class Runner:
         cfg = self.config_dict()
         if init_from is not None:
             cfg["init_from"] = str(init_from)
+            cfg["init_from_sha256"] = file_sha256(init_from)  # which seed a run descends from
         atomic_write_text(self.run.config_path, yaml.safe_dump(cfg, sort_keys=False))
         self.run.metrics_path.unlink(missing_ok=True)
 
@@ -241,14 +250,10 @@ class Runner:
     def resume(cls, run_dir: str | Path, events: Events | None = None, federation: str | Path | None = None,
                **kw) -> "Runner":
         rd = RunDir(Path(run_dir))
-        raw = rd.read_config()
-        fed = Federation(federation or raw.pop("federation"))
-        raw.pop("federation", None)
-        raw.pop("init_from", None)
-        mode = raw.pop("mode", "federated")
-        engine = raw.pop("engine", "embedded")
-        runner = cls(run_dir, fed, parse_config(raw), centralized=(mode == "centralized"), events=events,
-                     engine=kw.pop("engine", engine), **kw)
+        run, raw = rd.run_config()
+        fed = Federation(federation or run["federation"])
+        runner = cls(run_dir, fed, parse_config(raw), centralized=(run.get("mode") == "centralized"), events=events,
+                     engine=kw.pop("engine", run.get("engine", "embedded")), data=run.get("data", "clients"), **kw)
         latest = rd.latest()
         if latest is None:
             raise FedasrError(f"{run_dir}: no complete checkpoint to resume from; start the run again")

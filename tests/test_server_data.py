@@ -1,0 +1,106 @@
+"""The server's own data: a train-server split that is never a client, centralized training
+on it (the seed model), federated runs started from that seed, and the sweep that trains
+the seed once."""
+
+import math
+
+import torch
+from conftest import FAST, Stopped, StopAfterRound, run_cli, sets
+from fedasr.config import load_config
+from fedasr.data.federation import Federation
+from fedasr.fl.runner import Runner
+from fedasr.fsutil import file_sha256
+from fedasr.rundir import RunDir
+
+
+def cfg(*extra):
+    return load_config(None, FAST + list(extra))
+
+
+def test_server_split_never_leaks_into_clients(server_federation, corpus):
+    fed = Federation(server_federation)
+    server = fed.server_cuts()
+    server_ids = {c.id for c in server}
+    on_disk = {p.stem for p in (corpus / "train-server").rglob("*.flac")}
+    assert server_ids == on_disk and len(server_ids) == 24
+    client_ids = {c.id for n in fed.client_ids for c in fed.client_cuts(n)}
+    assert client_ids and not server_ids & client_ids
+    server_spk = {c.supervisions[0].speaker for c in server}
+    assert len(server_spk) == 2
+    for n in fed.client_ids:
+        assert not {c.supervisions[0].speaker for c in fed.client_cuts(n)} & server_spk
+    for split in fed.eval_splits:
+        assert not {c.id for c in fed.split_cuts(split)} & server_ids
+    meta = fed.meta
+    assert meta["server"]["utterances"] == 24 and meta["source"]["server_splits"] == ["train-server"]
+    assert meta["features"]["cmvn_from"] == "server"
+    assert meta["tokenizer"]["source"] == "trained on the server's data"
+
+
+def test_clients_are_those_of_a_federation_without_server_data(server_federation, federation):
+    with_server, plain = Federation(server_federation), Federation(federation)
+    assert with_server.client_ids == plain.client_ids
+    for n in plain.client_ids:
+        assert [c.id for c in with_server.client_cuts(n)] == [c.id for c in plain.client_cuts(n)]
+
+
+def test_shard_server_split_errors(corpus, tmp_path):
+    out = tmp_path / "fed"
+    r = run_cli("shard", "--corpus", corpus, "--train-split", "train", "--server-split", "train", "--out", out)
+    assert r.returncode != 0 and "split 'train' given twice" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+    r = run_cli("shard", "--corpus", corpus, "--train-split", "train", "--server-split", "nope", "--out", out)
+    assert r.returncode != 0 and "nope" in r.stderr and not out.exists()
+
+
+def test_data_server_trains_on_server_utterances_only(server_federation, federation, tmp_path):
+    fed = Federation(server_federation)
+    runner = Runner(tmp_path / "seed", fed, cfg("fl.rounds=1"), centralized=True, data="server")
+    runner.start()
+    trained_on = {c.id for c in runner.worker.dataset("centralized").cuts}
+    assert trained_on == {c.id for c in fed.server_cuts()}
+    before = {k: v.clone() for k, v in runner.model.state_dict().items()}
+    rows = runner.run_rounds()
+    assert rows[-1]["processed"] > 0 and math.isfinite(rows[-1]["train_loss"])
+    assert any(not torch.equal(before[k], v) for k, v in runner.model.state_dict().items())
+    assert RunDir(runner.run.root).read_config()["data"] == "server"
+    # clients' union is the default; bad combinations are one-line errors
+    default = Runner(tmp_path / "c", fed, cfg("fl.rounds=1"), centralized=True)
+    assert {c.id for c in default.worker.dataset("centralized").cuts} == {
+        c.id for n in fed.client_ids for c in fed.client_cuts(n)}
+    r = run_cli("train", "--federation", federation, "--out", tmp_path / "x", "--centralized", "--data", "server",
+                *sets(*FAST))
+    assert r.returncode != 0 and "holds no server data" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("train", "--federation", server_federation, "--out", tmp_path / "y", "--data", "server", *sets(*FAST))
+    assert r.returncode != 0 and "only with --centralized" in r.stderr
+
+
+def test_resume_of_a_run_started_from_a_seed_is_bit_identical(server_federation, tmp_path):
+    fed = Federation(server_federation)
+    seed = Runner(tmp_path / "seed", fed, cfg("fl.rounds=1"), centralized=True, data="server")
+    seed.start()
+    seed.run_rounds()
+    seed_ckpt = seed.run.latest()
+    c = cfg("fl.rounds=3", "fl.aggregation=fedadam")
+    straight = Runner(tmp_path / "straight", fed, c)
+    straight.start(init_from=seed_ckpt)
+    straight.run_rounds()
+    half = Runner(tmp_path / "half", fed, c, events=StopAfterRound(1))
+    half.start(init_from=seed_ckpt)
+    try:
+        half.run_rounds()
+    except Stopped:
+        pass
+    resumed = Runner.resume(tmp_path / "half")
+    assert resumed.round == 1
+    resumed.run_rounds()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    conf = RunDir(tmp_path / "half").read_config()
+    assert conf["init_from_sha256"] == file_sha256(seed_ckpt)
+    # the run really started from the seed: it differs from a run from scratch
+    scratch = Runner(tmp_path / "scratch", fed, c)
+    scratch.start()
+    scratch.run_rounds()
+    s = scratch.model.state_dict()
+    assert any(not torch.equal(a[k], s[k]) for k in a if a[k].is_floating_point())
