@@ -10,9 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedasr import codec
 from fedasr.checkpoint import load_checkpoint
-from fedasr.config import DEFAULT_PRUNABLE
 from fedasr.model.transducer import Transducer
-from fedasr.prune.masks import prunable_names, sparsity_report
+from fedasr.prune.masks import configured_prunable_names, sparsity_report
 
 
 def _lstm_flops(model: Transducer, tokens: int) -> int:
@@ -95,8 +94,7 @@ def count_flops(model: Transducer, seconds: float = 10.0, tokens: int = 30) -> d
 def checkpoint_info(path: str | Path, seconds: float = 10.0) -> dict:
     model, tok, ckpt = load_checkpoint(path)
     state = model.state_dict()
-    include = (ckpt.get("config") or {}).get("pruning", {}).get("include", list(DEFAULT_PRUNABLE))
-    names = prunable_names(model, include)
+    names = configured_prunable_names(model, ckpt.get("config"))
     rep = sparsity_report(state, names)
     params = {n: p.detach() for n, p in model.named_parameters()}
     layers = [{"name": n, "shape": list(p.shape), "numel": p.numel(), "nonzeros": int((p != 0).sum()),

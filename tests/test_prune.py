@@ -469,3 +469,21 @@ def test_adaptive_without_refinement_ranks_only_live_weights():
     forced = {"b": b.scores == 0}
     frac = adaptive_fractions([a, b], 0.6, 0.95, forced)
     assert frac["a"] == pytest.approx(frac["b"])
+
+
+def test_info_counts_prunable_weights_with_the_runs_exclude(federation, tmp_path):
+    """`fedasr info` derives the prunable tensors as `fedasr prune` and training do:
+    include minus exclude (it used to ignore exclude)."""
+    from fedasr.checkpoint import save_checkpoint
+    from fedasr.info import checkpoint_info
+
+    fed = Federation(federation)
+    model = Transducer(ModelConfig.preset("tiny", vocab_size=fed.tokenizer.vocab_size))
+    path = tmp_path / "ckpt.pt"
+    pruning = {"include": ["encoder.layers.*", "joiner.*"], "exclude": ["encoder.layers.*.ff*"]}
+    save_checkpoint(path, model, fed.tokenizer, config={"pruning": pruning})
+    info = checkpoint_info(path)
+    expected = [n for n, p in model.named_parameters() if p.dim() >= 2
+                and (n.startswith("encoder.layers.") or n.startswith("joiner.")) and ".ff" not in n]
+    assert {lay["name"] for lay in info["layers"] if lay["prunable"]} == set(expected)
+    assert info["prunable"] == sum(dict(model.named_parameters())[n].numel() for n in expected)
