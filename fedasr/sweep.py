@@ -73,7 +73,7 @@ def plan_seed(recipe: dict, out: Path) -> SweepRun | None:
     if not sm.enabled:
         return None
     settings = ["pruning.method=none", f"fl.rounds={sm.rounds}", "fl.clients_per_round=1", "fl.client_fraction=null",
-                f"fl.local_steps={sm.steps // sm.rounds}", "fl.local_epochs=null", *sm.overrides]
+                f"fl.local_steps={sm.steps // sm.rounds}", "fl.local_epochs=null", "eval.every=1", *sm.overrides]
     run = SweepRun(SEED_SCHEME, 0.0, out / SEED_SCHEME, settings, rounds=sm.rounds,
                    train_args=["--centralized", "--data", "server"])
     parse_config(apply_overrides(recipe, settings))
