@@ -12,9 +12,12 @@ Two domains are available:
     their plurals, verbs in five forms, adjectives, adverbs, names, places and
     function words).  Sentences have 4 to 20 words.  Hard to learn, on purpose.
 
-Both grammars are acyclic weighted context-free grammars written with the tiny
-notation described in :class:`_Grammar`.  Text follows the LibriSpeech transcript
-convention: upper case, words made of ``A``-``Z`` and apostrophe, single spaces.
+Both grammars are acyclic weighted context-free grammars stored as data files shipped
+with the package, ``fedasr/data/grammars/small.yaml`` and ``open.yaml``, in the notation
+described in :func:`_load_grammar` (word lists, nouns whose plurals and verbs whose five
+forms are derived here, rules with weighted alternatives); :class:`_Grammar` samples them.
+Text follows the LibriSpeech transcript convention: upper case, words made of
+``A``-``Z`` and apostrophe, single spaces.
 
 Times are spoken as "SEVEN THIRTY IN THE EVENING" rather than "SEVEN THIRTY PM",
 because espeak-ng reads "AM" as the word "am".
@@ -27,9 +30,17 @@ from __future__ import annotations
 
 import bisect
 import functools
+import importlib.resources
+import math
 import random
 import re
 from collections.abc import Iterable, Mapping
+from importlib.resources.abc import Traversable
+from pathlib import Path
+
+import yaml
+
+from fedasr.errors import FedasrError
 
 __all__ = ["DOMAINS", "vocabulary", "generate_sentences", "split_sentences"]
 
@@ -161,7 +172,7 @@ class _Grammar:
                 if child not in seen:
                     seen.add(child)
                     todo.append(child)
-        unused = [name for i, name in enumerate(self.names) if i not in seen]
+        unused = [f"<{name}>" for i, name in enumerate(self.names) if i not in seen]
         if unused:
             raise ValueError(f"grammar rules never used: {', '.join(unused)}")
 
@@ -358,645 +369,228 @@ def _verb_rules(prefix: str, text: str) -> dict[str, tuple[str, ...]]:
 
 
 # ---------------------------------------------------------------------------
-# The "small" domain: voice-assistant commands
+# Grammar files
 # ---------------------------------------------------------------------------
 
-
-def _small_rules() -> dict[str, object]:
-    digits = "ONE TWO THREE FOUR FIVE SIX SEVEN EIGHT NINE"
-    weekdays = "MONDAY TUESDAY WEDNESDAY THURSDAY FRIDAY SATURDAY SUNDAY"
-    ordinals = (
-        "FIRST SECOND THIRD FOURTH FIFTH SIXTH SEVENTH EIGHTH NINTH TENTH ELEVENTH TWELFTH "
-        "THIRTEENTH FOURTEENTH FIFTEENTH SIXTEENTH SEVENTEENTH EIGHTEENTH NINETEENTH TWENTIETH"
-    ).split()
-    ordinal_days = ordinals + [f"TWENTY {o}" for o in ordinals[:9]] + ["THIRTIETH", "THIRTY FIRST"]
-    return {
-        "s": [
-            (14, "<alarm>"),
-            (10, "<timer>"),
-            (12, "<call>"),
-            (12, "<reminder>"),
-            (8, "<thermostat>"),
-            (12, "<lights>"),
-            (10, "<media>"),
-            (10, "<weather>"),
-            (5, "<door>"),
-            (5, "<clock>"),
-            (6, "<math>"),
-        ],
-        # -- numbers --------------------------------------------------------
-        "digit1": _w(digits),
-        "digit": _w("ZERO " + digits),
-        "teen": _w("TEN ELEVEN TWELVE THIRTEEN FOURTEEN FIFTEEN SIXTEEN SEVENTEEN EIGHTEEN NINETEEN"),
-        "tens": _w("TWENTY THIRTY FORTY FIFTY"),
-        "digit1_opt": ["", *_w(digits)],
-        "num_2_59": [(8, "<digit1>"), (10, "<teen>"), (40, "<tens> <digit1_opt>")],
-        "num_0_99": [
-            (1, "ZERO"),
-            (9, "<digit1>"),
-            (10, "<teen>"),
-            (80, "<tens99> <digit1_opt>"),
-        ],
-        "tens99": _w("TWENTY THIRTY FORTY FIFTY SIXTY SEVENTY EIGHTY NINETY"),
-        # -- times and dates ---------------------------------------------------
-        "hour": _w("ONE TWO THREE FOUR FIVE SIX SEVEN EIGHT NINE TEN ELEVEN TWELVE"),
-        "minute": [(9, "OH <digit1>"), (10, "<teen>"), (40, "<tens> <digit1_opt>")],
-        "part_of_day": _p("IN THE MORNING | IN THE AFTERNOON | IN THE EVENING | AT NIGHT"),
-        "time": [
-            (30, "<hour> <minute>"),
-            (30, "<hour> <minute> <part_of_day>"),
-            (8, "<hour> O'CLOCK"),
-            (8, "<hour> O'CLOCK <part_of_day>"),
-            (4, "HALF PAST <hour>"),
-            (4, "QUARTER PAST <hour>"),
-            (4, "QUARTER TO <hour>"),
-            (1, "NOON"),
-            (1, "MIDNIGHT"),
-        ],
-        "weekday": _w(weekdays),
-        "month": _w(
-            "JANUARY FEBRUARY MARCH APRIL MAY JUNE JULY AUGUST SEPTEMBER OCTOBER NOVEMBER DECEMBER"
-        ),
-        "ordinal_day": tuple(ordinal_days),
-        "date": [(3, "<month> <ordinal_day>"), (1, "THE <ordinal_day> OF <month>")],
-        "day": [
-            (2, "TODAY"),
-            (3, "TOMORROW"),
-            (1, "TONIGHT"),
-            (1, "NEXT WEEK"),
-            (3, "THIS <day_part>"),
-            (7, "ON <weekday>"),
-            (7, "NEXT <weekday>"),
-        ],
-        "day_part": _w("MORNING AFTERNOON EVENING"),
-        "day_opt": [(6, ""), (3, "TOMORROW"), (4, "ON <weekday>"), (3, "EVERY <weekday>"), (1, "EVERY DAY")],
-        # -- alarms and timers ------------------------------------------------
-        "alarm": [
-            (8, "SET AN ALARM FOR <time> <day_opt>"),
-            (3, "SET AN ALARM FOR <weekday> AT <time>"),
-            (3, "CANCEL MY ALARM FOR <time>"),
-            (1, "TURN OFF THE ALARM"),
-        ],
-        "timer": [
-            (8, "SET A TIMER FOR <duration>"),
-            (3, "SET A <num_2_59> MINUTE TIMER"),
-            (1, "<timer_verb> THE TIMER"),
-        ],
-        "timer_verb": _w("CANCEL STOP PAUSE"),
-        "duration": [
-            (6, "<num_2_59> MINUTES"),
-            (3, "<num_2_59> SECONDS"),
-            (1, "<hour_count> HOURS"),
-            (1, "ONE MINUTE"),
-            (1, "ONE HOUR"),
-            (1, "HALF AN HOUR"),
-            (3, "<hour_count> HOURS AND <num_2_59> MINUTES"),
-            (2, "ONE HOUR AND <num_2_59> MINUTES"),
-        ],
-        "hour_count": _w("TWO THREE FOUR FIVE SIX SEVEN EIGHT NINE TEN ELEVEN TWELVE"),
-        # -- calls --------------------------------------------------------------
-        "call": [
-            (6, "CALL <phone>"),
-            (3, "DIAL <phone>"),
-            (3, "CALL <contact> <call_where>"),
-            (1, "CALL <contact> BACK"),
-        ],
-        "call_where": _p("AT HOME | AT WORK"),
-        "contact": _w("MOM DAD ANNA DAVID"),
-        "phone3": ["<digit> <digit> <digit>"],
-        "phone4": ["<digit> <phone3>"],
-        "phone5": ["<digit> <phone4>"],
-        "phone6": ["<digit> <phone5>"],
-        "phone7": ["<digit> <phone6>"],
-        "phone10": ["<phone3> <phone7>"],
-        "phone": ["<phone3>", "<phone4>", "<phone5>", "<phone6>", "<phone7>", "<phone10>"],
-        # -- reminders and calendar ---------------------------------------------
-        "reminder": [
-            (4, "REMIND ME TO <task> AT <time>"),
-            (3, "REMIND ME TO <task> <day>"),
-            (2, "REMIND ME TO <task> ON <date>"),
-            (4, "REMIND ME ON <month> <ordinal_day> AT <time>"),
-            (2, "REMIND ME ON <date> TO <task>"),
-            (2, "REMIND ME <day> AT <time>"),
-        ],
-        "task": _p(
-            "CALL <contact> | TAKE MY MEDICINE | WATER THE PLANTS | BUY MILK | PAY THE BILLS | "
-            "FEED THE CAT | FEED THE DOG | WALK THE DOG"
-        ),
-        # -- home ---------------------------------------------------------------
-        "room": _p(
-            "KITCHEN | BEDROOM | BATHROOM | LIVING ROOM | DINING ROOM | HALLWAY | OFFICE | "
-            "GARAGE | GARDEN"
-        ),
-        "indoor_room": _p("KITCHEN | BEDROOM | BATHROOM | LIVING ROOM | DINING ROOM | OFFICE"),
-        "temperature": [
-            (5, "<teen>"),
-            (10, "TWENTY <digit1_opt>"),
-            (10, "SIXTY <digit1_opt>"),
-            (10, "SEVENTY <digit1_opt>"),
-        ],
-        "thermostat": [
-            (5, "SET THE THERMOSTAT TO <temperature> DEGREES"),
-            (5, "SET THE <room> THERMOSTAT TO <temperature> DEGREES"),
-            (3, "SET THE TEMPERATURE TO <temperature> DEGREES"),
-            (2, "TURN THE HEAT <up_down>"),
-            (1, "TURN <up_down> THE HEAT"),
-            (2, "WHAT IS THE TEMPERATURE IN THE <room>"),
-        ],
-        "up_down": _w("UP DOWN"),
-        "on_off": _w("ON OFF"),
-        "device": [(4, "LIGHTS"), (1, "LAMP"), (1, "FAN"), (1, "RADIO")],
-        "percent": [(8, "<tens99>"), (8, "<tens99> FIVE"), (1, "ONE HUNDRED")],
-        "lights": [
-            (6, "TURN <on_off> THE <room> <device>"),
-            (4, "TURN THE <room> <device> <on_off>"),
-            (3, "TURN <on_off> THE <device> IN THE <room>"),
-            (2, "DIM THE <room> LIGHTS"),
-            (3, "DIM THE <room> LIGHTS TO <percent> PERCENT"),
-            (3, "SET THE <room> LIGHTS TO <percent> PERCENT"),
-        ],
-        "door": [
-            (4, "<lock_verb> THE <door_kind> DOOR"),
-            (3, "<open_close> THE BLINDS IN THE <indoor_room>"),
-            (1, "<open_close> THE <indoor_room> BLINDS"),
-        ],
-        "lock_verb": _w("LOCK UNLOCK OPEN CLOSE"),
-        "open_close": _w("OPEN CLOSE"),
-        "door_kind": _w("FRONT BACK GARAGE"),
-        # -- media --------------------------------------------------------------
-        "media": [
-            (2, "PLAY THE <next_prev> SONG"),
-            (1, "SKIP THIS SONG"),
-            (2, "<music_verb> THE MUSIC"),
-            (3, "PLAY SOME <genre> MUSIC"),
-            (4, "PLAY SOME <genre> MUSIC IN THE <room>"),
-            (3, "SET THE VOLUME TO <level>"),
-            (1, "TURN THE VOLUME <up_down>"),
-            (1, "TURN <up_down> THE VOLUME"),
-            (1, "PLAY THE RADIO IN THE <room>"),
-        ],
-        "next_prev": _w("NEXT PREVIOUS"),
-        "music_verb": _w("PAUSE STOP"),
-        "genre": _w("JAZZ ROCK CLASSICAL COUNTRY"),
-        "level": [(10, "<hour>"), (1, "ZERO")],
-        # -- weather and clock ----------------------------------------------------
-        "city": _p(
-            "LONDON | PARIS | TOKYO | BOSTON | CHICAGO | BERLIN"
-        ),
-        "weather": [
-            (2, "WHAT IS THE WEATHER <day>"),
-            (5, "WHAT IS THE WEATHER IN <city> <day>"),
-            (3, "WILL IT RAIN <day>"),
-            (4, "WILL IT RAIN IN <city> <day>"),
-            (2, "WHAT IS THE TEMPERATURE IN <city>"),
-        ],
-        "clock": [
-            (3, "WHAT TIME IS IT IN <city>"),
-            (2, "WHAT DAY OF THE WEEK IS <date>"),
-            (2, "HOW MANY DAYS UNTIL <date>"),
-        ],
-        "math": ["WHAT IS <num_0_99> <operator> <num_0_99>"],
-        "operator": _w("PLUS MINUS TIMES"),
-    }
+_GRAMMAR_PACKAGE = __name__.rpartition(".")[0]  # fedasr.data
+_GRAMMAR_DIR = "grammars"
+_GRAMMAR_KEYS = ("articles", "nouns", "verbs", "possessives", "rules")
+_NAME_RE = re.compile(r"^[a-z0-9_]+$")
+_FORM_NAME_RE = re.compile(r"^[a-z0-9_]*FORM[a-z0-9_]*$")
+_FORM_REF_RE = re.compile(r"<([a-z0-9_]*)FORM([a-z0-9_]*)>")
+_NOUN_RE = re.compile(r"^[A-Z]{2,}(?:/[A-Z]+(?:'[A-Z]+)?)?$")
+_VERB_HEAD_RE = re.compile(r"^[A-Z]{2,}\+?(?:/[A-Z]+(?:'[A-Z]+)?){0,2}$")
 
 
-# ---------------------------------------------------------------------------
-# The "open" domain: narrative English
-# ---------------------------------------------------------------------------
-
-_PEOPLE = _nouns(
-    "FARMER SOLDIER TEACHER DOCTOR SAILOR FISHERMAN/FISHERMEN HUNTER MERCHANT BAKER PRIEST "
-    "KING QUEEN PRINCE PRINCESS KNIGHT SERVANT STRANGER TRAVELER NEIGHBOR CHILD/CHILDREN BOY "
-    "GIRL WOMAN/WOMEN MAN/MEN LADY GENTLEMAN/GENTLEMEN STUDENT WRITER PAINTER DRIVER GUARD "
-    "NURSE CAPTAIN CLERK LAWYER JUDGE MINER SHEPHERD WIDOW MAYOR POET SINGER DANCER BUTCHER "
-    "CARPENTER BLACKSMITH TAILOR WEAVER MILLER COOK GARDENER MESSENGER PILOT ENGINEER SCIENTIST "
-    "DETECTIVE THIEF/THIEVES BEGGAR PEASANT DUKE DUCHESS BISHOP MONK NUN WIZARD WITCH GIANT "
-    "OFFICER SHERIFF BANKER PROFESSOR PRISONER VILLAGER SHOPKEEPER INNKEEPER LANDLORD TRADER "
-    "PEDDLER HERMIT PILGRIM SCHOLAR ARTIST MUSICIAN FIDDLER ORPHAN SURGEON SECRETARY WAITER "
-    "STABLEBOY WATCHMAN FERRYMAN/FERRYMEN"
-)
-_FAMILY = _nouns(
-    "MOTHER FATHER SISTER BROTHER UNCLE AUNT COUSIN GRANDMOTHER GRANDFATHER DAUGHTER SON "
-    "WIFE/WIVES HUSBAND FRIEND NEPHEW NIECE GUEST COMPANION MASTER"
-)
-_NAMES = _w(
-    "JOHN MARY THOMAS ELIZABETH WILLIAM SARAH JAMES MARGARET HENRY ANNA GEORGE EMMA CHARLES "
-    "ALICE EDWARD CLARA ROBERT LUCY ARTHUR HELEN FRANK GRACE PETER RUTH SAMUEL JANE DAVID ELLEN "
-    "MICHAEL ROSE DANIEL EMILY JOSEPH MARTHA PAUL SUSAN RICHARD KATE HAROLD LAURA WALTER EDITH "
-    "ALBERT NANCY OLIVER AMELIA HUGH DOROTHY"
-)
-_ANIMALS = _nouns(
-    "DOG CAT HORSE COW SHEEP/SHEEP GOAT PIG FOX WOLF/WOLVES BEAR DEER/DEER RABBIT MOUSE/MICE "
-    "RAT BIRD CROW OWL EAGLE DUCK GOOSE/GEESE HEN ROOSTER DONKEY MULE OX/OXEN LION TIGER MONKEY "
-    "SNAKE FROG TURTLE SQUIRREL SPIDER SWAN PONY CALF/CALVES LAMB KITTEN PUPPY PARROT"
-)
-_THINGS = _nouns(
-    "BOX BASKET LETTER BOOK KEY COIN CUP BOTTLE KNIFE/KNIVES LAMP CANDLE HAT COAT SHOE GLOVE "
-    "RING NECKLACE MAP PICTURE BLANKET ROPE LADDER HAMMER AXE SWORD SHIELD BELL CLOCK WATCH "
-    "MIRROR BUCKET JAR BAG SACK TRUNK CHEST DRUM FLUTE VIOLIN PEN PENCIL NOTEBOOK NEWSPAPER "
-    "PHOTOGRAPH TICKET PURSE WALLET UMBRELLA SCARF DRESS JACKET BOOT STONE SHELL FEATHER "
-    "FLOWER APPLE PEAR LOAF/LOAVES CAKE PIE EGG ONION POTATO CARROT LEMON PLATE BOWL SPOON FORK "
-    "KETTLE POT PAN PILLOW CARPET CURTAIN WHEEL CART WAGON BICYCLE BOAT CANOE RADIO TELEPHONE "
-    "CAMERA SHOVEL SPADE RAKE NAIL NEEDLE BUTTON RIBBON CROWN GIFT PACKAGE PARCEL ENVELOPE "
-    "SCROLL DIARY CHAIN LOCK LANTERN TORCH BRUSH COMB TOWEL QUILT SADDLE WHISTLE TRUMPET GUITAR "
-    "BALL DOLL KITE PUZZLE STATUE VASE TEAPOT PEBBLE JEWEL DIAMOND PEARL MEDAL TROPHY COMPASS "
-    "TELESCOPE BRACELET BROOCH PAINTING SKETCH SHIRT CLOAK APRON BELT BISCUIT HANDKERCHIEF CAGE "
-    "BARREL CRATE TRAY JUG GOBLET FLASK POUCH SATCHEL SUITCASE CANE STICK BRANCH LOG PLANK "
-    "BRICK ANCHOR HELMET"
-)
-_FURNITURE = _w(
-    "TABLE BENCH SHELF DESK BED STOOL CHAIR CUPBOARD DRESSER COUNTER WINDOWSILL DOORSTEP "
-    "FIREPLACE STOVE ALTAR CABINET SOFA CARRIAGE WORKBENCH MANTELPIECE"
-)
-_PLACES = _w(
-    "RIVER FOREST MARKET CHURCH VILLAGE CASTLE BRIDGE HARBOR STATION TOWER GARDEN MEADOW HILL "
-    "VALLEY LAKE SHORE BEACH CAVE MILL FARM BARN STABLE INN TAVERN LIBRARY SCHOOL HOSPITAL "
-    "PALACE CHAPEL CEMETERY SQUARE STREET ROAD PATH FIELD ORCHARD WELL FOUNTAIN DOCK PIER "
-    "ISLAND MOUNTAIN CLIFF DESERT SWAMP MARSH WOODS KITCHEN CELLAR ATTIC PARLOR HALL CORRIDOR "
-    "STAIRCASE BALCONY COTTAGE CABIN HUT TENT CAMP FACTORY WORKSHOP BAKERY SHOP OFFICE PRISON "
-    "COURTHOUSE MUSEUM THEATER HOTEL RESTAURANT PARK CORNER GATE WALL ROOF CANAL POND STREAM "
-    "WATERFALL MONASTERY FORTRESS VINEYARD LIGHTHOUSE WAREHOUSE GRAVEYARD SCHOOLHOUSE COAST "
-    "CROSSROADS GROVE HARBOR QUARRY RAILWAY PLATFORM"
-)
-_HOME_PLACES = _w("HOUSE GARDEN KITCHEN ROOM BEDROOM STUDY OFFICE SHOP FARM CABIN COTTAGE TENT HOME")
-_CITIES = _w(
-    "LONDON PARIS ROME BOSTON CHICAGO DUBLIN EDINBURGH VENICE VIENNA BERLIN MADRID LISBON ATHENS "
-    "CAIRO MOSCOW TORONTO MONTREAL NAPLES GENEVA AMSTERDAM PRAGUE FLORENCE OXFORD CAMBRIDGE YORK "
-    "BRISTOL LIVERPOOL ENGLAND FRANCE SPAIN ITALY GERMANY IRELAND SCOTLAND CANADA AMERICA EGYPT "
-    "INDIA CHINA JAPAN MEXICO RUSSIA GREECE NORWAY SWEDEN HOLLAND"
-)
-# adjectives for people and animals
-_PERSON_ADJ = _w(
-    "OLD YOUNG TALL KIND CRUEL BRAVE CLEVER WISE FOOLISH HONEST PROUD HUMBLE POOR RICH WEALTHY "
-    "HUNGRY TIRED ANGRY HAPPY SAD LONELY GENTLE STRICT FRIENDLY NERVOUS CAREFUL CURIOUS LAZY "
-    "BUSY QUIET CHEERFUL SILENT WEARY STUBBORN POLITE RUDE FAMOUS HANDSOME BEAUTIFUL ELDERLY "
-    "SLEEPY SICK WOUNDED WICKED GREEDY GENEROUS JEALOUS FAITHFUL PATIENT ANXIOUS FRIGHTENED "
-    "CONFUSED GRATEFUL CLUMSY SHY GLOOMY LUCKY"
-)
-_SIZE_ADJ = _w(
-    "SMALL LARGE BIG LITTLE TINY HUGE ENORMOUS TALL SHORT LONG NARROW WIDE THICK THIN HEAVY DEEP"
-)
-_AGE_ADJ = _w("OLD NEW ANCIENT MODERN RUSTY FRESH")
-_COLOR_ADJ = _w("RED BLUE GREEN YELLOW WHITE BLACK BROWN GRAY PURPLE ORANGE GOLDEN SILVER PINK DARK PALE")
-_MATERIAL_ADJ = _w(
-    "WOODEN IRON LEATHER WOOLEN COTTON SILK COPPER BRASS STEEL CLAY MARBLE VELVET LINEN STONE "
-    "GLASS PAPER TIN"
-)
-_QUALITY_ADJ = _w(
-    "BEAUTIFUL STRANGE CURIOUS PRECIOUS BROKEN EMPTY SIMPLE PLAIN FANCY ELEGANT UGLY DIRTY "
-    "CLEAN SHINY DUSTY WORN VALUABLE USEFUL FAMILIAR MYSTERIOUS ORDINARY PERFECT WONDERFUL "
-    "TERRIBLE LOVELY PRETTY FINE RARE SECRET HIDDEN FORGOTTEN SPLENDID CHEAP EXPENSIVE "
-    "DELICATE ROUGH SMOOTH SHARP SOFT HARD WARM COLD WET DRY HEAVY"
-)
-_PLACE_ADJ = _w(
-    "OLD QUIET BUSY EMPTY DARK DISTANT FAMOUS ANCIENT SILENT PEACEFUL NOISY LONELY ABANDONED "
-    "DESERTED CROWDED NEAREST GRAND SMALL LITTLE BIG NEW HIDDEN FORGOTTEN MUDDY FROZEN SUNNY "
-    "SHADY MISTY WINDY ROCKY BROAD GLOOMY COLD WARM"
-)
-_MANNER_ADV = _w(
-    "SLOWLY QUICKLY QUIETLY CAREFULLY SILENTLY SUDDENLY GENTLY EAGERLY NERVOUSLY PATIENTLY "
-    "CALMLY BRAVELY HAPPILY SADLY ANGRILY PROUDLY SOFTLY LOUDLY BOLDLY CAUTIOUSLY HURRIEDLY "
-    "LAZILY WEARILY CHEERFULLY POLITELY SECRETLY OPENLY IMMEDIATELY GLADLY FIRMLY FOOLISHLY "
-    "WISELY NEATLY RAPIDLY STEADILY GRACEFULLY CLUMSILY AWKWARDLY ANXIOUSLY CURIOUSLY "
-    "THOUGHTFULLY SLEEPILY RELUCTANTLY WILLINGLY BRISKLY SMOOTHLY HEAVILY"
-)
-_FREQ_ADV = _w("OFTEN SOMETIMES ALWAYS NEVER RARELY USUALLY SELDOM ALMOST ONCE FINALLY")
-
-_TRANSITIVE = _verb_rules(
-    "vt",
-    "FIND/FOUND; CARRY; OPEN; CLOSE; LIFT; DROP+; HOLD/HELD; BRING/BROUGHT; TAKE/TOOK/TAKEN; "
-    "SELL/SOLD; BUY/BOUGHT; HIDE/HID/HIDDEN; LOSE/LOST; STEAL/STOLE/STOLEN; BREAK/BROKE/BROKEN; "
-    "MEND; REPAIR; PAINT; WASH; CLEAN; POLISH; WRAP+; PACK; EXAMINE; NOTICE; SEE/SAW/SEEN; "
-    "KEEP/KEPT; LEAVE/LEFT; FORGET+/FORGOT/FORGOTTEN; CHOOSE/CHOSE/CHOSEN; PICK UP; "
-    "THROW/THREW/THROWN; CATCH/CAUGHT; PUSH; PULL; DRAG+; SHAKE/SHOOK/SHAKEN; FILL; EMPTY; BURY; "
-    "MAKE/MADE; BUILD/BUILT; DRAW/DREW/DRAWN; SHOW/SHOWED/SHOWN; BORROW; TOUCH; GRAB+; SEIZE; "
-    "WEIGH; MEASURE; INSPECT; ADMIRE; WANT; NEED; LOVE; HATE; SAVE; GUARD; DESTROY; BURN; "
-    "SWING/SWUNG; UNLOCK; SEAL; TIE; FOLD; TEAR/TORE/TORN; CUT+/CUT; BEND/BENT; COVER; DISCOVER; "
-    "RECOGNIZE; DESCRIBE; WIN+/WON; DELIVER; RECEIVE; ACCEPT; REFUSE; COLLECT; GATHER; PREPARE; "
-    "DECORATE; CLUTCH; SQUEEZE; HANG/HUNG; LOAD; UNPACK; SEARCH; SNATCH; STUDY; SKETCH",
-)
-_MOTION = _verb_rules(
-    "vm",
-    "WALK; RUN+/RAN/RUN; HURRY; RIDE/RODE/RIDDEN; DRIVE/DROVE/DRIVEN; SAIL; SWIM+/SWAM/SWUM; "
-    "WANDER; CLIMB; CRAWL; MARCH; RUSH; STROLL; LIMP; TRAVEL; RETURN; COME/CAME/COME; "
-    "GO/WENT/GONE; FLY/FLEW/FLOWN; STUMBLE; WADE; ROW; RACE; CREEP/CREPT; SNEAK; DASH; JOG+; "
-    "TRUDGE; HEAD; STRIDE/STRODE/STRIDDEN; GALLOP; FLEE/FLED; MOVE; STEP+; DRIFT; ROAM",
-)
-_LOCATIVE = _verb_rules(
-    "vl",
-    "WAIT; SLEEP/SLEPT; SIT+/SAT; STAND/STOOD; LIVE; WORK; STAY; REST; PLAY; SING/SANG/SUNG; "
-    "PRAY; DANCE; WEEP/WEPT; LAUGH; CRY; LISTEN; SETTLE; REMAIN; APPEAR; VANISH; SHOUT; "
-    "WHISPER; READ/READ; STUDY; HIDE/HID/HIDDEN; KNEEL/KNELT; LINGER; SHIVER; PAUSE; GATHER; "
-    "CAMP; FISH; HUNT; EAT/ATE/EATEN; DINE; BATHE; LIE/LAY/LAIN; SUFFER; FIGHT/FOUGHT",
-)
-_PERSONAL = _verb_rules(
-    "vp",
-    "MEET/MET; VISIT; HELP; FOLLOW; CALL; WARN; THANK; GREET; KISS; PAY/PAID; HIRE; TRUST; "
-    "FORGIVE/FORGAVE/FORGIVEN; BLAME; PUNISH; REWARD; INVITE; WELCOME; RESCUE; CHASE; "
-    "ADMIRE; OBEY; TEASE; ANSWER; ASK; SCOLD; COMFORT; ENCOURAGE; WATCH; IGNORE; AVOID; JOIN; "
-    "ACCOMPANY; TEACH/TAUGHT; LEAD/LED; HUG+; CARRY; FEED/FED; GUIDE; AMUSE; BETRAY; DEFEND; "
-    "EMBRACE; INTERRUPT; OBSERVE; PERSUADE; PROTECT; QUESTION; REMIND; SEARCH FOR; WAIT FOR; "
-    "LOOK FOR; LISTEN TO; TALK TO; SMILE AT; LAUGH AT; STARE AT; WAVE AT",
-)
-_GIVING = _verb_rules(
-    "vg",
-    "GIVE/GAVE/GIVEN; SEND/SENT; SHOW/SHOWED/SHOWN; OFFER; HAND; SELL/SOLD; LEND/LENT; "
-    "BRING/BROUGHT; THROW/THREW/THROWN; PASS; RETURN; PROMISE; MAIL; TOSS",
-)
-_PUTTING = _verb_rules(
-    "vo",
-    "PUT+/PUT; PLACE; LEAVE/LEFT; HIDE/HID/HIDDEN; DROP+; SET+/SET; LAY/LAID; STORE; TUCK; "
-    "DUMP; STACK; LEAN; PROP+; BALANCE; ARRANGE; SPREAD/SPREAD; FORGET+/FORGOT/FORGOTTEN",
-)
-_SAYING = _w(
-    "SAID KNEW BELIEVED THOUGHT HOPED NOTICED REMEMBERED EXPLAINED DREAMED FEARED SUSPECTED "
-    "PROMISED REALIZED DISCOVERED HEARD ADMITTED INSISTED CLAIMED DOUBTED IMAGINED GUESSED "
-    "ANNOUNCED WROTE WHISPERED COMPLAINED FORGOT SWORE DECIDED LEARNED FELT"
-)
-_THINKING = _w("THINK BELIEVE KNOW HOPE SUPPOSE GUESS FEAR DOUBT SUSPECT EXPECT IMAGINE")
+class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """YAML's safe loader (libyaml's when there), refusing duplicate keys (a second rule of a
+    name would replace the first)."""
 
 
-def _open_rules() -> dict[str, object]:
-    adverb_opt = [(3, ""), (1, "<adv_manner>")]
-    classes = {
-        # class: (weight, verb rule prefix, complement)
-        "vt": (10, "<thing> <tail_opt>"),
-        "vm": (6, "<adv_opt> <direction> <place>"),
-        "vl": (5, "<adv_opt> <locpp>"),
-        "vp": (6, "<obj_person> <person_tail>"),
-        "vg": (3, "<obj_person> <thing> | <thing> TO <obj_person>"),
-        "vo": (3, "<thing> <put_prep> THE <furniture_np>"),
-    }
-    rules: dict[str, object] = {
-        "s": [
-            (34, "<clause>"),
-            (9, "<time> <clause>"),
-            (8, "<clause> <time>"),
-            (12, "<short> <conj> <short>"),
-            (8, "<report>"),
-            (9, "<question>"),
-            (6, "<imperative>"),
-            (10, "<copula>"),
-            (4, "<passive>"),
-        ],
-        "clause": [
-            (30, "<subj> <freq_opt> <pred_past>"),
-            (6, "<subj_sg3> <freq_opt> <pred_s>"),
-            (6, "<subj_plp> <freq_opt> <pred_base>"),
-            (6, "<subj_was> WAS <pred_ing>"),
-            (5, "<subj_were> WERE <pred_ing>"),
-            (8, "<subj> HAD <perf_adv_opt> <pred_pp>"),
-            (9, "<subj> <modal> <pred_base>"),
-            (3, "<subj> <motion_start> <pred_base>"),
-        ],
-        "motion_start": _p(
-            "WANTED TO | TRIED TO | DECIDED TO | REFUSED TO | HOPED TO | BEGAN TO | "
-            "HAD TO | USED TO | NEEDED TO | FORGOT TO | PROMISED TO | MANAGED TO"
-        ),
-        "modal": _p(
-            "WILL | WOULD | COULD | SHOULD | MIGHT | MUST | CAN | MAY | WON'T | WOULDN'T | "
-            "COULDN'T | SHOULDN'T | CAN'T | DIDN'T | DID NOT | COULD NOT | WOULD NEVER | "
-            "MUST NOT"
-        ),
-        "perf_adv_opt": [(4, ""), *_w("ALREADY NEVER JUST ONCE ALWAYS RECENTLY")],
-        "freq_opt": [(6, ""), *_FREQ_ADV],
-        "adv_opt": adverb_opt,
-        "adv_manner": _MANNER_ADV,
-        # -- noun phrases ---------------------------------------------------------
-        "person_sg": _PEOPLE[0],
-        "person_pl": _PEOPLE[1],
-        "family_sg": _FAMILY[0],
-        "family_pl": _FAMILY[1],
-        "name": _NAMES,
-        "name_poss": tuple(n + "'S" for n in _NAMES),
-        "animal_sg": _ANIMALS[0],
-        "animal_pl": _ANIMALS[1],
-        "thing_sg": _THINGS[0],
-        "thing_pl": _THINGS[1],
-        "furniture": _FURNITURE,
-        "place_noun": _PLACES,
-        "home_place": _HOME_PLACES,
-        "city": _CITIES,
-        "poss": _w("HIS HER THEIR MY OUR YOUR"),
-        "padj": _PERSON_ADJ,
-        "padj_opt": [(3, ""), (2, "<padj>")],
-        "aadj_opt": [(3, ""), (1, "<padj>"), (1, "<size_adj>"), (1, "<color_adj>")],
-        "size_adj": _SIZE_ADJ,
-        "age_adj": _AGE_ADJ,
-        "color_adj": _COLOR_ADJ,
-        "material_adj": _MATERIAL_ADJ,
-        "quality_adj": _QUALITY_ADJ,
-        "ladj": _PLACE_ADJ,
-        "tadj": [
-            (4, "<quality_adj>"),
-            (3, "<size_adj>"),
-            (3, "<color_adj>"),
-            (3, "<material_adj>"),
-            (1, "<age_adj>"),
-            (2, "<size_adj> <material_adj>"),
-            (2, "<size_adj> <color_adj>"),
-            (1, "<age_adj> <material_adj>"),
-            (1, "<quality_adj> <color_adj>"),
-            (1, "<color_adj> <material_adj>"),
-            (1, "<quality_adj> <age_adj>"),
-        ],
-        "tadj_opt": [(2, ""), (3, "<tadj>")],
-        "number": _w("TWO THREE FOUR FIVE SIX SEVEN EIGHT NINE TEN ELEVEN TWELVE TWENTY HUNDRED"),
-        "quantity": [(6, "<number>"), *_p("SEVERAL | MANY | SOME | A FEW | THOSE | THESE | ALL THE")],
-        "pers_sg": [
-            (6, "THE <padj_opt> <person_sg>"),
-            (3, "A <padj_opt> <person_sg>"),
-            (4, "<poss> <padj_opt> <family_sg>"),
-            (5, "<name>"),
-            (2, "<name_poss> <family_sg>"),
-            (1, "THE <person_sg> FROM <city>"),
-        ],
-        "pers_pl": [
-            (5, "THE <padj_opt> <person_pl>"),
-            (3, "<poss> <family_pl>"),
-            (2, "<name> AND <name>"),
-            (3, "<quantity> <padj_opt> <person_pl>"),
-        ],
-        "animal_np_sg": ["THE <aadj_opt> <animal_sg>", "A <aadj_opt> <animal_sg>", "<poss> <animal_sg>"],
-        "animal_np_pl": ["THE <aadj_opt> <animal_pl>", "<quantity> <animal_pl>"],
-        "subj_sg3": [(10, "<pers_sg>"), (3, "HE"), (3, "SHE"), (3, "<animal_np_sg>")],
-        "subj_plp": [(8, "<pers_pl>"), (3, "THEY"), (2, "WE"), (1, "YOU"), (2, "I"), (2, "<animal_np_pl>")],
-        "subj_was": [(8, "<subj_sg3>"), (1, "I")],
-        "subj_were": [(6, "<pers_pl>"), (2, "THEY"), (2, "WE"), (1, "YOU"), (1, "<animal_np_pl>")],
-        "subj": [(5, "<subj_sg3>"), (3, "<subj_plp>")],
-        "obj_person": [(6, "<pers_sg>"), (3, "<pers_pl>"), (3, "<obj_pron>"), (1, "<animal_np_sg>")],
-        "obj_pron": _w("HIM HER THEM US ME YOU"),
-        "thing": [
-            (6, "THE <tadj_opt> <thing_sg>"),
-            (5, "A <tadj_opt> <thing_sg>"),
-            (3, "<poss> <tadj_opt> <thing_sg>"),
-            (1, "<name_poss> <tadj_opt> <thing_sg>"),
-            (3, "<quantity> <tadj_opt> <thing_pl>"),
-            (2, "THE <tadj_opt> <thing_pl>"),
-        ],
-        "furniture_np": [
-            (3, "<furniture>"),
-            (1, "<size_adj> <furniture>"),
-            (1, "<material_adj> <furniture>"),
-            (1, "<age_adj> <furniture>"),
-        ],
-        "local_place": [
-            (8, "THE <ladj_opt> <place_noun>"),
-            (2, "<poss> <home_place>"),
-            (1, "<name_poss> <home_place>"),
-        ],
-        "place": [(11, "<local_place>"), (3, "<city>")],
-        "ladj_opt": [(3, ""), (2, "<ladj>")],
-        # -- prepositional phrases and tails ---------------------------------------
-        "direction": _p(
-            "TO | TOWARD | INTO | ACROSS | THROUGH | ALONG | PAST | AROUND | BEYOND | OVER | FROM | "
-            "UP TO | DOWN TO | BACK TO | OUT OF | AWAY FROM | TOWARDS | AS FAR AS"
-        ),
-        "loc_prep": _p(
-            "IN | NEAR | BEHIND | BESIDE | INSIDE | OUTSIDE | AT | BY | ON | BELOW | ABOVE | "
-            "OPPOSITE | NOT FAR FROM | CLOSE TO | IN FRONT OF"
-        ),
-        "put_prep": _p("ON | UNDER | BEHIND | BESIDE | NEAR | INSIDE | BENEATH | NEXT TO | ON TOP OF"),
-        "city_prep": _p("IN | NEAR | OUTSIDE | NOT FAR FROM | CLOSE TO | SOMEWHERE IN | FAR FROM"),
-        "locpp": [(6, "<loc_prep> <local_place>"), (1, "<city_prep> <city>")],
-        "locpp_short": [
-            (3, "<loc_prep> THE <place_noun>"),
-            (1, "<loc_prep> <poss> <home_place>"),
-            (1, "<city_prep> <city>"),
-        ],
-        "tail_opt": [(6, ""), (3, "<locpp>"), (1, "<adv_manner>"), (1, "<time>"), (1, "FOR <obj_person>")],
-        "person_tail": [(3, "<locpp>"), (2, "<time>"), (2, "<adv_manner>"), (1, "AGAIN"), (1, "AT ONCE")],
-        # -- time phrases ------------------------------------------------------
-        "time": [
-            (3, "IN THE <pod>"),
-            (2, "EARLY IN THE <pod>"),
-            (2, "THAT <pod>"),
-            (2, "THE NEXT <pod_day>"),
-            (2, "ONE <weather> <pod>"),
-            (1, "EARLY ONE <pod>"),
-            (2, "LAST <season>"),
-            (2, "IN THE <season>"),
-            (2, "ON <weekday>"),
-            (2, "ON <weekday> <pod>"),
-            (1, "LAST <weekday>"),
-            (2, "IN <month>"),
-            (2, "AT <moment>"),
-            (2, "<meal_prep> <meal>"),
-            (2, "<number> <unit> <later>"),
-            (1, "A FEW <unit> <later>"),
-            (2, "<time_word>"),
-        ],
-        "pod": _w("MORNING AFTERNOON EVENING NIGHT"),
-        "pod_day": _w("MORNING AFTERNOON EVENING NIGHT DAY WEEK SPRING SUMMER AUTUMN WINTER"),
-        "season": _w("SPRING SUMMER AUTUMN WINTER"),
-        "weekday": _w("MONDAY TUESDAY WEDNESDAY THURSDAY FRIDAY SATURDAY SUNDAY"),
-        "month": _w(
-            "JANUARY FEBRUARY MARCH APRIL MAY JUNE JULY AUGUST SEPTEMBER OCTOBER NOVEMBER DECEMBER"
-        ),
-        "moment": _w("DAWN NOON MIDNIGHT SUNSET SUNRISE DUSK DAYBREAK NIGHTFALL"),
-        "meal": _w("BREAKFAST LUNCH DINNER SUPPER"),
-        "meal_prep": _w("AFTER BEFORE DURING"),
-        "unit": _w("MINUTES HOURS DAYS WEEKS MONTHS YEARS"),
-        "later": _w("LATER AGO"),
-        "time_word": _w("YESTERDAY TODAY TOMORROW MEANWHILE AFTERWARDS EVENTUALLY SOON TONIGHT"),
-        "weather": _w("COLD WARM RAINY STORMY FOGGY WINDY BRIGHT CLEAR SNOWY CHILLY GRAY HOT"),
-        # -- compound sentences ----------------------------------------------------
-        "conj": _w("AND BUT SO WHILE BECAUSE WHEN BEFORE AFTER UNTIL ALTHOUGH SINCE AS"),
-        "short": [
-            (5, "<subj_short> <vt_past> <thing_short>"),
-            (3, "<subj_short> <vm_past> <direction> <place_short>"),
-            (3, "<subj_short> <vl_past> <locpp_short>"),
-            (3, "<subj_short> <vp_past> <obj_short>"),
-            (2, "<subj_short> HAD <vt_pp> <thing_short>"),
-            (2, "<subj_short_sg> WAS <degree_opt> <padj>"),
-            (1, "<subj_short_pl> WERE <degree_opt> <padj>"),
-            (2, "<subj_short> <modal> <vt_base> <thing_short>"),
-            (1, "THE <thing_sg> WAS <degree_opt> <quality_adj>"),
-            (1, "THE <place_noun> WAS <degree_opt> <ladj>"),
-            (1, "IT WAS <degree_opt> <weather>"),
-        ],
-        "subj_short_sg": [(3, "HE"), (3, "SHE"), (1, "I"), (3, "<name>"), (2, "THE <person_sg>"), (1, "<poss> <family_sg>")],
-        "subj_short_pl": [(3, "THEY"), (2, "WE"), (1, "YOU"), (2, "THE <person_pl>"), (1, "<poss> <family_pl>")],
-        "subj_short": [(3, "<subj_short_sg>"), (2, "<subj_short_pl>")],
-        "obj_short": [(3, "<obj_pron>"), (2, "<name>"), (2, "THE <person_sg>"), (1, "<poss> <family_sg>")],
-        "thing_short": [
-            (3, "THE <thing_sg>"),
-            (2, "A <tadj1> <thing_sg>"),
-            (2, "<poss> <thing_sg>"),
-            (1, "THE <thing_pl>"),
-            (1, "SOME <thing_pl>"),
-        ],
-        "tadj1": ["<quality_adj>", "<size_adj>", "<color_adj>", "<material_adj>"],
-        "place_short": [(3, "THE <place_noun>"), (2, "<city>"), (1, "<poss> <home_place>")],
-        "degree_opt": [(3, ""), *_w("VERY RATHER QUITE SO TOO EXTREMELY FAIRLY REALLY SOMEWHAT TERRIBLY")],
-        # -- reported speech -------------------------------------------------------
-        "report": [
-            (5, "<subj_short> <say> THAT <short>"),
-            (2, "<subj_short> TOLD <obj_short> THAT <short>"),
-            (2, "I <think> THAT <short>"),
-            (1, "<subj_short> ASKED <obj_short> <wh_word> <subj_short> HAD <vt_pp> <thing_short>"),
-        ],
-        "say": _SAYING,
-        "think": _THINKING,
-        # -- questions and commands ------------------------------------------------
-        "question": [
-            (5, "<wh_word> DID <subj> <pred_base>"),
-            (3, "DID <subj> <pred_base>"),
-            (2, "<wh_word> WAS <subj_was> <pred_ing>"),
-            (2, "<wh_word> WERE <subj_were> <pred_ing>"),
-            (3, "WHO <pred_past>"),
-            (2, "HAVE YOU EVER <pred_pp>"),
-            (2, "WHAT DID <subj> <vt_base> <what_tail>"),
-        ],
-        "wh_word": _w("WHERE WHY WHEN HOW"),
-        "what_tail": [(3, "<locpp>"), (2, "<time>")],
-        "imperative": [
-            (4, "PLEASE <pred_base>"),
-            (2, "DON'T <pred_base>"),
-            (1, "NEVER <pred_base>"),
-            (1, "LET'S <pred_base>"),
-            (1, "YOU MUST <pred_base>"),
-        ],
-        # -- descriptions ---------------------------------------------------------
-        "copula": [
-            (5, "<subj_was> WAS <padj_pred>"),
-            (3, "<subj_were> WERE <padj_pred>"),
-            (3, "THE <tadj_opt> <thing_sg> WAS <tadj_pred>"),
-            (1, "THE <thing_pl> WERE <tadj_pred>"),
-            (2, "THE <place_noun> WAS <ladj_pred>"),
-            (1, "<city> WAS <ladj_pred>"),
-            (2, "THERE WAS A <tadj_opt> <thing_sg> <locpp>"),
-            (2, "THERE WERE <quantity> <tadj_opt> <thing_pl> <locpp>"),
-            (1, "IT WAS A <weather> <pod>"),
-            (1, "IT WAS <degree_opt> <weather> <time>"),
-        ],
-        "degree": _w("VERY RATHER QUITE SO TOO EXTREMELY FAIRLY REALLY SOMEWHAT TERRIBLY"),
-        "padj_pred": ["<degree> <padj>", "<padj> AND <padj>", "<degree> <padj> AND <padj>"],
-        "tadj_pred": ["<degree> <quality_adj>", "<quality_adj> AND <quality_adj>", "<degree> <size_adj>"],
-        "ladj_pred": ["<degree> <ladj>", "<ladj> AND <ladj>"],
-        "passive": [
-            (3, "<thing_passive_sg> WAS <vt_pp> <passive_tail>"),
-            (1, "<thing_passive_pl> WERE <vt_pp> <passive_tail>"),
-        ],
-        "thing_passive_sg": ["THE <tadj_opt> <thing_sg>", "<poss> <tadj_opt> <thing_sg>"],
-        "thing_passive_pl": ["THE <tadj_opt> <thing_pl>", "<quantity> <thing_pl>"],
-        "passive_tail": [(3, "BY <pers_sg>"), (3, "<locpp>"), (2, "<time>"), (1, "BY <pers_pl> <locpp>")],
-    }
-    rules.update(_TRANSITIVE)
-    rules.update(_MOTION)
-    rules.update(_LOCATIVE)
-    rules.update(_PERSONAL)
-    rules.update(_GIVING)
-    rules.update(_PUTTING)
-    # predicates: <pred_FORM> -> <vX_FORM> <complement of class X>
-    for form in _VERB_FORMS:
-        alternatives = []
-        for prefix, (weight, complement) in classes.items():
-            comps = [c.strip() for c in complement.split("|")]
-            for comp in comps:
-                alternatives.append((weight / len(comps), f"<{prefix}_{form}> {comp}"))
-        rules[f"pred_{form}"] = alternatives
-    return rules
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
+    loader.flatten_mapping(node)
+    mapping: dict = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in mapping
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"unhashable key {key!r}", key_node.start_mark
+            ) from None
+        if duplicate:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        mapping[key] = loader.construct_object(value_node, deep=True)
+    return mapping
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _grammar_file(domain: str) -> Traversable:
+    """The data file of ``domain``'s grammar, shipped in the package (setup.cfg package_data)."""
+    return importlib.resources.files(_GRAMMAR_PACKAGE) / _GRAMMAR_DIR / f"{domain}.yaml"
+
+
+def _load_grammar(source: Traversable | Path, length: tuple[int, int]) -> _Grammar:
+    """Read a grammar file; any problem is a :class:`FedasrError` naming the file (and the rule).
+
+    A grammar file is a YAML mapping with these keys (all optional but ``rules``):
+
+    ``articles: true``
+        ``A`` becomes ``AN`` before a word that starts with a vowel sound.
+    ``nouns: {NAME: "BOX KNIFE/KNIVES ..."}``
+        Rules ``<NAME_sg>`` and ``<NAME_pl>``; a plural is derived from the singular
+        (:func:`_plural`) unless given after ``/``.
+    ``verbs: {NAME: "FIND/FOUND; DROP+; PICK UP; ..."}``
+        Rules ``<NAME_base>``, ``<NAME_s>``, ``<NAME_past>``, ``<NAME_pp>`` and
+        ``<NAME_ing>`` from ``;``-separated specs (:func:`_verb`).
+    ``possessives: {NAME: OTHER}``
+        Rule ``<NAME>``: every (one-word) alternative of ``<OTHER>`` followed by ``'S``.
+    ``rules: {NAME: VALUE}``
+        ``VALUE`` is a word list (``"ONE TWO THREE"``, one alternative per word), a phrase
+        list (``"AT HOME | AT WORK"``, one alternative per ``|``-separated phrase) or a
+        YAML list of alternatives, each ``"TEXT"`` (weight 1) or ``{WEIGHT: "TEXT"}``
+        (written ``- 8: TEXT``); ``""`` is the empty alternative, and an item
+        ``"A | B"`` stands for several alternatives of the item's weight.  A rule whose
+        name contains ``FORM`` (``pred_FORM``) stands for five rules, one per verb form
+        (``base s past pp ing``), with ``FORM`` in its references (``<vt_FORM>``)
+        replaced by that form.
+
+    Sentences start at rule ``<s>``; ``<NAME>`` refers to a rule and every other token is
+    a word.  Word lists drop repeated words; the alternatives of a list are kept as
+    written.  The engine then checks the grammar (:class:`_Grammar`): every reference
+    exists, every rule is used, no rule is recursive, and every alternative fits in a
+    sentence within ``length``.
+    """
+    try:
+        raw = source.read_text(encoding="utf-8")
+    except OSError as e:
+        raise FedasrError(
+            f"{source}: cannot read the grammar file ({e.strerror or e}); an installed fedasr ships "
+            f"fedasr/data/{_GRAMMAR_DIR}/*.yaml as package data"
+        ) from None
+    try:
+        data = yaml.load(raw, Loader=_StrictLoader)  # noqa: S506 (_StrictLoader is a safe loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise FedasrError(f"{source}{where}: invalid YAML ({problem})") from None
+    origin: dict[str, str] = {}
+    try:
+        rules, articles = _compile_grammar(data, origin)
+        return _Grammar(rules, "s", length, articles=articles)
+    except ValueError as e:
+        message = str(e)
+        # rules derived from nouns, verbs, possessives and FORM rules: name the entry that made them
+        made_by = dict.fromkeys(origin[r] for r in re.findall(r"<([a-z0-9_]+)>", message) if r in origin)
+        made_by.pop("rules", None)
+        hint = [f for f in made_by if f not in message]
+        if hint:
+            message += f" (from {'; '.join(hint)})"
+        raise FedasrError(f"{source}: {message}") from None
+
+
+def _section(data: Mapping, key: str, name_re: re.Pattern = _NAME_RE) -> dict:
+    section = data.get(key)
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ValueError(f"{key}: expected a mapping from rule names, got {type(section).__name__}")
+    for name in section:
+        if not (isinstance(name, str) and (name_re.match(name) or _NAME_RE.match(name))):
+            raise ValueError(f"{key}: bad rule name {name!r} (lower-case letters, digits and _)")
+    return section
+
+
+def _text(key: str, name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{key}: {name}: expected a string, got {value!r}")
+    return value
+
+
+def _alternatives(name: str, value: object) -> list[tuple[float, str]]:
+    """The ``(weight, text)`` alternatives of a ``rules`` entry."""
+    if isinstance(value, str):
+        if "|" in value:
+            return [(1, phrase) for phrase in _p(value)]
+        words = _w(value)
+        for word in words:
+            if not _WORD_RE.match(word):
+                raise ValueError(
+                    f"rule <{name}>: bad word {word!r} in a word list (write alternatives with "
+                    f"references as a YAML list)"
+                )
+        return [(1, word) for word in words]
+    if not isinstance(value, list):
+        raise ValueError(
+            f"rule <{name}>: expected a word list, a |-separated phrase list or a list of "
+            f"alternatives, got {value!r}"
+        )
+    out: list[tuple[float, str]] = []
+    for item in value:
+        weight: object = 1
+        if isinstance(item, dict) and len(item) == 1:
+            ((weight, item),) = item.items()
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise ValueError(f"rule <{name}>: weight {weight!r} is not a number")
+        if not isinstance(item, str):
+            raise ValueError(
+                f"rule <{name}>: alternative {item!r} is not a string (quote words that YAML reads "
+                f"otherwise, such as ON, OFF, YES and NO; write the empty alternative as \"\")"
+            )
+        if "|" in item:
+            out += [(weight, phrase) for phrase in _p(item)]  # type: ignore[misc]
+        else:
+            out.append((weight, item))  # type: ignore[arg-type]
+    return out
+
+
+def _compile_grammar(data: object, origin: dict[str, str]) -> tuple[dict[str, list], bool]:
+    """Rules for :class:`_Grammar` and the ``articles`` flag from a parsed grammar file.
+
+    ``origin`` receives, for every rule, the entry of the file that defines it.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a mapping with the keys {', '.join(_GRAMMAR_KEYS)}")
+    unknown = [str(k) for k in data if k not in _GRAMMAR_KEYS]
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}; expected: {', '.join(_GRAMMAR_KEYS)}")
+    if "rules" not in data:
+        raise ValueError("no 'rules'")
+    articles = data.get("articles", False)
+    if not isinstance(articles, bool):
+        raise ValueError(f"articles: expected true or false, got {articles!r}")
+    rules: dict[str, list] = {}
+
+    def define(name: str, alternatives: Iterable, where: str) -> None:
+        if name in rules:
+            raise ValueError(f"rule <{name}> is defined twice ({origin[name]}; {where})")
+        rules[name] = list(alternatives)
+        origin[name] = where
+
+    for key, value in _section(data, "nouns").items():
+        text = _text("nouns", key, value)
+        for token in text.split():
+            if not _NOUN_RE.match(token):
+                raise ValueError(f"nouns: {key}: bad noun {token!r} (SINGULAR or SINGULAR/PLURAL)")
+        singular, plural = _nouns(text)
+        define(f"{key}_sg", singular, f"nouns: {key}")
+        define(f"{key}_pl", plural, f"nouns: {key}")
+    for key, value in _section(data, "verbs").items():
+        text = _text("verbs", key, value)
+        for spec in text.split(";"):
+            head, *particle = spec.split() or [""]
+            if spec.strip() and not (_VERB_HEAD_RE.match(head) and all(_WORD_RE.match(p) for p in particle)):
+                raise ValueError(
+                    f"verbs: {key}: bad verb {spec.strip()!r} (BASE[+][/PAST[/PARTICIPLE]] [PARTICLE ...])"
+                )
+        for name, forms in _verb_rules(key, text).items():
+            define(name, forms, f"verbs: {key}")
+    for key, value in _section(data, "rules", _FORM_NAME_RE).items():
+        alternatives = _alternatives(key, value)
+        if _FORM_NAME_RE.match(key):
+            for form in _VERB_FORMS:
+                concrete = [(w, _FORM_REF_RE.sub(rf"<\g<1>{form}\g<2>>", t)) for w, t in alternatives]
+                define(key.replace("FORM", form), concrete, f"rules: {key}")
+        else:
+            for _, alt in alternatives:
+                if _FORM_REF_RE.search(alt):
+                    raise ValueError(f"rule <{key}>: {alt!r} refers to a FORM rule, but <{key}> is not one")
+            define(key, alternatives, "rules")
+    for key, value in _section(data, "possessives").items():
+        other = _text("possessives", key, value)
+        if other not in rules:
+            raise ValueError(f"possessives: {key}: unknown rule <{other}>")
+        owners = []
+        for alt in rules[other]:
+            weight, word = (1, alt) if isinstance(alt, str) else alt
+            if not _WORD_RE.match(word) or "'" in word:
+                raise ValueError(f"possessives: {key}: <{other}> has {word!r}, not a single word")
+            owners.append((weight, word + "'S"))
+        define(key, owners, f"possessives: {key}")
+    return rules, articles
 
 
 # ---------------------------------------------------------------------------
@@ -1006,11 +600,9 @@ def _open_rules() -> dict[str, object]:
 
 @functools.cache
 def _grammar(domain: str) -> _Grammar:
-    if domain == "small":
-        return _Grammar(_small_rules(), "s", LENGTH_LIMITS["small"])
-    if domain == "open":
-        return _Grammar(_open_rules(), "s", LENGTH_LIMITS["open"], articles=True)
-    raise ValueError(f"unknown text domain {domain!r}; expected one of: {', '.join(DOMAINS)}")
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown text domain {domain!r}; expected one of: {', '.join(DOMAINS)}")
+    return _load_grammar(_grammar_file(domain), LENGTH_LIMITS[domain])
 
 
 def vocabulary(domain: str) -> frozenset[str]:
