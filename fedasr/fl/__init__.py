@@ -1,0 +1,1 @@
+"""The federated engines: the round protocol, the embedded runner and the Flower engine."""
