@@ -581,10 +581,10 @@ def prune_ranges(
     final blank is emitted); ``s_begin`` never decreases (lowered to the running minimum
     from the end), rises by at most ``S - 1`` per frame (a blank from frame ``t`` to ``t + 1``
     needs a label position in both windows) and starts at ``s_begin[b, 0] = 0``; all values
-    lie in ``[0, U]``. Such a band
-    exists for an utterance iff ``U_b <= (S - 1) * T_b`` (at most ``S - 1`` labels per frame);
-    otherwise the band holds no alignment and the pruned loss reports it as impossible (a
-    loss above 1e4, see :data:`LOGP_FLOOR`). Deterministic (no randomness).
+    lie in ``[0, U]``. Such a band exists for an utterance iff ``U_b <= (S - 1) * T_b`` (at
+    most ``S - 1`` labels per frame); otherwise it holds no alignment and the pruned loss
+    reports the utterance as impossible (a loss above 1e4, see :data:`LOGP_FLOOR`).
+    Deterministic (no randomness).
     """
     if isinstance(prune_range, bool) or not isinstance(prune_range, int) or prune_range < 2:
         raise ValueError(f"prune_ranges: prune_range must be an integer >= 2, got {prune_range!r}")
