@@ -43,6 +43,12 @@ class TrainSection:
     num_buckets: int = 4
     ctc_weight: float = 0.3
     simple_loss_weight: float = 0.0  # auxiliary simple transducer loss (needs model simple_head: true)
+    # full: the joiner on every (frame, label position) | pruned: only in a band of
+    # prune_range label positions per frame chosen by the simple loss (k2's pruned RNN-T loss;
+    # needs simple_head and simple_loss_weight > 0)
+    loss: str = "full"
+    prune_range: int = 5
+    prune_warmup_steps: int = 0  # pruned: its weight rises linearly from 0.1 to 1 over these steps
     spec_augment: bool = True
 
     def validate(self, prefix: str) -> None:
@@ -62,6 +68,16 @@ class TrainSection:
         for key in ("ctc_weight", "simple_loss_weight"):
             if getattr(self, key) < 0:
                 raise FedasrError(f"{p}{key}: must be >= 0")
+        if self.loss not in ("full", "pruned"):
+            raise FedasrError(f"{p}loss: unknown {self.loss!r} (full, pruned)")
+        if isinstance(self.prune_range, bool) or not isinstance(self.prune_range, int) or self.prune_range < 2:
+            raise FedasrError(f"{p}prune_range: must be an integer >= 2, got {self.prune_range!r}")
+        if isinstance(self.prune_warmup_steps, bool) or not isinstance(self.prune_warmup_steps, int) \
+                or self.prune_warmup_steps < 0:
+            raise FedasrError(f"{p}prune_warmup_steps: must be an integer >= 0, got {self.prune_warmup_steps!r}")
+        if self.loss == "pruned" and not self.simple_loss_weight > 0:
+            raise FedasrError(f"{p}loss: pruned needs {p}simple_loss_weight > 0 "
+                              "(the simple loss chooses the pruning ranges)")
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from fedasr.config import TrainSection
 from fedasr.data.batching import AsrDataset, Batch
 from fedasr.errors import FedasrError
-from fedasr.model.loss import rnnt_loss, rnnt_loss_simple
+from fedasr.model.loss import prune_ranges, rnnt_loss, rnnt_loss_pruned, rnnt_loss_simple
 from fedasr.model.transducer import Transducer
 
 
@@ -30,16 +30,41 @@ def forward_batch(model: Transducer, batch: Batch):
     return model(batch.feats, batch.feat_lens, batch.targets, batch.target_lens)
 
 
+def pruned_loss_scale(cfg: TrainSection, step: int) -> float:
+    """The pruned loss' weight at 0-based ``step``: 1, or during ``prune_warmup_steps`` a
+    linear rise from 0.1 (icefall's ramp of the pruned loss scale, without its simple-loss
+    part: the band comes from a simple loss that has not learnt the alignment yet)."""
+    w = cfg.prune_warmup_steps
+    return 1.0 if step >= w else 0.1 + 0.9 * step / w
+
+
 def transducer_loss(model: Transducer, batch: Batch, ctc_weight: float = 0.0,
-                    simple_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+                    simple_weight: float = 0.0, *, loss: str = "full", prune_range: int = 5,
+                    pruned_scale: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """The training loss of ``batch`` and its parts (floats).
+
+    ``loss="pruned"`` (needs the model's simple head and ``simple_weight > 0``): the RNN-T
+    term is :func:`rnnt_loss_pruned` on the joiner evaluated only in the band of
+    ``prune_range`` label positions per frame that the simple loss' node occupation picks
+    (:func:`prune_ranges`), weighted by ``pruned_scale``; the (B, T, U+1, V) joint tensor
+    is never built.
+    """
     batch = batch.to(next(model.parameters()).device)
+    if loss == "pruned":
+        return _pruned_transducer_loss(model, batch, ctc_weight, simple_weight, prune_range, pruned_scale)
+    if loss != "full":
+        raise FedasrError(f"train.loss: unknown {loss!r} (full, pruned)")
     out = forward_batch(model, batch)
     U = int(batch.target_lens.max())
     targets = batch.targets[:, :U].int()
     loss_rnnt = rnnt_loss(out.logits, targets, out.enc_lens.int(), batch.target_lens.int(),
                           blank=model.blank_id, reduction="mean")
-    loss = loss_rnnt
-    stats = {"rnnt": float(loss_rnnt.detach())}
+    return _add_aux_losses(model, batch, out, targets, loss_rnnt, {"rnnt": float(loss_rnnt.detach())},
+                           ctc_weight, simple_weight)
+
+
+def _add_aux_losses(model, batch, out, targets, loss, stats, ctc_weight, simple_weight, loss_simple=None):
+    U = targets.shape[1]
     if ctc_weight > 0 and out.ctc_logits is not None:
         log_probs = out.ctc_logits.log_softmax(-1).transpose(0, 1)  # (T, B, V)
         loss_ctc = F.ctc_loss(log_probs, batch.targets[:, :U], out.enc_lens, batch.target_lens,
@@ -47,12 +72,32 @@ def transducer_loss(model: Transducer, batch: Batch, ctc_weight: float = 0.0,
         loss = loss + ctc_weight * loss_ctc
         stats["ctc"] = float(loss_ctc.detach())
     if simple_weight > 0 and out.simple_am is not None:
-        loss_simple = rnnt_loss_simple(out.simple_am, out.simple_lm, targets, out.enc_lens.int(),
-                                       batch.target_lens.int(), blank=model.blank_id, reduction="mean")
+        if loss_simple is None:
+            loss_simple = rnnt_loss_simple(out.simple_am, out.simple_lm, targets, out.enc_lens.int(),
+                                           batch.target_lens.int(), blank=model.blank_id, reduction="mean")
         loss = loss + simple_weight * loss_simple
         stats["simple"] = float(loss_simple.detach())
     stats["loss"] = float(loss.detach())
     return loss, stats
+
+
+def _pruned_transducer_loss(model, batch, ctc_weight, simple_weight, prune_range, pruned_scale):
+    if not model.cfg.simple_head or not simple_weight > 0:
+        raise FedasrError("train.loss: pruned needs the model's simple head (model.overrides: "
+                          "{simple_head: true}) and train.simple_loss_weight > 0")
+    out = model(batch.feats, batch.feat_lens, batch.targets, batch.target_lens, joint=False)
+    U = int(batch.target_lens.max())
+    targets = batch.targets[:, :U].int()
+    enc_lens, target_lens = out.enc_lens.int(), batch.target_lens.int()
+    loss_simple, occupation = rnnt_loss_simple(out.simple_am, out.simple_lm, targets, enc_lens, target_lens,
+                                               blank=model.blank_id, reduction="mean", return_occupation=True)
+    ranges = prune_ranges(occupation, enc_lens, target_lens, prune_range)
+    logits = model.joiner.forward_pruned(out.enc, out.pred, ranges)  # (B, T, S, V)
+    loss_pruned = rnnt_loss_pruned(logits, targets, ranges, enc_lens, target_lens,
+                                   blank=model.blank_id, reduction="mean")
+    stats = {"rnnt": float(loss_pruned.detach())}
+    return _add_aux_losses(model, batch, out, targets, pruned_scale * loss_pruned, stats,
+                           ctc_weight, simple_weight, loss_simple=loss_simple)
 
 
 def lr_at(cfg: TrainSection, step: int) -> float:
@@ -180,7 +225,9 @@ def train_steps(
         last_epoch = epoch
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, global_step + steps)
-        loss, stats = transducer_loss(model, batch, cfg.ctc_weight, cfg.simple_loss_weight)
+        loss, stats = transducer_loss(model, batch, cfg.ctc_weight, cfg.simple_loss_weight, loss=cfg.loss,
+                                      prune_range=cfg.prune_range,
+                                      pruned_scale=pruned_loss_scale(cfg, global_step + steps))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss {float(loss)} at step {global_step + steps}")
         optimizer.zero_grad(set_to_none=True)

@@ -18,10 +18,27 @@ Inside it:
   printed as "logits size" for scale).  If an earlier peak (e.g. at import)
   was higher than the baseline, the figure is a lower bound and marked "*".
 
+``--pruned S`` compares the full and the pruned loss *including the joiner*
+(``Joiner(enc_dim, pred_dim, joint_dim, V)`` on random encoder/predictor outputs):
+
+* ``full``: ``joiner(enc, pred)`` -> ``(B, T, U+1, V)`` -> ``rnnt_loss``;
+* ``full+simple``: the same plus ``0.5 x rnnt_loss_simple`` (what a recipe with
+  ``simple_loss_weight: 0.5`` computes with ``train.loss: full``);
+* ``pruned``: ``rnnt_loss_simple`` with its occupation -> ``prune_ranges(S)`` ->
+  ``joiner.forward_pruned`` -> ``(B, T, S, V)`` -> ``rnnt_loss_pruned`` (+ 0.5 x the simple
+  loss): everything ``train.loss: pruned`` computes after the encoder and predictor.
+
+Memory is measured as above, each in a fresh subprocess; time in one further subprocess
+that interleaves the three (``--repeats`` rounds of full, full+simple, pruned
+forward+backward; medians), so that load from other processes hits them alike. The
+ratios printed are pruned / full (the conservative one: the full side without the simple
+loss) and pruned / full+simple.
+
 Usage::
 
     python scripts/bench_rnnt_loss.py                # B=16 T=200 U=40 V=256
     python scripts/bench_rnnt_loss.py -B 8 -T 400 -U 60 -V 500 --repeats 5 --threads 1
+    python scripts/bench_rnnt_loss.py --pruned 5 -B 8 -T 200 -U 40 -V 256 --threads 1
 """
 
 from __future__ import annotations
@@ -37,6 +54,7 @@ import time
 from pathlib import Path
 
 IMPLS = ("fedasr", "reference", "torchaudio")
+JOINER_IMPLS = ("full", "full+simple", "pruned")
 
 
 def _parse(argv=None):
@@ -56,7 +74,12 @@ def _parse(argv=None):
     p.add_argument(
         "--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}"
     )
-    p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    p.add_argument("--pruned", type=int, default=0, metavar="S",
+                   help="compare full vs pruned loss (band of S) including the joiner")
+    p.add_argument("--enc-dim", type=int, default=144, help="--pruned: joiner input (encoder) width")
+    p.add_argument("--pred-dim", type=int, default=256, help="--pruned: joiner input (predictor) width")
+    p.add_argument("--joint-dim", type=int, default=256, help="--pruned: joiner hidden width")
+    p.add_argument("--worker", choices=IMPLS + JOINER_IMPLS + ("joiner-time",), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -71,11 +94,95 @@ def _current_rss_kib() -> int:
     return pages * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+def _lengths(args, g):
+    import torch
+
+    B, T, U = args.batch, args.frames, args.labels
+    if args.full_lengths:
+        return torch.full((B,), T, dtype=torch.int32), torch.full((B,), U, dtype=torch.int32)
+    t_lens = (T * (0.6 + 0.4 * torch.rand(B, generator=g))).int().clamp(1, T)
+    u_lens = (U * (0.6 + 0.4 * torch.rand(B, generator=g))).int().clamp(0, U)
+    t_lens[0], u_lens[0] = T, U  # the padded dims are tight, as torchaudio requires
+    return t_lens, u_lens
+
+
+def _joiner_setup(args):
+    """Inputs and forward+backward closures of the full / full+simple / pruned losses."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from fedasr.model.loss import prune_ranges, rnnt_loss, rnnt_loss_pruned, rnnt_loss_simple
+    from fedasr.model.transducer import Joiner
+
+    B, T, U, V = args.batch, args.frames, args.labels, args.vocab
+    torch.manual_seed(args.seed)
+    joiner = Joiner(args.enc_dim, args.pred_dim, args.joint_dim, V)
+    g = torch.Generator().manual_seed(args.seed)
+    enc = torch.randn(B, T, args.enc_dim, generator=g).requires_grad_(True)
+    pred = torch.randn(B, U + 1, args.pred_dim, generator=g).requires_grad_(True)
+    am = torch.randn(B, T, V, generator=g).requires_grad_(True)
+    lm = torch.randn(B, U + 1, V, generator=g).requires_grad_(True)
+    targets = torch.randint(1, V, (B, U), generator=g, dtype=torch.int32)
+    t_lens, u_lens = _lengths(args, g)
+    leaves = [enc, pred, am, lm, *joiner.parameters()]
+
+    def full():
+        return rnnt_loss(joiner(enc, pred), targets, t_lens, u_lens)
+
+    def full_simple():
+        return full() + 0.5 * rnnt_loss_simple(am, lm, targets, t_lens, u_lens)
+
+    def pruned():
+        simple, occ = rnnt_loss_simple(am, lm, targets, t_lens, u_lens, return_occupation=True)
+        ranges = prune_ranges(occ, t_lens, u_lens, args.pruned)
+        logits = joiner.forward_pruned(enc, pred, ranges)
+        return rnnt_loss_pruned(logits, targets, ranges, t_lens, u_lens) + 0.5 * simple
+
+    fns = {"full": full, "full+simple": full_simple, "pruned": pruned}
+
+    def fwd_bwd(name):
+        for x in leaves:
+            x.grad = None
+        loss = fns[name]()
+        loss.backward()
+        return loss
+
+    return fwd_bwd, leaves
+
+
+def _joiner_worker(args) -> dict:
+    import torch
+
+    fwd_bwd, leaves = _joiner_setup(args)
+    out = {"impl": args.worker, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if args.worker == "joiner-time":
+        times = {name: [] for name in JOINER_IMPLS}
+        for name in JOINER_IMPLS:
+            fwd_bwd(name)  # warm-up
+        for _ in range(args.repeats):
+            for name in JOINER_IMPLS:
+                t0 = time.perf_counter()
+                fwd_bwd(name)
+                times[name].append(time.perf_counter() - t0)
+        out["fwd_bwd_ms"] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        return out
+    baseline = _current_rss_kib()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loss = fwd_bwd(args.worker)
+    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out.update(loss=float(loss), peak_extra_mib=max(0, peak_after - baseline) / 1024,
+               lower_bound=peak_before > baseline,
+               grad_norm=float(torch.cat([x.grad.flatten() for x in leaves if x.grad is not None]).norm()))
+    return out
+
+
 def _worker(args) -> dict:
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.worker in JOINER_IMPLS + ("joiner-time",):
+        return _joiner_worker(args)
     if args.worker == "torchaudio":
         import torchaudio.functional as taf
 
@@ -95,13 +202,7 @@ def _worker(args) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     logits = torch.randn(B, T, U + 1, V, generator=g).requires_grad_(True)
     targets = torch.randint(1, V, (B, U), generator=g, dtype=torch.int32)
-    if args.full_lengths:
-        t_lens = torch.full((B,), T, dtype=torch.int32)
-        u_lens = torch.full((B,), U, dtype=torch.int32)
-    else:
-        t_lens = (T * (0.6 + 0.4 * torch.rand(B, generator=g))).int().clamp(1, T)
-        u_lens = (U * (0.6 + 0.4 * torch.rand(B, generator=g))).int().clamp(0, U)
-        t_lens[0], u_lens[0] = T, U  # the padded dims are tight, as torchaudio requires
+    t_lens, u_lens = _lengths(args, g)
 
     def fwd_bwd():
         logits.grad = None
@@ -154,12 +255,51 @@ def _available(impl: str) -> bool:
     return True
 
 
+def _run_worker(args, impl: str):
+    cmd = [sys.executable, __file__, "--worker", impl, "-B", str(args.batch), "-T", str(args.frames),
+           "-U", str(args.labels), "-V", str(args.vocab), "--repeats", str(args.repeats), "--seed", str(args.seed),
+           "--pruned", str(args.pruned), "--enc-dim", str(args.enc_dim), "--pred-dim", str(args.pred_dim),
+           "--joint-dim", str(args.joint_dim)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.full_lengths:
+        cmd.append("--full-lengths")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"{impl:>10}: failed\n{proc.stderr.strip()}")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _joiner_main(args) -> int:
+    B, T, U, V, S = args.batch, args.frames, args.labels, args.vocab, args.pruned
+    print(f"full vs pruned RNN-T loss including the joiner: B={B} T={T} U={U} V={V} S={S}, joiner "
+          f"{args.enc_dim}+{args.pred_dim} -> {args.joint_dim} -> {V}, float32, "
+          f"{'full' if args.full_lengths else 'variable'} lengths, repeats={args.repeats}")
+    mem = {impl: _run_worker(args, impl) for impl in JOINER_IMPLS}
+    timing = _run_worker(args, "joiner-time")
+    if timing is None or any(r is None for r in mem.values()):
+        return 1
+    ms = timing["fwd_bwd_ms"]
+    print(f"torch {timing['torch']}, {timing['threads']} thread(s)")
+    print(f"{'impl':>12} {'fwd+bwd ms':>11} {'peak extra MiB':>15} {'loss':>12}")
+    for impl, r in mem.items():
+        mark = "*" if r["lower_bound"] else " "
+        print(f"{impl:>12} {ms[impl]:11.1f} {r['peak_extra_mib']:14.1f}{mark} {r['loss']:12.5f}")
+    for base in ("full", "full+simple"):
+        print(f"pruned/{base}: peak memory x{mem['pruned']['peak_extra_mib'] / max(mem[base]['peak_extra_mib'], 1e-9):.3f}, "
+              f"fwd+bwd time x{ms['pruned'] / ms[base]:.3f}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     if args.worker:
         print(json.dumps(_worker(args)))
         return 0
 
+    if args.pruned:
+        return _joiner_main(args)
     impls = [s.strip() for s in args.impls.split(",") if s.strip()]
     unknown = [i for i in impls if i not in IMPLS]
     if unknown:
@@ -177,17 +317,9 @@ def main(argv=None) -> int:
         if not _available(impl):
             print(f"{impl:>10}: not installed, skipped")
             continue
-        cmd = [sys.executable, __file__, "--worker", impl, "-B", str(B), "-T", str(T), "-U", str(U),
-               "-V", str(V), "--repeats", str(args.repeats), "--seed", str(args.seed)]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        if args.full_lengths:
-            cmd.append("--full-lengths")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"{impl:>10}: failed\n{proc.stderr.strip()}")
-            continue
-        results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = _run_worker(args, impl)
+        if r is not None:
+            results[impl] = r
 
     if not results:
         return 1

@@ -67,6 +67,9 @@ def model_config(cfg: RunConfig, vocab_size: int) -> ModelConfig:
         mcfg = ModelConfig.preset(cfg.model.preset, vocab_size=vocab_size, **cfg.model.overrides)
     except FedasrError as e:
         raise FedasrError(f"model: {e}") from None
+    if cfg.train.loss == "pruned" and not mcfg.simple_head:
+        raise FedasrError("train.loss: pruned needs the model's simple-loss heads "
+                          "(model.overrides: {simple_head: true})")
     if cfg.train.simple_loss_weight > 0 and not mcfg.simple_head:
         raise FedasrError("train.simple_loss_weight: needs the model's simple-loss heads "
                           "(model.overrides: {simple_head: true})")

@@ -45,7 +45,7 @@ import operator
 
 import torch
 
-__all__ = ["rnnt_loss", "rnnt_loss_reference", "rnnt_loss_simple"]
+__all__ = ["rnnt_loss", "rnnt_loss_reference", "rnnt_loss_simple", "rnnt_loss_pruned", "prune_ranges"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -478,26 +478,9 @@ def rnnt_loss_reference(
 # --------------------------------------------------------------------------
 
 
-def rnnt_loss_simple(
-    am: torch.Tensor,
-    lm: torch.Tensor,
-    targets: torch.Tensor,
-    logit_lengths: torch.Tensor,
-    target_lengths: torch.Tensor,
-    blank: int = 0,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """RNN-T loss of the *linear* joiner ``logits[b, t, u] = am[b, t] + lm[b, u]`` (k2's
-    ``rnnt_loss_simple``), without materialising the ``(B, T, U+1, V)`` tensor.
-
-    ``am``: ``(B, T, V)`` encoder-side logits; ``lm``: ``(B, U+1, V)`` predictor-side logits
-    (position 0 is the start). Because the joiner is additive, the log-softmax normaliser
-    of every lattice node is ``log(exp(am[t]) · exp(lm[u]))``: one batched matrix product
-    ``(B, T, V) x (B, V, U+1)``. Used as an auxiliary loss: cheap, and it learns the
-    alignment early (k2/icefall use it to pick the pruning bounds of the full joiner).
-    Same conventions, validation and -1e4 log-probability floor as :func:`rnnt_loss`;
-    plain autograd (the tensors are ``(B, T, U+1)``).
-    """
+def _simple_lattice(am, lm, targets, logit_lengths, target_lengths, blank, reduction):
+    """Validated inputs and the floored ``(B, U+1, T)`` blank and ``(B, U, T)`` label
+    log-probabilities (float64, with autograd) of the simple joiner ``am[t] + lm[u]``."""
     B, T, V = am.shape
     if lm.dim() != 3 or lm.shape[0] != B or lm.shape[2] != V:
         raise ValueError(f"rnnt_loss_simple: lm must be (B, U+1, V) = ({B}, U+1, {V}), got {tuple(lm.shape)}")
@@ -519,6 +502,38 @@ def rnnt_loss_simple(
         emit_lp = am_y + lm_y[:, None, :] - norm[:, :, :U]
     blank_lp = blank_lp.clamp(min=LOGP_FLOOR).transpose(1, 2)  # (B, U+1, T)
     emit_lp = emit_lp.clamp(min=LOGP_FLOOR).transpose(1, 2) if U > 0 else None  # (B, U, T)
+    return targets, logit_lengths, target_lengths, blank, blank_lp, emit_lp
+
+
+def rnnt_loss_simple(
+    am: torch.Tensor,
+    lm: torch.Tensor,
+    targets: torch.Tensor,
+    logit_lengths: torch.Tensor,
+    target_lengths: torch.Tensor,
+    blank: int = 0,
+    reduction: str = "mean",
+    return_occupation: bool = False,
+):
+    """RNN-T loss of the *linear* joiner ``logits[b, t, u] = am[b, t] + lm[b, u]`` (k2's
+    ``rnnt_loss_simple``), without materialising the ``(B, T, U+1, V)`` tensor.
+
+    ``am``: ``(B, T, V)`` encoder-side logits; ``lm``: ``(B, U+1, V)`` predictor-side logits
+    (position 0 is the start). Because the joiner is additive, the log-softmax normaliser
+    of every lattice node is ``log(exp(am[t]) · exp(lm[u]))``: one batched matrix product
+    ``(B, T, V) x (B, V, U+1)``. Used as an auxiliary loss: cheap, and it learns the
+    alignment early (k2/icefall use it to pick the pruning bounds of the full joiner).
+    Same conventions, validation and -1e4 log-probability floor as :func:`rnnt_loss`;
+    plain autograd (the tensors are ``(B, T, U+1)``).
+
+    ``return_occupation``: also return the (detached, float64) ``(B, U+1, T)`` probability
+    that the alignment passes through each lattice node — what k2 reads from the simple
+    loss' gradients to choose the pruning ranges (:func:`prune_ranges`).
+    """
+    B, T, V = am.shape
+    targets, logit_lengths, target_lengths, blank, blank_lp, emit_lp = _simple_lattice(
+        am, lm, targets, logit_lengths, target_lengths, blank, reduction)
+    U1 = blank_lp.shape[1]
     # alpha over label positions, closed form along time (see _alpha), with autograd
     E = torch.cat([blank_lp.new_zeros(B, U1, 1), torch.cumsum(blank_lp, dim=2)], dim=2)  # (B, U+1, T+1)
     alphas = [E[:, 0, :T]]
@@ -529,4 +544,222 @@ def rnnt_loss_simple(
     bidx = torch.arange(B, device=am.device)
     t_last = logit_lengths - 1
     log_p = alpha[bidx, target_lengths, t_last] + blank_lp[bidx, target_lengths, t_last]
-    return _reduce((-log_p).to(am.dtype), reduction)
+    loss = _reduce((-log_p).to(am.dtype), reduction)
+    if not return_occupation:
+        return loss
+    with torch.no_grad():
+        b_lp = blank_lp.detach()
+        e_lp = b_lp.new_zeros(b_lp.shape)  # the emit slot of u = U is never used
+        if U1 > 1:
+            e_lp[:, :U1 - 1] = emit_lp.detach()
+        occ_blank, occ_emit = _arc_weights(b_lp, e_lp, alpha.detach(), E.detach(), log_p.detach(),
+                                           logit_lengths, target_lengths, int(target_lengths.max()))
+    return loss, occ_blank + occ_emit
+
+
+# --------------------------------------------------------------------------
+# pruned loss (k2's rnnt_loss_pruned): the joiner evaluated in a band of S symbols
+# --------------------------------------------------------------------------
+
+
+def prune_ranges(
+    occupation: torch.Tensor,
+    logit_lengths: torch.Tensor,
+    target_lengths: torch.Tensor,
+    prune_range: int,
+) -> torch.Tensor:
+    """The label positions where the pruned loss evaluates the joiner: ``(B, T, S)``
+    int64, ``ranges[b, t] = s_begin[b, t] + (0, 1, ..., S - 1)`` with
+    ``S = min(prune_range, U + 1)`` (``U = occupation.shape[1] - 1``).
+
+    ``occupation`` ``(B, U+1, T)``: the probability that the alignment passes through each
+    node, from the simple loss (``rnnt_loss_simple(..., return_occupation=True)``). As k2's
+    ``get_rnnt_prune_ranges``, each frame's window is the one of ``S`` consecutive label
+    positions holding the most occupation, then adjusted (as k2's
+    ``_adjust_pruning_lower_bound``) into a band that contains alignments: from frame
+    ``T_b - 1`` on ``s_begin = max(U_b - S + 1, 0)`` (the last frame holds ``U_b``, where the
+    final blank is emitted); ``s_begin`` never decreases (lowered to the running minimum
+    from the end), rises by at most ``S - 1`` per frame (a blank from frame ``t`` to ``t + 1``
+    needs a label position in both windows) and starts at ``s_begin[b, 0] = 0``; all values
+    lie in ``[0, U]``. Such a band exists for an utterance iff ``U_b <= (S - 1) * T_b`` (at
+    most ``S - 1`` labels per frame); otherwise it holds no alignment and the pruned loss
+    reports the utterance as impossible (a loss above 1e4, see :data:`LOGP_FLOOR`).
+    Deterministic (no randomness).
+    """
+    if isinstance(prune_range, bool) or not isinstance(prune_range, int) or prune_range < 2:
+        raise ValueError(f"prune_ranges: prune_range must be an integer >= 2, got {prune_range!r}")
+    B, U1, T = occupation.shape
+    device = occupation.device
+    S = min(prune_range, U1)
+    t_lens = logit_lengths.to(device=device, dtype=torch.long).view(B, 1)
+    u_lens = target_lengths.to(device=device, dtype=torch.long).view(B, 1)
+    occ = occupation.detach().double()
+    if S < U1:
+        # sum of the occupation over the window [k, k + S) for every start k in [0, U + 1 - S]
+        cs = torch.cat([occ.new_zeros(B, 1, T), torch.cumsum(occ, dim=1)], dim=1)  # (B, U+2, T)
+        s_begin = (cs[:, S:] - cs[:, :U1 + 1 - S]).argmax(dim=1)  # (B, T)
+    else:
+        s_begin = torch.zeros(B, T, dtype=torch.long, device=device)
+    hi = (u_lens - S + 1).clamp(min=0)  # (B, 1): the last start whose window ends at U_b
+    t_ar = torch.arange(T, device=device).view(1, T)
+    s_begin = torch.minimum(s_begin, hi)
+    s_begin = torch.where(t_ar >= t_lens - 1, hi, s_begin)
+    # never decreases: a reversed running min (k2's monotonic_lower_bound) ...
+    s_begin = torch.flip(torch.cummin(torch.flip(s_begin, [1]), dim=1).values, [1])
+    # ... rises by at most S - 1 per frame: s[t] >= s[t'] - (S - 1)(t' - t) for every t' > t
+    # (a reversed running max of s[t'] - (S - 1) t') ...
+    step = (S - 1) * t_ar
+    s_begin = torch.flip(torch.cummax(torch.flip(s_begin - step, [1]), dim=1).values, [1]) + step
+    # ... and starts at 0: s[t] <= (S - 1) t (both keep the two properties above)
+    s_begin = torch.minimum(s_begin, step)
+    return s_begin.unsqueeze(2) + torch.arange(S, device=device)
+
+
+def _band_time_chunk(S: int, V: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(1, S * V))
+
+
+class _PrunedRNNTLoss(torch.autograd.Function):
+    """Per-utterance pruned RNN-T losses ``(B,)``; gradient w.r.t. the band logits only.
+
+    The band's blank and label log-probabilities are placed into the full ``(B, U+1, T)``
+    lattice (which holds two numbers per node, not ``V``), every node outside the band gets
+    log-probability :data:`LOGP_FLOOR` (probability 0), and the full loss' closed-form
+    alpha/beta recursions run on it; so with the band covering every label position the
+    loss is exactly the full one.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, s_begin, logit_lengths, target_lengths, blank):  # type: ignore[override]
+        B, T, S, V = logits.shape
+        U = targets.shape[1]
+        device = logits.device
+        t_lens = logit_lengths.tolist()
+        u_lens = target_lengths.tolist()
+        u_max = max(u_lens)
+        cdtype = _compute_dtype(logits.dtype)
+
+        ranges = s_begin.unsqueeze(2) + torch.arange(S, device=device)  # (B, T, S)
+        # band positions inside the utterance's lattice (label position <= U_b)
+        band_ok = ranges <= target_lengths.view(B, 1, 1)
+        # index[b, t, s] = (blank, next target at label position ranges[b, t, s])
+        emit_ids = torch.cat([targets, targets.new_full((B, 1), blank)], dim=1)  # (B, U+1)
+        nxt = emit_ids.gather(1, ranges.clamp(max=U).view(B, T * S)).view(B, T, S)
+        index = torch.stack([torch.full_like(nxt, blank), nxt], dim=3)  # (B, T, S, 2)
+
+        band = torch.zeros(B, T, S, 2, dtype=cdtype, device=device)
+        for b in range(B):
+            tb = t_lens[b]
+            step = _band_time_chunk(S, V)
+            for t0 in range(0, tb, step):
+                t1 = min(tb, t0 + step)
+                logp = torch.log_softmax(logits[b, t0:t1].to(cdtype), dim=-1)
+                band[b, t0:t1] = logp.gather(-1, index[b, t0:t1])
+        band = band.to(torch.float64)
+
+        # the lattice: node (t, u) is band slot s = u - s_begin[t] when 0 <= s < S
+        u_ar = torch.arange(U + 1, device=device)
+        slot = u_ar.view(1, 1, U + 1) - s_begin.unsqueeze(2)  # (B, T, U+1)
+        t_ok = torch.arange(T, device=device).view(1, T, 1) < logit_lengths.view(B, 1, 1)
+        in_lat = (slot >= 0) & (slot < S) & (u_ar.view(1, 1, U + 1) <= target_lengths.view(B, 1, 1)) & t_ok
+        slot = slot.clamp(0, S - 1)
+        lat = []
+        for c in range(2):
+            v = band[..., c].gather(2, slot)  # (B, T, U+1)
+            lat.append(torch.where(in_lat, v, LOGP_FLOOR).clamp_(min=LOGP_FLOOR).transpose(1, 2).contiguous())
+        blank_lp, emit_lp = lat  # (B, U+1, T) float64
+        alpha, E = _alpha(blank_lp, emit_lp, u_max)
+        bidx = torch.arange(B, device=device)
+        t_last = logit_lengths - 1
+        log_p = alpha[bidx, target_lengths, t_last] + blank_lp[bidx, target_lengths, t_last]
+
+        ctx.save_for_backward(logits, index, ranges, band_ok, logit_lengths, target_lengths,
+                              blank_lp, emit_lp, alpha, E, log_p)
+        ctx.t_lens = t_lens
+        return (-log_p).to(logits.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (logits, index, ranges, band_ok, logit_lengths, target_lengths,
+         blank_lp, emit_lp, alpha, E, log_p) = ctx.saved_tensors
+        B, T, S, V = logits.shape
+        U = blank_lp.shape[1] - 1
+        occ_blank, occ_emit = _arc_weights(
+            blank_lp, emit_lp, alpha, E, log_p, logit_lengths, target_lengths, int(target_lengths.max())
+        )
+        go = grad_output.to(torch.float64).reshape(B, 1, 1)
+        cdtype = _compute_dtype(logits.dtype)
+        idx = ranges.clamp(max=U)
+        # the arcs' occupation at the band's nodes (zero outside the lattice)
+        w = [torch.where(band_ok, o.transpose(1, 2).gather(2, idx), 0.0) * go for o in (occ_blank, occ_emit)]
+        w_neg = torch.stack(w, dim=3).neg().to(cdtype)  # (B, T, S, 2)
+        w_sum = (w[0] + w[1]).unsqueeze(3).to(cdtype)  # (B, T, S, 1)
+        bad = ~band_ok  # band slots beyond U_b: never read, gradient exactly 0
+
+        grad = torch.empty_like(logits)
+        direct = logits.dtype == cdtype
+        for b, tb in enumerate(ctx.t_lens):
+            if tb < T:
+                grad[b, tb:].zero_()
+            step = _band_time_chunk(S, V)
+            for t0 in range(0, tb, step):
+                t1 = min(tb, t0 + step)
+                out = grad[b, t0:t1]
+                sm = torch.softmax(logits[b, t0:t1].to(cdtype), dim=-1)
+                if direct:
+                    torch.mul(sm, w_sum[b, t0:t1], out=out)
+                    out.scatter_add_(-1, index[b, t0:t1], w_neg[b, t0:t1])
+                else:
+                    sm.mul_(w_sum[b, t0:t1]).scatter_add_(-1, index[b, t0:t1], w_neg[b, t0:t1])
+                    out.copy_(sm)
+            out = grad[b, :tb]
+            out.masked_fill_(bad[b, :tb].unsqueeze(2), 0.0)
+        return grad, None, None, None, None, None
+
+
+def rnnt_loss_pruned(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ranges: torch.Tensor,
+    logit_lengths: torch.Tensor,
+    target_lengths: torch.Tensor,
+    blank: int = 0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """RNN-T loss on the joiner's outputs in a band of label positions (k2's
+    ``rnnt_loss_pruned``, Kuang et al., Interspeech 2022).
+
+    Args:
+        logits: ``(B, T, S, V)`` unnormalised joiner outputs; ``logits[b, t, s]`` is the
+            joiner at frame ``t`` and label position ``ranges[b, t, s]``.
+        targets, logit_lengths, target_lengths, blank, reduction: as :func:`rnnt_loss`.
+        ranges: ``(B, T, S)`` from :func:`prune_ranges` (``s_begin + 0..S-1`` per frame).
+
+    The loss sums over the alignments that stay inside the band (their nodes and arcs
+    read only ``logits``); with ``S >= U + 1`` and ``ranges = 0..U`` that is every
+    alignment and the loss and its gradient are those of :func:`rnnt_loss`. Band slots
+    beyond an utterance's lengths are never read (gradient exactly 0).
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 4:
+        raise ValueError("rnnt_loss_pruned: logits must be a 4-D (B, T, S, V) tensor")
+    if not isinstance(ranges, torch.Tensor) or tuple(ranges.shape) != tuple(logits.shape[:3]):
+        raise ValueError(f"rnnt_loss_pruned: ranges must be (B, T, S) = {tuple(logits.shape[:3])}, "
+                         f"got {tuple(ranges.shape) if isinstance(ranges, torch.Tensor) else ranges!r}")
+    B, T, S, V = logits.shape
+    if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
+        raise ValueError("rnnt_loss_pruned: targets must be a 2-D (B, U) tensor")
+    U = targets.shape[1]
+    if S > U + 1:
+        raise ValueError(f"rnnt_loss_pruned: band width S={S} exceeds U + 1 = {U + 1}")
+    # validation of targets/lengths/blank: that of the full loss on a view of the right shape
+    targets, logit_lengths, target_lengths, blank = _validate(
+        logits[:, :, :1].expand(B, T, U + 1, V), targets, logit_lengths, target_lengths, blank, reduction)
+    ranges = ranges.to(device=logits.device, dtype=torch.long)
+    s_begin = ranges[:, :, 0]
+    if bool((ranges != s_begin.unsqueeze(2) + torch.arange(S, device=logits.device)).any()) or \
+            int(s_begin.min()) < 0 or int(s_begin.max()) > U + 1 - S:
+        raise ValueError("rnnt_loss_pruned: ranges must be s_begin + (0..S-1) per frame with "
+                         f"0 <= s_begin <= U + 1 - S = {U + 1 - S} (see prune_ranges)")
+    losses = _PrunedRNNTLoss.apply(logits, targets, s_begin.contiguous(), logit_lengths, target_lengths, blank)
+    return _reduce(losses, reduction)

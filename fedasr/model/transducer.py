@@ -275,14 +275,28 @@ class Joiner(nn.Module):
         """``enc`` (B, T, D), ``pred`` (B, U+1, H) -> logits (B, T, U+1, V)."""
         return self.joint(self.project_encoder(enc)[:, :, None, :], self.project_predictor(pred)[:, None, :, :])
 
+    def forward_pruned(self, enc: torch.Tensor, pred: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+        """The joiner in a band of label positions (the pruned RNN-T loss): ``enc`` (B, T, D),
+        ``pred`` (B, U+1, H), ``ranges`` (B, T, S) label positions in ``[0, U]`` -> logits
+        ``(B, T, S, V)``, ``logits[b, t, s]`` = the full joiner's ``[b, t, ranges[b, t, s]]``.
+        The projections run on the (B, T) and (B, U+1) inputs, then the projected predictor
+        rows are gathered: nothing of size (B, T, U+1, ·) is built."""
+        enc_p, pred_p = self.project_encoder(enc), self.project_predictor(pred)
+        B, T, S = ranges.shape
+        J = pred_p.size(-1)
+        pred_g = pred_p.gather(1, ranges.reshape(B, T * S, 1).expand(B, T * S, J)).view(B, T, S, J)
+        return self.joint(enc_p[:, :, None, :], pred_g)
+
 
 @dataclass
 class TransducerOutput:
-    logits: torch.Tensor  # (B, T', U+1, V), T' = max(enc_lens), U = max(target_lens)
+    logits: Optional[torch.Tensor]  # (B, T', U+1, V), T' = max(enc_lens), U = max(target_lens); None: joint=False
     enc_lens: torch.Tensor  # (B,)
     ctc_logits: Optional[torch.Tensor]  # (B, T', V) unnormalised, or None without a CTC head
     simple_am: Optional[torch.Tensor] = None  # (B, T', V): simple head, encoder side
     simple_lm: Optional[torch.Tensor] = None  # (B, U+1, V): simple head, predictor side
+    enc: Optional[torch.Tensor] = None  # (B, T', d_model) encoder output (joint=False only)
+    pred: Optional[torch.Tensor] = None  # (B, U+1, H) predictor output (joint=False only)
 
 
 class Transducer(nn.Module):
@@ -315,21 +329,26 @@ class Transducer(nn.Module):
         return self.encoder(feats, feat_lens)
 
     def forward(
-        self, feats: torch.Tensor, feat_lens: torch.Tensor, targets: torch.Tensor, target_lens: torch.Tensor
+        self, feats: torch.Tensor, feat_lens: torch.Tensor, targets: torch.Tensor, target_lens: torch.Tensor,
+        joint: bool = True,
     ) -> TransducerOutput:
         """Joint logits for the RNN-T loss (and CTC logits if the model has a CTC head).
 
         ``targets`` (B, U_pad) is trimmed to ``U = max(target_lens)`` columns, so
         ``logits`` is ``(B, max(enc_lens), U + 1, V)`` as torchaudio's ``rnnt_loss`` expects.
+        ``joint=False``: no joint logits; the output carries the encoder and predictor
+        outputs instead (``enc``, ``pred``), for :meth:`Joiner.forward_pruned`.
         """
         enc, enc_lens = self.encode(feats, feat_lens)
         u = int(target_lens.max()) if target_lens.numel() else 0
         if u > targets.size(1):
             raise ValueError(f"max(target_lens)={u} exceeds targets width {targets.size(1)}")
         pred = self.predictor.forward_with_sos(targets[:, :u])
-        logits = self.joiner(enc, pred)
+        logits = self.joiner(enc, pred) if joint else None
         ctc_logits = self.ctc_head(enc) if self.ctc_head is not None else None
         out = TransducerOutput(logits=logits, enc_lens=enc_lens, ctc_logits=ctc_logits)
+        if not joint:
+            out.enc, out.pred = enc, pred
         if self.cfg.simple_head:
             out.simple_am, out.simple_lm = self.simple_am_proj(enc), self.simple_lm_proj(pred)
         return out
