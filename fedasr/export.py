@@ -28,6 +28,7 @@ as `fedasr eval` does).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,13 @@ def _quantize_int8(src: Path, dst: Path) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+    root = logging.getLogger()  # onnxruntime's quantizer advises pre-processing on the root logger
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
     meta = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
     _add_metadata(dst, meta)
 
