@@ -250,18 +250,34 @@ class OnnxTransducer:
         out, h, c = self.decoder.run(None, {"y": np.array([[token]], np.int64), "h": h, "c": c})
         return (h, c), out
 
-    def greedy(self, enc: np.ndarray, max_symbols_per_frame: int = 3) -> list[int]:
-        """Greedy search over one utterance's encoder output (T', J)."""
+    def greedy(self, enc: np.ndarray, max_symbols_per_frame: int = 3, chunk: int = 32) -> list[int]:
+        """Greedy search over one utterance's encoder output (T', J), as `fedasr eval`.
+
+        The joiner runs on up to ``chunk`` frames at once with the current predictor output:
+        the frames before the first non-blank argmax emit nothing, and the predictor output
+        changes only at an emission, after which the search goes on from the same frame.
+        This is the frame-by-frame search, with one joiner call per emission or per
+        ``chunk`` blank frames instead of one (or more) per frame."""
         hyp: list[int] = []
         state, dec = self._decoder_start()
-        for t in range(enc.shape[0]):
-            for _ in range(max_symbols_per_frame):
-                logit = self.joiner.run(None, {"encoder_out": enc[t:t + 1], "decoder_out": dec})[0]
-                tok = int(logit[0].argmax())
-                if tok == self.blank:
-                    break
-                hyp.append(tok)
-                state, dec = self._decoder_step(state, tok)
+        t, n, used = 0, enc.shape[0], 0  # used: symbols emitted at frame t so far
+        while t < n:
+            if used == max_symbols_per_frame:
+                t, used = t + 1, 0
+                continue
+            block = enc[t:t + chunk]
+            toks = self.joiner.run(None, {"encoder_out": block,
+                                          "decoder_out": np.repeat(dec, len(block), axis=0)})[0].argmax(-1)
+            emit = np.flatnonzero(toks != self.blank)
+            if emit.size == 0:
+                t, used = t + len(block), 0
+                continue
+            if emit[0] > 0:
+                t, used = t + int(emit[0]), 0
+            tok = int(toks[emit[0]])
+            hyp.append(tok)
+            state, dec = self._decoder_step(state, tok)
+            used += 1
         return hyp
 
     def decode(self, feats: np.ndarray) -> list[int]:

@@ -81,6 +81,8 @@ def test_export_writes_sherpa_metadata_and_int8_copies(tmp_path):
     words = "the quick brown fox jumps over a lazy dog while seven red birds sing songs".split()
     tok = train_tokenizer([" ".join(words[i:] + words[:i]) for i in range(len(words))], None)
     model = _tiny_stateless(tok.vocab_size)
+    with torch.no_grad():  # blank wins on some frames: greedy search both skips frames and emits
+        model.joiner.output.bias[0] += 1.0
     cmvn = GlobalCMVN([-8.0] * 80, [3.0] * 80, 1)
     meta = export_model(model, tok, cmvn, tmp_path / "e", int8=True)
     d = tmp_path / "e"
@@ -113,6 +115,21 @@ def test_export_writes_sherpa_metadata_and_int8_copies(tmp_path):
     enc_fp = fp.encode(feats[None], np.array([len(feats)]))[0]
     enc_q = q.encode(feats[None], np.array([len(feats)]))[0]
     assert enc_fp.shape == enc_q.shape and 0 < np.abs(enc_fp - enc_q).max() < 0.2 * np.abs(enc_fp).max()
+
+    # the joiner batched over frames is the frame-by-frame greedy search (a random model emits a lot)
+    e, counts = enc_fp[0], []
+    for m in (1, 2, 3):
+        ref, (state, dec) = [], fp._decoder_start()
+        for t in range(len(e)):
+            for _ in range(m):
+                tok = int(fp.joiner.run(None, {"encoder_out": e[t:t + 1], "decoder_out": dec})[0][0].argmax())
+                if tok == fp.blank:
+                    break
+                ref.append(tok)
+                state, dec = fp._decoder_step(state, tok)
+        assert fp.greedy(e, m, chunk=8) == ref, m
+        counts.append(len(ref))
+    assert 0 < counts[0] < len(e) and counts[0] < counts[2], counts  # blank frames and frames with several symbols
 
     so = pytest.importorskip("sherpa_onnx")
     for suffix in ("", ".int8"):
