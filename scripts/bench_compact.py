@@ -15,6 +15,7 @@ call per emitted token (a few per second of speech), the same work for every mod
 the smaller predictor and joiner. The encoder alone is timed too.
 
     python scripts/bench_compact.py [--preset small] [--seconds 10] [--repeat 9] [--no-torch]
+        [--what-if-subsampling 13]
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.8])
     ap.add_argument("--no-torch", action="store_true", help="onnxruntime columns only")
+    ap.add_argument("--what-if-subsampling", type=int, default=None, metavar="C",
+                    help="also time the most pruned model with C subsampling conv channels (random weights: what "
+                         "pruning the subsampling front end as a unit family would buy; not a real compaction)")
     args = ap.parse_args()
 
     from fedasr.export import OnnxTransducer, export_model
@@ -88,6 +92,14 @@ def main() -> None:
     models = {"dense": dense}
     for s in args.sparsity:
         models[f"unit {s:.0%}"] = unit_pruned(dense, s)
+    if args.what_if_subsampling:
+        import dataclasses
+
+        last = models[f"unit {args.sparsity[-1]:.0%}"]
+        what_if = Transducer(dataclasses.replace(last.cfg, subsampling_channels=args.what_if_subsampling)).eval()
+        with torch.no_grad():
+            what_if.joiner.output.bias[what_if.blank_id] += 50.0
+        models[f"+sub {args.what_if_subsampling}"] = what_if
     frames = int(args.seconds * 100)
     feats = torch.randn(1, frames, 80, generator=torch.Generator().manual_seed(1))
     lens = torch.tensor([frames])
@@ -140,7 +152,8 @@ def main() -> None:
     print(f"{'model':<10} {'params':>11} {'x':>6} {'FLOPs x':>8} " + " ".join(
         f"{f'{b} {t}t':>17}" for b, t in cols) + f" {'ort enc 1t':>17}")
     for r in rows:
-        cells = " ".join(f"{r[f'{b}_{t}']:.4f} ({base[f'{b}_{t}'] / r[f'{b}_{t}']:.2f}x)".rjust(17) for b, t in cols)
+        cells = " ".join(("-" if r[f"{b}_{t}"] != r[f"{b}_{t}"] else  # nan: not measured (--no-torch)
+                          f"{r[f'{b}_{t}']:.4f} ({base[f'{b}_{t}'] / r[f'{b}_{t}']:.2f}x)").rjust(17) for b, t in cols)
         enc = f"{r['ort_enc_1']:.4f} ({base['ort_enc_1'] / r['ort_enc_1']:.2f}x)".rjust(17)
         print(f"{r['model']:<10} {r['params']:>11,} {r['params'] / base['params']:6.3f} "
               f"{r['flops'] / base['flops']:8.3f} {cells} {enc}")
