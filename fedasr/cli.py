@@ -313,6 +313,7 @@ def eval_(
     federation: Optional[Path] = typer.Option(None, help="Federation directory [default: the run's]."),
     max_duration: float = typer.Option(120.0, help="Seconds of audio per decoding batch."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    max_symbols_per_frame: int = typer.Option(3, help="Greedy search: symbols a frame at most (1 = sherpa-onnx's)."),
 ) -> None:
     """Decode test splits and report WER/CER (per split and per client) into RUN_DIR/results.json."""
     from fedasr.evaluate import evaluate_run
@@ -325,7 +326,7 @@ def eval_(
 
         results, splits, ckpt_path = evaluate_run(run, checkpoint=checkpoint, splits=split, beam=beam,
                                                   federation=federation, max_duration=max_duration, device=device,
-                                                  progress=progress)
+                                                  progress=progress, max_symbols_per_frame=max_symbols_per_frame)
     results_path = RunDir(run).results_path
     table = Table(title=f"WER — {ckpt_path}")
     for col in ("split", "utts", "WER", "CER", "sub", "del", "ins", "RTF", "clients"):
@@ -393,13 +394,16 @@ def export(
     out: Path = typer.Option(..., help="Directory to write encoder/decoder/joiner .onnx, tokens.txt, config.json."),
     federation: Optional[Path] = typer.Option(None, help="Federation whose normalisation statistics go into the "
                                               "encoder [default: the checkpoint's run's]."),
+    int8: bool = typer.Option(False, "--int8", help="Also write dynamically int8-quantised *.int8.onnx models."),
 ) -> None:
-    """Export to ONNX (encoder, predictor, joiner; dynamic batch and length axes) for onnxruntime."""
+    """Export to ONNX (encoder, predictor, joiner; dynamic batch and length axes) for onnxruntime
+    and sherpa-onnx (stateless predictor)."""
     from fedasr.export import export_checkpoint
 
-    meta = export_checkpoint(checkpoint, out, federation)
-    console.print(f"exported {checkpoint} -> {out}: encoder.onnx, decoder.onnx ({meta['predictor']}), joiner.onnx, "
-                  f"tokens.txt, config.json; {meta['parameters']:,} parameters")
+    meta = export_checkpoint(checkpoint, out, federation, int8=int8)
+    console.print(f"exported {checkpoint} -> {out}: encoder.onnx, decoder.onnx ({meta['predictor']}), joiner.onnx"
+                  f"{' (+ *.int8.onnx)' if int8 else ''}, tokens.txt, config.json; {meta['parameters']:,} parameters"
+                  f"{'' if meta['sherpa_onnx'] else '; sherpa-onnx needs model.predictor=stateless'}")
 
 
 @app.command()

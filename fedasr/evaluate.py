@@ -82,9 +82,10 @@ def decode_cuts(model: Transducer, cuts: CutSet, tokenizer: Tokenizer, cmvn: Glo
 
 def evaluate(model: Transducer, cuts: CutSet, tokenizer: Tokenizer, cmvn: GlobalCMVN, *,
              beam: int = 1, max_duration: float = 120.0, speaker_to_client: dict[str, str] | None = None,
-             progress: Callable[[int], None] | None = None) -> tuple[dict, list[Decoded]]:
+             progress: Callable[[int], None] | None = None, max_symbols_per_frame: int = 3
+             ) -> tuple[dict, list[Decoded]]:
     decoded, seconds = decode_cuts(model, cuts, tokenizer, cmvn, beam=beam, max_duration=max_duration,
-                                   progress=progress)
+                                   progress=progress, max_symbols_per_frame=max_symbols_per_frame)
     result = score([d.ref for d in decoded], [d.hyp for d in decoded])
     audio = sum(c.duration for c in cuts)
     result["hours"] = audio / 3600
@@ -116,11 +117,13 @@ def speaker_client_map(clients_meta: dict) -> dict[str, str]:
 
 def evaluate_run(run_dir, *, checkpoint=None, splits: list[str] | None = None, beam: int = 1,
                  federation=None, max_duration: float = 120.0, device: str = "auto",
-                 progress: Callable[[str, int], Callable[[int], None]] | None = None) -> tuple[dict, list[str], str]:
+                 progress: Callable[[str, int], Callable[[int], None]] | None = None,
+                 max_symbols_per_frame: int = 3) -> tuple[dict, list[str], str]:
     """`fedasr eval`: decode ``splits`` (default: the federation's test splits) with the run's
     latest checkpoint (or ``checkpoint``), write RUN_DIR/results.json (merged with earlier
     splits) and RUN_DIR/decode/SPLIT-beamN.tsv. ``progress(split, n_utts)`` returns a
-    per-batch callback. Returns (results, splits, checkpoint path)."""
+    per-batch callback. Greedy search emits up to ``max_symbols_per_frame`` symbols a frame
+    (sherpa-onnx's greedy search: 1). Returns (results, splits, checkpoint path)."""
     import json
 
     from fedasr.checkpoint import load_checkpoint
@@ -138,6 +141,8 @@ def evaluate_run(run_dir, *, checkpoint=None, splits: list[str] | None = None, b
         raise FedasrError(f"{run_dir}: no checkpoint yet (train first, or pass --checkpoint)")
     if beam < 1:
         raise FedasrError("--beam: must be at least 1")
+    if max_symbols_per_frame < 1:
+        raise FedasrError("--max-symbols-per-frame: must be at least 1")
     model, tok, _ = load_checkpoint(ckpt_path)
     model.to(resolve_device(device))
     if tok.proto != fed.tokenizer.proto:
@@ -148,8 +153,11 @@ def evaluate_run(run_dir, *, checkpoint=None, splits: list[str] | None = None, b
     for s in splits:
         cuts = fed.split_cuts(s)
         res, decoded = evaluate(model, cuts, tok, fed.cmvn, beam=beam, max_duration=max_duration,
-                                speaker_to_client=spk2client, progress=progress(s, len(cuts)) if progress else None)
+                                speaker_to_client=spk2client, progress=progress(s, len(cuts)) if progress else None,
+                                max_symbols_per_frame=max_symbols_per_frame)
         res["checkpoint"] = str(ckpt_path)
+        if beam == 1:
+            res["max_symbols_per_frame"] = max_symbols_per_frame
         results[s] = res
         lines = "".join(f"{d.id}\t{d.ref}\t{d.hyp}\n" for d in decoded)
         atomic_write_text(rd.root / "decode" / f"{s}-beam{beam}.tsv", "id\tref\thyp\n" + lines)

@@ -1,15 +1,25 @@
 """`fedasr export`: a checkpoint -> ONNX encoder, decoder (predictor) and joiner, in the
 layout of icefall/sherpa-onnx transducer exports, plus ``tokens.txt`` and ``config.json``.
 
-- ``encoder.onnx``: ``x`` (N, T, 80) float32 log-mel fbank (lhotse ``Fbank``, 25 ms / 10 ms,
-  no dither) and ``x_lens`` (N,) int64 -> ``encoder_out`` (N, T', J) and ``encoder_out_lens``
-  (N,). The federation's global mean/variance normalisation and the joiner's encoder
-  projection are inside. T >= 7 frames; frames beyond a sequence's length are padding.
+- ``encoder.onnx``: ``x`` (N, T, 80) float32 log-mel fbank (Kaldi-compatible: 25 ms / 10 ms,
+  povey window, no dither, no edge snipping, 20 Hz .. Nyquist - 400 Hz, samples in [-1, 1]:
+  lhotse ``Fbank`` as `fedasr shard` computes it, and kaldi-native-fbank as sherpa-onnx
+  computes it from the waveform agree to < 1e-3) and ``x_lens`` (N,) int64 ->
+  ``encoder_out`` (N, T', J) and ``encoder_out_lens`` (N,). The federation's global
+  mean/variance normalisation and the joiner's encoder projection are inside. T >= 7
+  frames; frames beyond a sequence's length are padding (any value).
 - ``decoder.onnx``: stateless predictor: ``y`` (N, context) int64, the last ``context``
-  tokens (blank-padded at the start) -> ``decoder_out`` (N, J); LSTM predictor: ``y`` (N, 1),
-  ``h``/``c`` (layers, N, H) -> ``decoder_out``, ``next_h``, ``next_c`` (zeros are the start
-  state, fed the blank).
+  tokens -> ``decoder_out`` (N, J); ids < 0 (sherpa-onnx's start-of-sequence padding) are
+  the blank, which is what the predictor sees before the start in training. LSTM
+  predictor: ``y`` (N, 1), ``h``/``c`` (layers, N, H) -> ``decoder_out``, ``next_h``,
+  ``next_c`` (zeros are the start state, fed the blank).
 - ``joiner.onnx``: ``encoder_out`` (N, J), ``decoder_out`` (N, J) -> ``logit`` (N, V).
+
+The models carry the metadata sherpa-onnx reads (:data:`SHERPA_METADATA`): a stateless
+export loads unchanged in ``sherpa_onnx.OfflineRecognizer.from_transducer`` (sherpa-onnx's
+offline transducer runs only stateless decoders; blank id 0). With ``int8`` the three are
+also written dynamically quantised (onnxruntime, int8 MatMul weights) as
+``encoder.int8.onnx``, ``decoder.int8.onnx``, ``joiner.int8.onnx``, icefall's convention.
 
 Batch and time axes are dynamic. :class:`OnnxTransducer` decodes with onnxruntime (greedy,
 as `fedasr eval` does).
@@ -18,16 +28,25 @@ as `fedasr eval` does).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedasr.data.features import FBANK_OPTIONS as FEATURES
 from fedasr.errors import FedasrError
 from fedasr.fsutil import atomic_dir
 
 OPSET = 17
+NAMES = ("encoder", "decoder", "joiner")
+
+# What sherpa-onnx reads from a transducer export (sherpa-onnx/csrc/offline-transducer-model.cc:
+# the decoder's vocab_size and context_size; offline-recognizer-impl.cc: the encoder's
+# model_type picks the transducer recogniser when none is given on the command line).
+SHERPA_METADATA = {"encoder": ("model_type", "version", "model_author", "comment"),
+                   "decoder": ("vocab_size", "context_size"), "joiner": ("joiner_dim",)}
 
 
 class _Encoder(nn.Module):
@@ -49,6 +68,8 @@ class _StatelessDecoder(nn.Module):
 
     def forward(self, y):  # the context is the whole input: no state
         p = self.model.predictor
+        # sherpa-onnx pads the start of the context with -1: before the start the predictor sees blanks
+        y = torch.where(y < 0, torch.full_like(y, p.blank_id), y)
         out, _ = p(y[:, p.context - 1:], (y[:, : p.context - 1],))
         return self.model.joiner.project_predictor(out[:, -1])
 
@@ -72,8 +93,37 @@ class _Joiner(nn.Module):
         return self.model.joiner.joint(encoder_out, decoder_out)
 
 
-def export_model(model, tokenizer, cmvn, out: str | Path, source: str = "") -> dict:
-    """Write the three ONNX models, tokens.txt and config.json to ``out`` (atomically)."""
+def _add_metadata(path: Path, meta: dict) -> None:
+    import onnx
+
+    m = onnx.load(str(path))
+    old = {p.key: p.value for p in m.metadata_props}
+    del m.metadata_props[:]
+    for k, v in {**old, **{k: str(v) for k, v in meta.items()}}.items():
+        m.metadata_props.add(key=k, value=v)
+    onnx.save(m, str(path))
+
+
+def _quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 quantisation of the MatMul weights (as icefall's ``*.int8.onnx``);
+    the model's metadata is kept."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()  # onnxruntime's quantizer advises pre-processing on the root logger
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+    meta = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
+    _add_metadata(dst, meta)
+
+
+def export_model(model, tokenizer, cmvn, out: str | Path, source: str = "", int8: bool = False) -> dict:
+    """Write the three ONNX models (and with ``int8`` their quantised copies), tokens.txt and
+    config.json to ``out`` (atomically)."""
     import onnx  # noqa: F401 - the export extra; fail early with a clear message below
 
     model = model.eval()
@@ -106,21 +156,37 @@ def export_model(model, tokenizer, cmvn, out: str | Path, source: str = "") -> d
                           dynamo=False, input_names=["encoder_out", "decoder_out"], output_names=["logit"],
                           dynamic_axes={"encoder_out": {0: "N"}, "decoder_out": {0: "N"}, "logit": {0: "N"}},
                           opset_version=OPSET)
+        j_dim = model.joiner.enc_proj.out_features
+        sherpa = stateless and model.blank_id == 0
+        comment = (f"fedasr Conformer-Transducer, {cfg.num_layers} layers, d_model {cfg.d_model}; "
+                   f"stateless predictor (context {cfg.pred_context})" if stateless else "LSTM predictor")
+        onnx_meta = {
+            "encoder": {"model_type": "conformer", "version": "1", "model_author": "fedasr", "comment": comment,
+                        "subsampling_factor": 4, "feature_dim": cfg.num_features,
+                        "normalisation": "global mean/std inside the encoder"},
+            "decoder": {"vocab_size": cfg.vocab_size, "context_size": cfg.pred_context if stateless else 1,
+                        "predictor": cfg.predictor, "blank_id": model.blank_id},
+            "joiner": {"joiner_dim": j_dim},
+        }
+        for name in NAMES:
+            _add_metadata(tmp / f"{name}.onnx", onnx_meta[name])
+            if int8:
+                _quantize_int8(tmp / f"{name}.onnx", tmp / f"{name}.int8.onnx")
         sp = tokenizer.sp
         (tmp / "tokens.txt").write_text("".join(f"{sp.id_to_piece(i)} {i}\n" for i in range(sp.get_piece_size())))
         meta = {"source": source, "model_config": cfg.to_dict(), "blank_id": model.blank_id,
                 "predictor": cfg.predictor, "context_size": cfg.pred_context if stateless else 1,
                 "lstm": None if stateless else {"layers": model.predictor.lstm.num_layers,
                                                 "hidden": model.predictor.lstm.hidden_size},
-                "features": {"type": "lhotse Fbank (kaldi-compatible)", "num_mel_bins": cfg.num_features,
-                             "frame_length_ms": 25, "frame_shift_ms": 10, "dither": 0.0,
-                             "normalisation": "global mean/std, inside encoder.onnx"},
+                "features": {"type": "Kaldi-compatible log-mel fbank (lhotse Fbank = kaldi-native-fbank)",
+                             **FEATURES, "normalisation": "global mean/std, inside encoder.onnx"},
+                "sherpa_onnx": sherpa, "int8": int8,
                 "parameters": model.num_parameters(), "opset": OPSET}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
     return meta
 
 
-def export_checkpoint(path, out, federation=None) -> dict:
+def export_checkpoint(path, out, federation=None, int8: bool = False) -> dict:
     """`fedasr export CKPT --out DIR`: the normalisation statistics come from the run's
     federation (the checkpoint's config) or ``federation``."""
     from fedasr.checkpoint import load_checkpoint
@@ -139,23 +205,26 @@ def export_checkpoint(path, out, federation=None) -> dict:
     fed = Federation(fed_dir)
     if fed.tokenizer.proto != tok.proto:
         raise FedasrError(f"{path}: the checkpoint's tokenizer differs from {fed.root}/tokenizer.model")
-    return export_model(model, tok, fed.cmvn, out, source=str(path))
+    return export_model(model, tok, fed.cmvn, out, source=str(path), int8=int8)
 
 
 class OnnxTransducer:
     """An exported model in onnxruntime, with greedy decoding (as `fedasr eval`)."""
 
-    def __init__(self, directory: str | Path, threads: int = 1):
+    def __init__(self, directory: str | Path, threads: int = 1, int8: bool = False):
         import onnxruntime as ort
 
         d = Path(directory)
         self.meta = json.loads((d / "config.json").read_text())
+        suffix = ".int8.onnx" if int8 else ".onnx"
+        if int8 and not self.meta.get("int8"):
+            raise FedasrError(f"{d}: no int8 models (export with --int8)")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         load = lambda name: ort.InferenceSession(str(d / name), opts, providers=["CPUExecutionProvider"])  # noqa: E731
-        self.encoder, self.decoder, self.joiner = load("encoder.onnx"), load("decoder.onnx"), load("joiner.onnx")
+        self.encoder, self.decoder, self.joiner = (load(n + suffix) for n in NAMES)
         self.blank = int(self.meta["blank_id"])
         self.context = int(self.meta["context_size"])
         self.tokens = {int(i): p for p, i in (line.rsplit(" ", 1) for line in
@@ -181,18 +250,34 @@ class OnnxTransducer:
         out, h, c = self.decoder.run(None, {"y": np.array([[token]], np.int64), "h": h, "c": c})
         return (h, c), out
 
-    def greedy(self, enc: np.ndarray, max_symbols_per_frame: int = 3) -> list[int]:
-        """Greedy search over one utterance's encoder output (T', J)."""
+    def greedy(self, enc: np.ndarray, max_symbols_per_frame: int = 3, chunk: int = 32) -> list[int]:
+        """Greedy search over one utterance's encoder output (T', J), as `fedasr eval`.
+
+        The joiner runs on up to ``chunk`` frames at once with the current predictor output:
+        the frames before the first non-blank argmax emit nothing, and the predictor output
+        changes only at an emission, after which the search goes on from the same frame.
+        This is the frame-by-frame search, with one joiner call per emission or per
+        ``chunk`` blank frames instead of one (or more) per frame."""
         hyp: list[int] = []
         state, dec = self._decoder_start()
-        for t in range(enc.shape[0]):
-            for _ in range(max_symbols_per_frame):
-                logit = self.joiner.run(None, {"encoder_out": enc[t:t + 1], "decoder_out": dec})[0]
-                tok = int(logit[0].argmax())
-                if tok == self.blank:
-                    break
-                hyp.append(tok)
-                state, dec = self._decoder_step(state, tok)
+        t, n, used = 0, enc.shape[0], 0  # used: symbols emitted at frame t so far
+        while t < n:
+            if used == max_symbols_per_frame:
+                t, used = t + 1, 0
+                continue
+            block = enc[t:t + chunk]
+            toks = self.joiner.run(None, {"encoder_out": block,
+                                          "decoder_out": np.repeat(dec, len(block), axis=0)})[0].argmax(-1)
+            emit = np.flatnonzero(toks != self.blank)
+            if emit.size == 0:
+                t, used = t + len(block), 0
+                continue
+            if emit[0] > 0:
+                t, used = t + int(emit[0]), 0
+            tok = int(toks[emit[0]])
+            hyp.append(tok)
+            state, dec = self._decoder_step(state, tok)
+            used += 1
         return hyp
 
     def decode(self, feats: np.ndarray) -> list[int]:

@@ -3,6 +3,12 @@
 - 80-dim log-mel filterbanks (lhotse's Kaldi-compatible :class:`lhotse.Fbank`, 25 ms
   window, 10 ms shift), computed once by ``fedasr shard`` and stored lilcom-compressed
   in ``FED_DIR/feats``; manifests keep paths relative to the federation directory.
+  Every option is spelled out (:data:`FBANK_OPTIONS`) and equals what sherpa-onnx's
+  ``OfflineRecognizer`` computes from a waveform with kaldi-native-fbank (its
+  ``FeatureExtractorConfig`` defaults: samples in [-1, 1], no dither, no edge snipping,
+  povey window, DC removal, pre-emphasis 0.97, 20 Hz .. Nyquist - 400 Hz, log power
+  mel energies floored at float epsilon), so an exported model sees at deployment the
+  features it was trained on (tests/test_export.py measures the difference).
 - Global mean/variance normalisation with statistics from the training clients.
 - SpecAugment (frequency and time masks) for training, seeded.
 """
@@ -25,8 +31,16 @@ NUM_MEL_BINS = 80
 FRAME_SHIFT = 0.01
 
 
+# The front end, option by option (lhotse FbankConfig names; sherpa-onnx/kaldi-native-fbank
+# use the same defaults: frame_opts.* and mel_opts.*, normalize_samples=True).
+FBANK_OPTIONS = dict(sampling_rate=16000, frame_length=0.025, frame_shift=FRAME_SHIFT, dither=0.0, snip_edges=False,
+                     window_type="povey", remove_dc_offset=True, preemph_coeff=0.97, round_to_power_of_two=True,
+                     low_freq=20.0, high_freq=-400.0, num_filters=NUM_MEL_BINS, use_energy=False,
+                     use_fft_mag=False)
+
+
 def fbank_extractor() -> Fbank:
-    return Fbank(FbankConfig(num_filters=NUM_MEL_BINS, dither=0.0))
+    return Fbank(FbankConfig(**FBANK_OPTIONS))
 
 
 def compute_features(cuts: CutSet, fed_dir: Path, name: str, jobs: int = 1) -> CutSet:
