@@ -197,3 +197,32 @@ def test_layernorm_conv_module_has_no_batchnorm_and_its_affine_is_in_the_channel
     both, _ = model.encode(feats, torch.tensor([40, 40]))
     alone, _ = model.encode(feats[:1], torch.tensor([40]))
     torch.testing.assert_close(both[:1], alone, atol=1e-5, rtol=0)
+
+
+def test_layernorm_model_exports_to_onnx_with_the_same_encoder_output(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import types
+
+    import numpy as np
+
+    from fedasr.export import OnnxTransducer, export_model
+
+    torch.manual_seed(0)
+    cfg = {**MICRO_MODEL, "conv_norm": "layernorm", "predictor": "stateless", "pred_layers": 1,
+           "widths": {"encoder.layers.0.conv": 11}}  # a compacted conv module: 11 of 16 channels
+    model = Transducer(ModelConfig.from_dict(cfg)).eval()
+    pieces = [f"p{i}" for i in range(MICRO_MODEL["vocab_size"])]
+    tok = types.SimpleNamespace(sp=types.SimpleNamespace(id_to_piece=pieces.__getitem__,
+                                                         get_piece_size=lambda: len(pieces)))
+    nf = MICRO_MODEL["num_features"]
+    cmvn = types.SimpleNamespace(mean=[0.5] * nf, std=[2.0] * nf)
+    export_model(model, tok, cmvn, tmp_path / "onnx")
+    onnx = OnnxTransducer(tmp_path / "onnx")
+    feats = torch.randn(1, 60, nf, generator=torch.Generator().manual_seed(2))
+    enc, lens = onnx.encode(feats.numpy(), np.array([60]))
+    with torch.no_grad():
+        ref, ref_lens = model.encoder((feats - 0.5) / 2.0, torch.tensor([60]))
+        ref = model.joiner.project_encoder(ref)
+    assert int(lens[0]) == int(ref_lens[0])
+    np.testing.assert_allclose(enc[0, : int(lens[0])], ref[0].numpy(), atol=1e-4, rtol=0)
