@@ -8,6 +8,7 @@ line with ``--set section.key=value`` (the value is parsed as YAML).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class TrainSection:
 
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
+    momentum: float = 0.9  # sgd: heavy-ball momentum (0: plain SGD)
     weight_decay: float = 1e-6
     warmup_steps: int = 100
     lr_schedule: str = "noam"  # noam (warm-up then 1/sqrt decay) | constant (after warm-up) | eden
@@ -61,6 +63,8 @@ class TrainSection:
             raise FedasrError(f"{p}warmup_steps: must be >= 0")
         if self.optimizer not in ("adamw", "sgd"):
             raise FedasrError(f"{p}optimizer: unknown {self.optimizer!r} (adamw, sgd)")
+        if not 0.0 <= self.momentum < 1.0:
+            raise FedasrError(f"{p}momentum: must be in [0, 1)")
         if self.lr_schedule not in ("noam", "constant", "eden"):
             raise FedasrError(f"{p}lr_schedule: unknown {self.lr_schedule!r} (noam, constant, eden)")
         if self.lr_decay_steps < 1:
@@ -102,13 +106,15 @@ class EvalSection:
         return rnd == last or (self.every > 0 and rnd % self.every == 0)
 
 
-AGGREGATIONS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+AGGREGATIONS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedlamb")
+SERVER_LR_SCHEDULES = ("constant", "cosine", "step")
 WEIGHTINGS = ("examples", "processed", "uniform")
 # fl.server_lr when the recipe gives none. FedAvg/FedAvgM: 1.0 is plain averaging (FedAvgM's
 # effective step is 1/(1-momentum) times larger). FedAdam/FedYogi normalise each weight's
 # step to ~server_lr, so 1.0 would move every weight by ~1 in round one; Reddi et al. (2021)
-# found their best server learning rates around 1e-2 (tau = 1e-3).
-SERVER_LR_DEFAULTS = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01}
+# found their best server learning rates around 1e-2 (tau = 1e-3). FedLAMB moves each tensor
+# by server_lr times its own norm per round (a relative step).
+SERVER_LR_DEFAULTS = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01, "fedlamb": 0.01}
 
 
 @dataclass
@@ -130,8 +136,15 @@ class FLSection:
     server_momentum: float = 0.9  # fedavgm
     beta1: float = 0.9  # fedadam / fedyogi
     beta2: float = 0.99
-    tau: float = 1e-3  # adaptivity (epsilon) of fedadam / fedyogi
+    tau: float = 1e-3  # adaptivity (epsilon) of fedadam / fedyogi / fedlamb
     min_clients: int = 1
+    # server learning rate by round: linear warm-up over the first server_lr_warmup_rounds
+    # rounds, then constant | cosine (to 0 at fl.rounds) | step (x server_lr_gamma every
+    # server_lr_step_rounds rounds)
+    server_lr_schedule: str = "constant"
+    server_lr_warmup_rounds: int = 0
+    server_lr_step_rounds: int = 10
+    server_lr_gamma: float = 0.5
 
     def validate(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""
@@ -155,10 +168,31 @@ class FLSection:
             raise FedasrError(f"{p}server_lr: must be positive")
         if self.min_clients < 1:
             raise FedasrError(f"{p}min_clients: must be at least 1")
+        if self.server_lr_schedule not in SERVER_LR_SCHEDULES:
+            raise FedasrError(f"{p}server_lr_schedule: unknown {self.server_lr_schedule!r} "
+                              f"({', '.join(SERVER_LR_SCHEDULES)})")
+        if self.server_lr_warmup_rounds < 0:
+            raise FedasrError(f"{p}server_lr_warmup_rounds: must be >= 0")
+        if self.server_lr_step_rounds < 1:
+            raise FedasrError(f"{p}server_lr_step_rounds: must be at least 1")
+        if not 0 < self.server_lr_gamma <= 1:
+            raise FedasrError(f"{p}server_lr_gamma: must be in (0, 1]")
 
     @property
     def effective_server_lr(self) -> float:
         return self.server_lr if self.server_lr is not None else SERVER_LR_DEFAULTS[self.aggregation]
+
+    def server_lr_at(self, rnd: int) -> float:
+        """The server learning rate of round ``rnd`` (1-based) under the schedule."""
+        lr, w = self.effective_server_lr, self.server_lr_warmup_rounds
+        if rnd <= w:
+            return lr * rnd / w
+        if self.server_lr_schedule == "step":
+            return lr * self.server_lr_gamma ** ((rnd - 1 - w) // self.server_lr_step_rounds)
+        if self.server_lr_schedule == "cosine":
+            t = min(1.0, (rnd - 1 - w) / max(1, self.rounds - w))
+            return lr * 0.5 * (1.0 + math.cos(math.pi * t))
+        return lr
 
 
 DEFAULT_PRUNABLE = ["encoder.layers.*", "predictor.lstm.*", "predictor.conv.*", "joiner.*"]
@@ -324,6 +358,9 @@ class RunConfig:
     def validate(self, prefix: str) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise FedasrError(f"device: unknown {self.device!r} (auto, cpu, cuda, cuda:N)")
+        if self.pruning.method == "fedtiny" and self.model.overrides.get("conv_norm") == "layernorm":
+            raise FedasrError("pruning.method: fedtiny needs model.overrides.conv_norm: batchnorm "
+                              "(its mask selection recomputes BatchNorm statistics)")
 
 
 def resolve_device(name: str):

@@ -125,7 +125,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainSection) -> torch.optim.Opt
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     raise FedasrError(f"train.optimizer: unknown optimizer {cfg.optimizer!r} (adamw, sgd)")
 
 

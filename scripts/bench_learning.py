@@ -55,8 +55,12 @@ def run_variant(name: str, recipe: str | None, sets: list[str], args) -> tuple[l
     from fedasr.fl.runner import Runner
 
     torch.set_num_threads(args.threads)
-    cfg = load_config(recipe, sets + [f"eval.every={args.eval_every}", "keep_checkpoints=1",
-                                      f"fl.rounds={args.max_rounds}"])
+    cfg = load_config(recipe, sets + [f"eval.every={args.eval_every}", "keep_checkpoints=1"])
+    rounds = args.max_rounds
+    if args.budget_steps and not args.budget_seconds:  # the run's length is known: round-based
+        # schedules (fl.server_lr_schedule) see it as fl.rounds
+        rounds = min(rounds, -(-args.budget_steps // (cfg.fl.clients_per_round * cfg.fl.local_steps)))
+    cfg = load_config(recipe, sets + [f"eval.every={args.eval_every}", "keep_checkpoints=1", f"fl.rounds={rounds}"])
     if args.dev_utterances:
         cfg.eval.dev_max_utterances = args.dev_utterances
     fed = Federation(args.federation)

@@ -14,6 +14,7 @@ from fedasr.data.federation import Federation
 from fedasr.fl.runner import Runner
 from fedasr.methods.asp import band_keep, unit_norms
 from fedasr.model.compact import compact_with_masks, compactable, units_pruned_whole
+from fedasr.model.conformer import ChannelLayerNorm
 from fedasr.model.groups import KINDS, group_families
 from fedasr.model.transducer import ModelConfig, Transducer
 
@@ -29,6 +30,9 @@ def micro(**kw):
             if isinstance(mod, torch.nn.BatchNorm1d):
                 mod.running_mean.normal_(generator=g)
                 mod.running_var.uniform_(0.5, 2.0, generator=g)
+                mod.weight.normal_(generator=g)
+                mod.bias.normal_(generator=g)
+            if isinstance(mod, ChannelLayerNorm):
                 mod.weight.normal_(generator=g)
                 mod.bias.normal_(generator=g)
     return m
@@ -57,9 +61,10 @@ def batch():
         torch.tensor([4, 3, 2])
 
 
-@pytest.mark.parametrize("predictor,simple", [("lstm", False), ("stateless", True)])
-def test_compaction_of_every_family_keeps_the_outputs(predictor, simple):
-    model = micro(predictor=predictor, simple_head=simple)
+@pytest.mark.parametrize("predictor,simple,conv_norm", [("lstm", False, "batchnorm"), ("stateless", True, "batchnorm"),
+                                                        ("stateless", True, "layernorm")])
+def test_compaction_of_every_family_keeps_the_outputs(predictor, simple, conv_norm):
+    model = micro(predictor=predictor, simple_head=simple, conv_norm=conv_norm)
     fams = compactable(model)
     assert {f.kind for f in fams} == set(KINDS)
     g = torch.Generator().manual_seed(5)

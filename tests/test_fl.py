@@ -228,11 +228,12 @@ def test_centralized_resume_equals_straight_run(federation, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("rule", ["fedavg", "fedavgm", "fedadam", "fedyogi"])
+@pytest.mark.parametrize("rule", ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedlamb"])
 def test_pruned_positions_are_frozen_in_weights_and_optimiser_state(rule):
     """Five rounds of +0.01, then 20 rounds pruned (clients send 0 there): the pruned weight
     keeps its value at pruning, its optimiser state does not move, and it resumes from both."""
-    opt = ServerOptimizer(FLSection(aggregation=rule, server_lr=0.1 if rule in ("fedadam", "fedyogi") else 1.0))
+    opt = ServerOptimizer(FLSection(aggregation=rule,
+                                    server_lr=0.1 if rule in ("fedadam", "fedyogi", "fedlamb") else 1.0))
     w = {"w": torch.tensor([0.5, 0.5])}
     for _ in range(5):
         opt.step(w, {"w": torch.tensor([0.01, 0.01])})
@@ -249,9 +250,13 @@ def test_pruned_positions_are_frozen_in_weights_and_optimiser_state(rule):
     fresh = ServerOptimizer(opt.cfg)
     fresh.state = {"w": {k: v.clone() for k, v in state_at_pruning.items()}}
     ref = {"w": at_pruning.clone()}
+    if rule == "fedlamb":  # the trust ratio is per tensor: the reference has the live weight's present
+        ref["w"][1] = w["w"][1]
+        fresh.state["w"] = {k: torch.stack([v[0], opt.state["w"][k][1]]) for k, v in state_at_pruning.items()}
     fresh.step(ref, {"w": torch.tensor([0.01, 0.01])})
     opt.step(w, {"w": torch.tensor([0.01, 0.01])})
     assert float(w["w"][0]) == pytest.approx(float(ref["w"][0]), abs=1e-7)
+    assert float(w["w"][0]) != float(at_pruning[0])  # it moves again
 
 
 def test_server_lr_defaults_per_aggregation():

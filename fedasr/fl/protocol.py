@@ -239,7 +239,8 @@ class Server:
         self.centralized = centralized
         self.tokenizer_sha = tokenizer_sha
         if centralized:  # one client: the server takes its weights as they are
-            fl = type(cfg.fl)(**{**cfg.fl.__dict__, "aggregation": "fedavg", "server_lr": 1.0})
+            fl = type(cfg.fl)(**{**cfg.fl.__dict__, "aggregation": "fedavg", "server_lr": 1.0,
+                                  "server_lr_schedule": "constant", "server_lr_warmup_rounds": 0})
             self.server_opt = ServerOptimizer(fl)
         else:
             self.server_opt = ServerOptimizer(cfg.fl)
@@ -392,7 +393,7 @@ class Server:
         """Server optimiser step on the dense weights (pruned positions frozen), then the
         pruning method's update: masks for the next round."""
         self._enough(rnd, self._agg.count, info)
-        self.server_opt.step(self.model.state_dict(), self._agg.mean(), self.masks)
+        self.server_opt.step(self.model.state_dict(), self._agg.mean(), self.masks, rnd=rnd)
         self.lr_step += max(info.steps) if info.steps else 0
         self._apply(self.method.update(self.ctx(rnd), self._reports), info)
 

@@ -9,6 +9,14 @@ number of clients, and then applies the server optimiser to the averaged update
 - ``fedavgm``: v ← β v + Δ;  w ← w + η v        (Hsu et al., 2019)
 - ``fedadam``: m ← β1 m + (1−β1) Δ;  v ← β2 v + (1−β2) Δ²;  w ← w + η m / (√v + τ)
 - ``fedyogi``: as fedadam but v ← v − (1−β2) Δ² sign(v − Δ²)     (Reddi et al., 2021)
+- ``fedlamb``: fedadam's moments, then a layer-wise normalised step (LAMB, You et al., 2020):
+  u = m / (√v + τ);  w ← w + η (‖w‖ / ‖u‖) u  per tensor (ratio 1 when either norm is 0),
+  so every tensor moves by η times its own norm per round, whatever the size of the
+  averaged update. No bias correction: within a tensor it is one factor, which the trust
+  ratio cancels. Norms are over the unpruned positions.
+
+η follows ``fl.server_lr_schedule`` by round (``FLSection.server_lr_at``): linear warm-up
+over ``server_lr_warmup_rounds``, then constant, cosine or step decay.
 
 BatchNorm rule: running means and variances are not trained by gradients, so they bypass
 the server optimiser. The new global statistics are those of the pooled data: the mean is
@@ -108,14 +116,15 @@ class ServerOptimizer:
         """Zero the optimiser state of ``name`` at ``positions`` (a weight regrown from zero)."""
         for t in self.state.get(name, {}).values():
             t[positions.to(t.device)] = 0.0
-        if "v" in self.state.get(name, {}) and self.cfg.aggregation in ("fedadam", "fedyogi"):
+        if "v" in self.state.get(name, {}) and self.cfg.aggregation in ("fedadam", "fedyogi", "fedlamb"):
             self.state[name]["v"][positions.to(self.state[name]["v"].device)] = self.cfg.tau ** 2
 
     @torch.no_grad()
     def step(self, params: dict[str, torch.Tensor], mean: dict[str, torch.Tensor],
-             masks: dict[str, torch.Tensor] | None = None) -> None:
+             masks: dict[str, torch.Tensor] | None = None, rnd: int | None = None) -> None:
         """``params``: the global state dict (modified in place); ``mean``: averaged client
-        deltas for trainable tensors and averaged *values* for BatchNorm statistics.
+        deltas for trainable tensors and averaged *values* for BatchNorm statistics;
+        ``rnd``: the round (1-based), for the server learning-rate schedule.
 
         ``masks``: positions that were pruned during the round (False) are frozen: neither
         the weight nor the optimiser state (momentum, first/second moments) moves there.
@@ -124,7 +133,10 @@ class ServerOptimizer:
         the server's dense shadow then keeps the pruned weight's last value and its state,
         and a regrown weight resumes from both."""
         c = self.cfg
-        lr = c.effective_server_lr
+        scheduled = c.server_lr_schedule != "constant" or c.server_lr_warmup_rounds > 0
+        if scheduled and rnd is None:
+            raise ValueError("ServerOptimizer.step: a server_lr_schedule needs the round")
+        lr = c.server_lr_at(rnd) if scheduled else c.effective_server_lr
         masks = masks or {}
         for name, p in params.items():
             if name not in mean:
@@ -153,12 +165,21 @@ class ServerOptimizer:
                                                  "v": torch.full_like(delta, c.tau**2)})
                 d2 = delta * delta
                 m = s["m"] * c.beta1 + (1 - c.beta1) * delta
-                if c.aggregation == "fedadam":
-                    v = s["v"] * c.beta2 + (1 - c.beta2) * d2
-                else:  # fedyogi
+                if c.aggregation == "fedyogi":
                     v = s["v"] - (1 - c.beta2) * d2 * torch.sign(s["v"] - d2)
+                else:  # fedadam, fedlamb
+                    v = s["v"] * c.beta2 + (1 - c.beta2) * d2
                 s["m"], s["v"] = frozen(m, s["m"]), frozen(v, s["v"])
-                step = lr * s["m"] / (s["v"].sqrt() + c.tau)
+                if c.aggregation == "fedlamb":
+                    u = s["m"] / (s["v"].sqrt() + c.tau)
+                    w = p.to(torch.float64)
+                    if keep is not None:
+                        u = torch.where(keep, u, torch.zeros_like(u))
+                        w = torch.where(keep, w, torch.zeros_like(w))
+                    w_norm, u_norm = float(w.norm()), float(u.norm())
+                    step = lr * (w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0) * u
+                else:
+                    step = lr * s["m"] / (s["v"].sqrt() + c.tau)
             if keep is not None:
                 step = torch.where(keep, step, torch.zeros_like(step))
             p.add_(step.to(p.dtype))

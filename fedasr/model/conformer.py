@@ -12,7 +12,10 @@ Differences from torchaudio that matter for variable-length batches:
 * padded frames are zeroed before the depthwise convolution, so padding never leaks
   into valid frames (an utterance's output is the same alone or padded in a batch);
 * in training mode the convolution module's BatchNorm computes its batch statistics
-  (and updates its running statistics) over valid frames only.
+  (and updates its running statistics) over valid frames only;
+* ``conv_norm="layernorm"`` replaces that BatchNorm with a LayerNorm over the channels of
+  each frame (:class:`ChannelLayerNorm`: no batch statistics, nothing that depends on
+  which speakers are in a batch).
 
 Parameter names are part of the public interface: pruning masks, group tables and
 checkpoints key on them. See :mod:`fedasr.model.groups`.
@@ -33,6 +36,7 @@ __all__ = [
     "FeedForward",
     "SelfAttention",
     "MaskedBatchNorm1d",
+    "ChannelLayerNorm",
     "ConvModule",
     "ConformerLayer",
     "ConformerEncoder",
@@ -194,23 +198,63 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         return out.transpose(1, 2)
 
 
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of each frame of a ``(B, C, T)`` input, with statistics
+    taken over ``total >= C`` channels of which the missing ``total - C`` are zero.
+
+    In the full model ``C == total`` and it is ``nn.LayerNorm(C)`` on each frame. In a
+    compacted model (conv channels removed because every slice of them was zero, so their
+    pre-norm activation was exactly 0) ``total`` stays the full channel count and the
+    removed channels still count as zeros: mean Σx/N and variance (Σ(x-μ)² + (N-C)μ²)/N,
+    so compaction changes no output. State-dict keys ``weight``, ``bias`` (C,).
+    """
+
+    def __init__(self, channels: int, total: Optional[int] = None, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.total = total or channels
+        if self.total < channels:
+            raise ValueError(f"ChannelLayerNorm: total {self.total} < channels {channels}")
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x`` (B, C, T); ``mask`` is accepted for BatchNorm's signature (per-frame
+        statistics need none)."""
+        n, missing = float(self.total), self.total - x.size(1)
+        mean = x.sum(1, keepdim=True) / n
+        var = ((x - mean).square().sum(1, keepdim=True) + missing * mean.square()) / n
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight[:, None] + self.bias[:, None]
+
+
+CONV_NORMS = ("batchnorm", "layernorm")
+
+
 class ConvModule(nn.Module):
     """Conformer convolution module.
 
     LayerNorm -> pointwise1 (d -> 2c) -> GLU -> depthwise (k, 'same') -> BatchNorm ->
     SiLU -> pointwise2 (c -> d) -> Dropout, with c = d inner channels (fewer in a compacted
     model). Channel ``i`` after the GLU is ``pointwise1`` output ``i`` gated by output ``i + c``.
+    ``norm="layernorm"``: a :class:`ChannelLayerNorm` (``layer_norm.*``) instead of the
+    BatchNorm (``batch_norm.*``).
     """
 
-    def __init__(self, d_model: int, kernel_size: int, dropout: float = 0.0, channels: Optional[int] = None) -> None:
+    def __init__(self, d_model: int, kernel_size: int, dropout: float = 0.0, channels: Optional[int] = None,
+                 norm: str = "batchnorm") -> None:
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"conv_kernel must be odd for 'same' padding, got {kernel_size}")
+        if norm not in CONV_NORMS:
+            raise ValueError(f"conv_norm must be one of {', '.join(CONV_NORMS)}, got {norm!r}")
         c = channels or d_model  # inner channels (d_model unless compacted)
         self.norm = nn.LayerNorm(d_model)
         self.pointwise1 = nn.Conv1d(d_model, 2 * c, 1)
         self.depthwise = nn.Conv1d(c, c, kernel_size, padding=(kernel_size - 1) // 2, groups=c)
-        self.batch_norm = MaskedBatchNorm1d(c)
+        if norm == "batchnorm":
+            self.batch_norm = MaskedBatchNorm1d(c)
+        else:
+            self.layer_norm = ChannelLayerNorm(c, total=d_model)
         self.pointwise2 = nn.Conv1d(c, d_model, 1)
         self.dropout = nn.Dropout(dropout)
 
@@ -221,9 +265,14 @@ class ConvModule(nn.Module):
         if mask is not None:
             h = h.masked_fill(~mask[:, None, :], 0.0)
         h = self.depthwise(h)
-        h = F.silu(self.batch_norm(h, mask))
+        h = F.silu(self.channel_norm(h, mask))
         h = self.pointwise2(h)
         return self.dropout(h.transpose(1, 2))
+
+    @property
+    def channel_norm(self) -> nn.Module:
+        """The normalisation after the depthwise convolution (BatchNorm or LayerNorm)."""
+        return self.batch_norm if hasattr(self, "batch_norm") else self.layer_norm
 
 
 class ConformerLayer(nn.Module):
@@ -233,13 +282,13 @@ class ConformerLayer(nn.Module):
     full model's head size ``d_head``), ``conv`` inner channels."""
 
     def __init__(self, d_model: int, num_heads: int, ffn_dim: int, conv_kernel: int, dropout: float = 0.0,
-                 widths: Optional[dict] = None) -> None:
+                 widths: Optional[dict] = None, conv_norm: str = "batchnorm") -> None:
         super().__init__()
         w = widths or {}
         d_head = d_model // num_heads
         self.ff1 = FeedForward(d_model, w.get("ff1", ffn_dim), dropout)
         self.attn = SelfAttention(d_model, w.get("attn", num_heads), dropout, d_head=d_head)
-        self.conv = ConvModule(d_model, conv_kernel, dropout, channels=w.get("conv"))
+        self.conv = ConvModule(d_model, conv_kernel, dropout, channels=w.get("conv"), norm=conv_norm)
         self.ff2 = FeedForward(d_model, w.get("ff2", ffn_dim), dropout)
         self.final_norm = nn.LayerNorm(d_model)
 
@@ -261,7 +310,7 @@ class ConformerEncoder(nn.Module):
 
     def __init__(self, num_features: int = 80, d_model: int = 144, num_layers: int = 4, num_heads: int = 4,
                  ffn_dim: int = 576, conv_kernel: int = 15, subsampling_channels: int = 64, dropout: float = 0.0,
-                 input_scale: bool = True, layer_widths: Optional[list] = None) -> None:
+                 input_scale: bool = True, layer_widths: Optional[list] = None, conv_norm: str = "batchnorm") -> None:
         super().__init__()
         self.d_model = d_model
         self.subsampling = Conv2dSubsampling(num_features, subsampling_channels, d_model)
@@ -270,7 +319,8 @@ class ConformerEncoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         widths = layer_widths or [None] * num_layers
         self.layers = nn.ModuleList(
-            ConformerLayer(d_model, num_heads, ffn_dim, conv_kernel, dropout, widths[i]) for i in range(num_layers)
+            ConformerLayer(d_model, num_heads, ffn_dim, conv_kernel, dropout, widths[i], conv_norm)
+            for i in range(num_layers)
         )
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor, trim: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:

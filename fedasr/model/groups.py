@@ -18,7 +18,8 @@ Families and what unit ``i`` owns:
     the same columns of ``out_proj.weight``.
 ``conv_channel`` (``encoder.layers.L.conv.channels``)
     ``pointwise1`` weight rows/bias at i and i+d (the GLU value/gate pair),
-    ``depthwise`` weight/bias i, ``batch_norm`` weight/bias/running_mean/running_var i,
+    ``depthwise`` weight/bias i, ``batch_norm`` weight/bias/running_mean/running_var i
+    (``conv_norm: layernorm``: ``layer_norm`` weight/bias i),
     ``pointwise2.weight`` column i.
 ``predictor_unit`` (stateless predictor: ``predictor.units``)
     ``embedding.weight`` column i, ``conv.weight`` channel i (depthwise), ``conv.bias`` i,
@@ -118,8 +119,12 @@ def _conv_family(prefix: str, conv: nn.Module) -> GroupFamily:
         GroupMember(f"{prefix}.depthwise.weight", 0, idx),
         GroupMember(f"{prefix}.depthwise.bias", 0, idx),
     ]
-    for name in ("weight", "bias", "running_mean", "running_var"):
-        members.append(GroupMember(f"{prefix}.batch_norm.{name}", 0, idx))
+    if hasattr(conv, "batch_norm"):
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            members.append(GroupMember(f"{prefix}.batch_norm.{name}", 0, idx))
+    else:  # conv_norm: layernorm (its statistics count removed channels as zeros: compaction is exact)
+        for name in ("weight", "bias"):
+            members.append(GroupMember(f"{prefix}.layer_norm.{name}", 0, idx))
     members.append(GroupMember(f"{prefix}.pointwise2.weight", 1, idx))
     return GroupFamily(f"{prefix}.channels", "conv_channel", d, members)
 

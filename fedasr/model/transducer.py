@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fedasr.errors import FedasrError
-from fedasr.model.conformer import ConformerEncoder
+from fedasr.model.conformer import CONV_NORMS, ConformerEncoder
 
 __all__ = [
     "ModelConfig",
@@ -60,6 +60,7 @@ class ModelConfig:
     pred_context: int = 2  # stateless: tokens the predictor sees (the current one included)
     input_scale: bool = True  # scale the subsampled features by sqrt(d_model) before adding positions
     simple_head: bool = False  # linear am/lm heads for the auxiliary "simple" transducer loss (k2)
+    conv_norm: str = "batchnorm"  # conv module: batchnorm | layernorm (over channels, per frame)
     # A compacted model's per-module widths (None: the uniform sizes above). Keys:
     # "encoder.layers.I.ff1" / ".ff2" (hidden units), ".attn" (heads of d_model/num_heads
     # each), ".conv" (inner channels), "predictor" (LSTM units or stateless width), "joiner".
@@ -82,6 +83,9 @@ class ModelConfig:
         if self.predictor not in PREDICTORS:
             raise ModelConfigError(f"model config: predictor must be one of {', '.join(PREDICTORS)}, "
                                    f"got {self.predictor!r}")
+        if self.conv_norm not in CONV_NORMS:
+            raise ModelConfigError(f"model config: conv_norm must be one of {', '.join(CONV_NORMS)}, "
+                                   f"got {self.conv_norm!r}")
         if self.vocab_size < 2:
             raise ModelConfigError(f"model config: vocab_size must be >= 2, got {self.vocab_size}")
         if not 0 <= self.blank_id < self.vocab_size:
@@ -309,7 +313,8 @@ class Transducer(nn.Module):
         self.encoder = ConformerEncoder(
             num_features=cfg.num_features, d_model=cfg.d_model, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
             ffn_dim=cfg.ffn_dim, conv_kernel=cfg.conv_kernel, subsampling_channels=cfg.subsampling_channels,
-            dropout=cfg.dropout, input_scale=cfg.input_scale, layer_widths=cfg.layer_widths())
+            dropout=cfg.dropout, input_scale=cfg.input_scale, layer_widths=cfg.layer_widths(),
+            conv_norm=cfg.conv_norm)
         if cfg.predictor == "stateless":
             self.predictor = StatelessPredictor(cfg.vocab_size, cfg.width("predictor", cfg.pred_embed_dim),
                                                 cfg.pred_context, cfg.dropout, cfg.blank_id)
