@@ -88,6 +88,7 @@ class EvalSection:
 
 AGGREGATIONS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 WEIGHTINGS = ("examples", "processed", "uniform")
+CLIENT_MODELS = ("masked", "compact", "auto")
 # fl.server_lr when the recipe gives none. FedAvg/FedAvgM: 1.0 is plain averaging (FedAvgM's
 # effective step is 1/(1-momentum) times larger). FedAdam/FedYogi normalise each weight's
 # step to ~server_lr, so 1.0 would move every weight by ~1 in round one; Reddi et al. (2021)
@@ -116,6 +117,10 @@ class FLSection:
     beta2: float = 0.99
     tau: float = 1e-3  # adaptivity (epsilon) of fedadam / fedyogi
     min_clients: int = 1
+    # what a client trains when the round's masks remove whole units: masked (the full model
+    # with zeros) | compact (the physically smaller dense model; masks of another kind are an
+    # error) | auto (compact where the masks allow, masked otherwise)
+    client_model: str = "masked"
 
     def validate(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""
@@ -139,6 +144,8 @@ class FLSection:
             raise FedasrError(f"{p}server_lr: must be positive")
         if self.min_clients < 1:
             raise FedasrError(f"{p}min_clients: must be at least 1")
+        if self.client_model not in CLIENT_MODELS:
+            raise FedasrError(f"{p}client_model: unknown {self.client_model!r} ({', '.join(CLIENT_MODELS)})")
 
     @property
     def effective_server_lr(self) -> float:
@@ -276,6 +283,14 @@ class RunConfig:
     def validate(self, prefix: str) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise FedasrError(f"device: unknown {self.device!r} (auto, cpu, cuda, cuda:N)")
+        if self.fl.client_model == "compact":
+            from fedasr.methods.base import registry
+
+            method = self.pruning.method
+            why = registry()[method].whole_unit_masks(self.pruning.block(method))
+            if why is not None:
+                raise FedasrError(f"fl.client_model: compact needs masks that remove whole units, "
+                                  f"but {why} (use fl.client_model: auto to fall back to masked training)")
 
 
 def resolve_device(name: str):
