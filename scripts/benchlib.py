@@ -14,3 +14,12 @@ def best_time(repeat: int, fn: Callable[[], object]) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def rss_kb() -> int:
+    """This process's resident set size now (kB, from /proc/self/status)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
