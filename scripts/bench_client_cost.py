@@ -10,7 +10,8 @@ times, interleaved (A B C ... A B C ...), and the medians are reported: the mach
 shared, so timings are noisy.
 
 Measured (per subprocess): peak RSS, the round's memory growth (peak over the RSS just
-before the round: activations, gradients, optimizer state, the method's buffers), and
+before the round: activations, gradients, optimizer state, the method's buffers; a warm-up
+step of a micro model first pays the process's one-time costs, see ``warm_up``), and
 seconds per local step (median over the steps after the first).
 Counted: training FLOPs of one step (forward + backward of the first batch under
 ``torch.utils.flop_counter``: matmuls and convolutions; the RNN-T loss itself is not
@@ -150,6 +151,8 @@ def client(args) -> None:
 
     worker = ClientWorker(cfg, fed, model, train_fn=timed)
     data = worker.dataset(args.client)  # warm the manifest reader
+    if not args.cold:
+        warm_up(data, cfg, msg.arch)
     before = rss_kb()
     reply = worker.handle(header, payload)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -165,6 +168,26 @@ def client(args) -> None:
     if args.flops:
         row.update(training_flops(model, msg, data, cfg))
     print(json.dumps(row))
+
+
+def warm_up(data, cfg, arch: dict) -> None:
+    """One training step of a micro model of the same kind on one utterance: the one-time
+    costs of a process's first step (lazily loaded libraries and kernels: torchaudio's RNN-T
+    loss, the convolution and LSTM kernels, the feature reader) are then paid before the
+    measured round, not counted as its working memory."""
+    import torch
+
+    from fedasr.model.transducer import ModelConfig, Transducer
+    from fedasr.trainer import transducer_loss
+
+    small = {"d_model": 16, "num_layers": 1, "num_heads": 2, "ffn_dim": 16, "subsampling_channels": 4,
+             "pred_embed_dim": 8, "pred_hidden": 8, "joint_dim": 8, "widths": None}
+    with torch.random.fork_rng():
+        micro = Transducer(ModelConfig.from_dict({**arch, **small}))
+    batch = next(iter(data.batches(cfg.train.max_duration, shuffle=False, num_buckets=1, max_cuts=1)))
+    loss, _ = transducer_loss(micro, batch, cfg.train.ctc_weight, cfg.train.simple_loss_weight)
+    loss.backward()
+    torch.optim.AdamW(micro.parameters()).step()
 
 
 def training_flops(model, msg, data, cfg) -> dict:
@@ -217,6 +240,8 @@ def main() -> None:
     for hidden in ("--sets", "--work", "--client"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     ap.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cold", action="store_true",
+                    help="no warm-up step before the measured round (its growth then includes one-time costs)")
     args = ap.parse_args()
     if args.work:
         client(args)
@@ -233,7 +258,8 @@ def main() -> None:
         for name, (i, sets, prep) in prepared.items():
             cmd = [sys.executable, __file__, "--federation", args.federation, "--recipe", args.recipe,
                    "--preset", args.preset, "--steps", str(args.steps), "--sets", json.dumps(sets),
-                   "--work", str(tmp / str(i)), "--client", prep["client"]] + (["--flops"] if rep == 0 else [])
+                   "--work", str(tmp / str(i)), "--client", prep["client"]] + (["--flops"] if rep == 0 else []) + (
+                      ["--cold"] if args.cold else [])
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             if out.returncode != 0:
                 raise SystemExit(f"{name} failed: {out.stderr.strip().splitlines()[-1]}")
