@@ -277,7 +277,8 @@ def main() -> None:
         med["growth_kb"] = statistics.median(r["peak_kb"] - r["before_kb"] for r in reps)
         rows.append({"name": name, **first, **med, "bytes_down": prep["bytes_down"],
                      "dense_params": prep["dense_params"], "nonzero": prep["nonzero"],
-                     "steps_s": [r["step_s"] for r in reps], "growth_all_kb": [r["peak_kb"] - r["before_kb"] for r in reps]})
+                     "steps_s": [r["step_s"] for r in reps],
+                     "growth_all_kb": [r["peak_kb"] - r["before_kb"] for r in reps]})
     d = rows[0]
     print(f"client round of {args.steps} local steps, {args.preset} preset, 1 thread; medians of {args.repeat} "
           f"interleaved runs ({time.perf_counter() - t_start:.0f} s in all); ratios to dense")

@@ -269,8 +269,8 @@ def test_compact_refuses_masks_outside_whole_units_and_auto_falls_back():
         server = Server(load_config(None, FP_UNIT + [f"fl.client_model={mode}"]), model, ["a", "b"])
         server.start()
         if mode == "compact":
-            with pytest.raises(FedasrError, match=r"^fl.client_model: compact: [\d,]+ of round 1's [\d,]+ masked weights "
-                                                  r"are not in whole units"):
+            with pytest.raises(FedasrError, match=r"^fl.client_model: compact: [\d,]+ of round 1's [\d,]+ "
+                                                  r"masked weights are not in whole units"):
                 server.client_plan(1)
         else:
             assert server.client_plan(1) is None

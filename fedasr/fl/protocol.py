@@ -12,7 +12,10 @@ a reply, and both are plain bytes encoded by :mod:`fedasr.codec`, so what is cou
     server.end_round(r)      server optimiser step, pruning-method update, masks
 
 Server-to-client messages are one shared payload (weights sent with the masks, the
-method's instructions) plus a small per-client JSON header (client, seed, step).
+method's instructions) plus a small per-client JSON header (client, seed, step). With
+``fl.client_model: compact|auto`` and masks that remove whole units, the payload is the
+compacted model instead (its architecture, no masks) and replies are scattered back into
+the dense shapes (:meth:`Server.begin_round`), so every engine gets it.
 """
 
 from __future__ import annotations
