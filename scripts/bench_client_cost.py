@@ -114,6 +114,7 @@ class TimedHooks:
     def __init__(self, hooks):
         self.hooks = hooks
         self.stamps = [time.perf_counter()]
+        self.rss = [rss_kb()]  # after every step: how the round's memory builds up
 
     def after_backward(self, model):
         self.hooks.after_backward(model)
@@ -121,6 +122,7 @@ class TimedHooks:
     def after_step(self, model):
         self.hooks.after_step(model)
         self.stamps.append(time.perf_counter())
+        self.rss.append(rss_kb())
 
     def report(self):
         return self.hooks.report()
@@ -164,7 +166,7 @@ def client(args) -> None:
     stored = sum(p.numel() * p.element_size() for p in params) * 4  # weights, gradients, AdamW's m and v
     buffers = sum(t.numel() * t.element_size() for t in getattr(seen["hooks"].hooks, "_sum", {}).values())
     row = {"peak_kb": peak, "before_kb": before, "step_s": statistics.median(steps[1:] or steps),
-           "client_params": sum(p.numel() for p in params), "stored_bytes": stored + buffers, "method_bytes": buffers}
+           "rss_steps_kb": seen["hooks"].rss, "client_params": sum(p.numel() for p in params), "stored_bytes": stored + buffers, "method_bytes": buffers}
     if args.flops:
         row.update(training_flops(model, msg, data, cfg))
     print(json.dumps(row))
