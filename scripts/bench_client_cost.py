@@ -111,8 +111,13 @@ def prepare(args, name: str, sets: list[str], out: Path) -> dict:
 class TimedHooks:
     """The method's client hooks, timing every local step (at its optimizer step)."""
 
-    def __init__(self, hooks):
+    def __init__(self, hooks, trim: bool = False):
         self.hooks = hooks
+        self.trim = None
+        if trim:  # glibc: give freed heap memory back after every step
+            import ctypes
+
+            self.trim = ctypes.CDLL("libc.so.6").malloc_trim
         self.stamps = [time.perf_counter()]
         self.rss = [rss_kb()]  # after every step: how the round's memory builds up
 
@@ -121,6 +126,8 @@ class TimedHooks:
 
     def after_step(self, model):
         self.hooks.after_step(model)
+        if self.trim is not None:
+            self.trim(0)
         self.stamps.append(time.perf_counter())
         self.rss.append(rss_kb())
 
@@ -148,7 +155,7 @@ def client(args) -> None:
     seen = {}
 
     def timed(name, model, weights, data, cfg, **kw):
-        kw["hooks"] = seen["hooks"] = TimedHooks(kw["hooks"])
+        kw["hooks"] = seen["hooks"] = TimedHooks(kw["hooks"], trim=args.trim)
         return train_client(name, model, weights, data, cfg, **kw)
 
     worker = ClientWorker(cfg, fed, model, train_fn=timed)
@@ -242,6 +249,8 @@ def main() -> None:
     for hidden in ("--sets", "--work", "--client"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     ap.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--trim", action="store_true",
+                    help="malloc_trim after every local step (RSS then follows the live memory more closely)")
     ap.add_argument("--cold", action="store_true",
                     help="no warm-up step before the measured round (its growth then includes one-time costs)")
     args = ap.parse_args()
@@ -261,7 +270,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--federation", args.federation, "--recipe", args.recipe,
                    "--preset", args.preset, "--steps", str(args.steps), "--sets", json.dumps(sets),
                    "--work", str(tmp / str(i)), "--client", prep["client"]] + (["--flops"] if rep == 0 else []) + (
-                      ["--cold"] if args.cold else [])
+                      ["--cold"] if args.cold else []) + (["--trim"] if args.trim else [])
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             if out.returncode != 0:
                 raise SystemExit(f"{name} failed: {out.stderr.strip().splitlines()[-1]}")
