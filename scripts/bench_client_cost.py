@@ -10,7 +10,9 @@ times, interleaved (A B C ... A B C ...), and the medians are reported: the mach
 shared, so timings are noisy.
 
 Measured (per subprocess): peak RSS, the round's memory growth (peak over the RSS just
-before the round: activations, gradients, optimizer state, the method's buffers; a warm-up
+before the round: activations, gradients, optimizer state, the method's buffers; "anon":
+the same for anonymous memory only, sampled every 2 ms, without the pages of the libraries'
+code that a round's first kernels fault in; a warm-up
 step of a micro model first pays the process's one-time costs, see ``warm_up``), and
 seconds per local step (median over the steps after the first).
 Counted: training FLOPs of one step (forward + backward of the first batch under
@@ -42,7 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import rss_kb  # noqa: E402
+from benchlib import AnonPeak, rss_kb  # noqa: E402
 
 FP = ["pruning.method=federated_pruning", "pruning.federated_pruning.schedule=constant",
       "pruning.federated_pruning.start_round=1", "pruning.federated_pruning.allocation=uniform"]
@@ -162,8 +164,9 @@ def client(args) -> None:
     data = worker.dataset(args.client)  # warm the manifest reader
     if not args.cold:
         warm_up(data, cfg, msg.arch)
-    before = rss_kb()
-    reply = worker.handle(header, payload)
+    before, before_anon = rss_kb(), rss_kb("RssAnon")
+    with AnonPeak() as anon:
+        reply = worker.handle(header, payload)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     (work / "reply").write_bytes(reply)
     stamps = seen["hooks"].stamps
@@ -172,7 +175,7 @@ def client(args) -> None:
     params = list(model.parameters())
     stored = sum(p.numel() * p.element_size() for p in params) * 4  # weights, gradients, AdamW's m and v
     buffers = sum(t.numel() * t.element_size() for t in getattr(seen["hooks"].hooks, "_sum", {}).values())
-    row = {"peak_kb": peak, "before_kb": before, "step_s": statistics.median(steps[1:] or steps),
+    row = {"peak_kb": peak, "before_kb": before, "anon_growth_kb": anon.peak_kb - before_anon, "step_s": statistics.median(steps[1:] or steps),
            "rss_steps_kb": seen["hooks"].rss, "client_params": sum(p.numel() for p in params), "stored_bytes": stored + buffers, "method_bytes": buffers}
     if args.flops:
         row.update(training_flops(model, msg, data, cfg))
@@ -286,20 +289,23 @@ def main() -> None:
         first = reps[0]
         med = {k: statistics.median(r[k] for r in reps) for k in ("peak_kb", "step_s")}
         med["growth_kb"] = statistics.median(r["peak_kb"] - r["before_kb"] for r in reps)
+        med["anon_growth_kb"] = statistics.median(r["anon_growth_kb"] for r in reps)
         rows.append({"name": name, **first, **med, "bytes_down": prep["bytes_down"],
                      "dense_params": prep["dense_params"], "nonzero": prep["nonzero"],
                      "steps_s": [r["step_s"] for r in reps],
-                     "growth_all_kb": [r["peak_kb"] - r["before_kb"] for r in reps]})
+                     "growth_all_kb": [r["peak_kb"] - r["before_kb"] for r in reps],
+                     "anon_growth_all_kb": [r["anon_growth_kb"] for r in reps]})
     d = rows[0]
     print(f"client round of {args.steps} local steps, {args.preset} preset, 1 thread; medians of {args.repeat} "
           f"interleaved runs ({time.perf_counter() - t_start:.0f} s in all); ratios to dense")
     head = (f"{'scenario':<22} {'params':>10} {'nonzero':>10} {'peak RSS MB':>11} {'x':>5} {'growth MB':>9} {'x':>5} "
-            f"{'s/step':>7} {'x':>5} {'GFLOP/step':>10} {'x':>5} {'eff x':>5} {'state MB':>8} {'x':>5} "
+            f"{'anon MB':>7} {'x':>5} {'s/step':>7} {'x':>5} {'GFLOP/step':>10} {'x':>5} {'eff x':>5} {'state MB':>8} {'x':>5} "
             f"{'down MB':>7} {'x':>5} {'up MB':>6} {'x':>5}")
     print(head)
     for r in rows:
         print(f"{r['name']:<22} {r['client_params']:>10,d} {r['nonzero']:>10,d} {r['peak_kb'] / 1024:11.1f} "
               f"{r['peak_kb'] / d['peak_kb']:5.2f} {r['growth_kb'] / 1024:9.1f} {r['growth_kb'] / d['growth_kb']:5.2f} "
+              f"{r['anon_growth_kb'] / 1024:7.1f} {r['anon_growth_kb'] / d['anon_growth_kb']:5.2f} "
               f"{r['step_s']:7.3f} {r['step_s'] / d['step_s']:5.2f} {r['flops'] / 1e9:10.2f} "
               f"{r['flops'] / d['flops']:5.2f} {r['flops_effective'] / d['flops']:5.2f} "
               f"{r['stored_bytes'] / 2**20:8.1f} {r['stored_bytes'] / d['stored_bytes']:5.2f} "
