@@ -27,7 +27,7 @@ FP unit at ``--sparsity`` with masked and compacted clients; FP unit compacted a
 ``--high``; FedTiny at 0.9 in an adjustment round; ASP after ``--asp-shrinks`` shrinks
 of the initial model at k = ``--asp-k``.
 
-    python scripts/bench_client_cost.py --federation demo/federation [--steps 4] [--repeat 2]
+    python scripts/bench_client_cost.py --federation demo/federation --steps 3 --repeat 2 --trim
 """
 
 from __future__ import annotations
@@ -175,8 +175,9 @@ def client(args) -> None:
     params = list(model.parameters())
     stored = sum(p.numel() * p.element_size() for p in params) * 4  # weights, gradients, AdamW's m and v
     buffers = sum(t.numel() * t.element_size() for t in getattr(seen["hooks"].hooks, "_sum", {}).values())
-    row = {"peak_kb": peak, "before_kb": before, "anon_growth_kb": anon.peak_kb - before_anon, "step_s": statistics.median(steps[1:] or steps),
-           "rss_steps_kb": seen["hooks"].rss, "client_params": sum(p.numel() for p in params), "stored_bytes": stored + buffers, "method_bytes": buffers}
+    row = {"peak_kb": peak, "before_kb": before, "anon_growth_kb": anon.peak_kb - before_anon,
+           "step_s": statistics.median(steps[1:] or steps), "rss_steps_kb": seen["hooks"].rss,
+           "client_params": sum(p.numel() for p in params), "stored_bytes": stored + buffers, "method_bytes": buffers}
     if args.flops:
         row.update(training_flops(model, msg, data, cfg))
     print(json.dumps(row))
@@ -299,7 +300,8 @@ def main() -> None:
     print(f"client round of {args.steps} local steps, {args.preset} preset, 1 thread; medians of {args.repeat} "
           f"interleaved runs ({time.perf_counter() - t_start:.0f} s in all); ratios to dense")
     head = (f"{'scenario':<22} {'params':>10} {'nonzero':>10} {'peak RSS MB':>11} {'x':>5} {'growth MB':>9} {'x':>5} "
-            f"{'anon MB':>7} {'x':>5} {'s/step':>7} {'x':>5} {'GFLOP/step':>10} {'x':>5} {'eff x':>5} {'state MB':>8} {'x':>5} "
+            f"{'anon MB':>7} {'x':>5} {'s/step':>7} {'x':>5} {'GFLOP/step':>10} {'x':>5} {'eff x':>5} "
+            f"{'state MB':>8} {'x':>5} "
             f"{'down MB':>7} {'x':>5} {'up MB':>6} {'x':>5}")
     print(head)
     for r in rows:
