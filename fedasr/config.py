@@ -109,6 +109,7 @@ class EvalSection:
 AGGREGATIONS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedlamb")
 SERVER_LR_SCHEDULES = ("constant", "cosine", "step")
 WEIGHTINGS = ("examples", "processed", "uniform")
+CLIENT_MODELS = ("masked", "compact", "auto")
 # fl.server_lr when the recipe gives none. FedAvg/FedAvgM: 1.0 is plain averaging (FedAvgM's
 # effective step is 1/(1-momentum) times larger). FedAdam/FedYogi normalise each weight's
 # step to ~server_lr, so 1.0 would move every weight by ~1 in round one; Reddi et al. (2021)
@@ -145,6 +146,10 @@ class FLSection:
     server_lr_warmup_rounds: int = 0
     server_lr_step_rounds: int = 10
     server_lr_gamma: float = 0.5
+    # what a client trains when the round's masks remove whole units: masked (the full model
+    # with zeros) | compact (the physically smaller dense model; masks of another kind are an
+    # error) | auto (compact where the masks allow, masked otherwise)
+    client_model: str = "masked"
 
     def validate(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""
@@ -177,6 +182,8 @@ class FLSection:
             raise FedasrError(f"{p}server_lr_step_rounds: must be at least 1")
         if not 0 < self.server_lr_gamma <= 1:
             raise FedasrError(f"{p}server_lr_gamma: must be in (0, 1]")
+        if self.client_model not in CLIENT_MODELS:
+            raise FedasrError(f"{p}client_model: unknown {self.client_model!r} ({', '.join(CLIENT_MODELS)})")
 
     @property
     def effective_server_lr(self) -> float:
@@ -361,6 +368,14 @@ class RunConfig:
         if self.pruning.method == "fedtiny" and self.model.overrides.get("conv_norm") == "layernorm":
             raise FedasrError("pruning.method: fedtiny needs model.overrides.conv_norm: batchnorm "
                               "(its mask selection recomputes BatchNorm statistics)")
+        if self.fl.client_model == "compact":
+            from fedasr.methods.base import registry
+
+            method = self.pruning.method
+            why = registry()[method].whole_unit_masks(self.pruning.block(method))
+            if why is not None:
+                raise FedasrError(f"fl.client_model: compact needs masks that remove whole units, "
+                                  f"but {why} (use fl.client_model: auto to fall back to masked training)")
 
 
 def resolve_device(name: str):

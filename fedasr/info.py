@@ -23,7 +23,7 @@ def _lstm_flops(model: Transducer, tokens: int) -> int:
     return total
 
 
-def _density(model: Transducer) -> dict[str, float]:
+def weight_density(model: Transducer) -> dict[str, float]:
     """Share of nonzero weights of each module that has a weight."""
     out = {}
     for name, mod in model.named_modules():
@@ -45,7 +45,7 @@ def count_flops(model: Transducer, seconds: float = 10.0, tokens: int = 30) -> d
     model.eval()
     frames = int(seconds * 100)
     feats = torch.zeros(1, frames, model.cfg.num_features)
-    density = _density(model)
+    density = weight_density(model)
 
     def measure(fn, prefix: str) -> tuple[int, float]:
         """FlopCounterMode names modules after the class of the outermost module called

@@ -24,14 +24,10 @@ import os
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
-
-def rss_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import rss_kb  # noqa: E402
 
 
 def scenario(args) -> None:

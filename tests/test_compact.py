@@ -222,3 +222,109 @@ def test_centralized_asp_keeps_its_batch_stream_and_resumes_exactly(federation, 
     again.run_rounds()
     a, b = straight.model.state_dict(), again.model.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------- compacted client training
+FP_UNIT = ["pruning.method=federated_pruning", "pruning.target_sparsity=0.5", "pruning.federated_pruning.pattern=unit",
+           "pruning.federated_pruning.schedule=constant"]
+
+
+def test_scatter_inverts_the_compaction_and_keeps_the_base_elsewhere():
+    model = micro()
+    masks = unit_masks(model, {"encoder.layers.0.ff1.units": [1, 5], "encoder.layers.0.attn.heads": [0],
+                               "encoder.layers.0.conv.channels": [2], "predictor.lstm.l0.units": [3],
+                               "joiner.units": [0, 4]})
+    small, left, plan = compact_with_masks(model, masks)
+    state = model.state_dict()
+    shrunk = plan.apply(state)
+    assert {k: tuple(v.shape) for k, v in shrunk.items()} == plan.shapes()
+    base = {k: torch.full_like(v, 7.0) if v.is_floating_point() else v for k, v in state.items()}
+    back = plan.scatter(shrunk, base)
+    pred = "joiner.pred_proj.weight"  # shrinks along both dims (joiner rows, predictor columns)
+    assert shrunk[pred].shape == (state[pred].shape[0] - 2, state[pred].shape[1] - 1)
+    for k, v in state.items():
+        kept = masks[k] if k in masks else torch.ones_like(v, dtype=torch.bool)
+        if k.endswith(("batch_norm.running_mean", "batch_norm.running_var")):
+            kept = masks[k.rsplit(".", 1)[0] + ".weight"]
+        assert torch.equal(back[k][kept], v[kept]), k
+        assert bool((back[k][~kept] == 7.0).all()), k
+    assert int((~masks[pred]).sum()) == 2 * state[pred].shape[1] + state[pred].shape[0] - 2
+
+
+@pytest.mark.parametrize("setting,expect", [
+    (["pruning.federated_pruning.pattern=column"], "pattern is 'column'"),
+    (["pruning.method=fedtiny"], "FedTiny's masks are unstructured"),
+])
+def test_compact_clients_with_masks_of_another_kind_are_a_config_error(setting, expect):
+    from fedasr.errors import FedasrError
+
+    with pytest.raises(FedasrError, match=f"^fl.client_model: compact needs masks that remove whole units, .*{expect}"):
+        load_config(None, FP_UNIT + setting + ["fl.client_model=compact"])
+    load_config(None, FP_UNIT + setting + ["fl.client_model=auto"])  # auto falls back
+
+
+def test_compact_refuses_masks_outside_whole_units_and_auto_falls_back():
+    """A 2-layer LSTM predictor cannot shrink (one hidden size for all layers), so its unit
+    masks stay outside any compaction."""
+    from fedasr.errors import FedasrError
+    from fedasr.fl.protocol import Server
+
+    model = Transducer(ModelConfig.from_dict({**MICRO_MODEL, "pred_layers": 2}))
+    for mode in ("compact", "auto", "masked"):
+        server = Server(load_config(None, FP_UNIT + [f"fl.client_model={mode}"]), model, ["a", "b"])
+        server.start()
+        if mode == "compact":
+            with pytest.raises(FedasrError, match=r"^fl.client_model: compact: [\d,]+ of round 1's [\d,]+ "
+                                                  r"masked weights are not in whole units"):
+                server.client_plan(1)
+        else:
+            assert server.client_plan(1) is None
+    lstm1 = Transducer(ModelConfig.from_dict({**MICRO_MODEL, "pred_layers": 1}))
+    server = Server(load_config(None, FP_UNIT + ["fl.client_model=auto"]), lstm1, ["a"])
+    server.start()
+    assert server.client_plan(1).removed > 0
+
+
+def _run(path, federation, cfg):
+    r = Runner(path, Federation(federation), load_config(None, cfg))
+    r.start()
+    return r, r.run_rounds()
+
+
+@pytest.mark.parametrize("agg", ["fedavg", "fedadam"])
+def test_compact_clients_give_the_masked_weights_and_resume_exactly(federation, tmp_path, agg):
+    """FP unit, refined every round: clients training the compacted model end with the masked
+    run's served weights. SGD on the clients: AdamW normalises each gradient element, and the
+    depthwise-conv bias (before a BatchNorm) has a gradient of the size of the rounding
+    differences between the two models' matmuls, which AdamW turns into +-lr steps."""
+    from fedasr.model.compact import whole_unit_plan
+
+    cfg = FAST + FP_UNIT + ["fl.rounds=3", "eval.every=0", "model.overrides.dropout=0.0", "train.optimizer=sgd",
+                            f"fl.aggregation={agg}"]
+    masked, rm = _run(tmp_path / "m", federation, cfg + ["fl.client_model=masked"])
+    compact, rc = _run(tmp_path / "c", federation, cfg + ["fl.client_model=compact"])
+    a, b = masked.server.served_state(), compact.server.served_state()
+    assert set(masked.masks) == set(compact.masks) and all(torch.equal(masked.masks[k], compact.masks[k])
+                                                           for k in masked.masks)
+    params = dict(masked.model.named_parameters())
+    assert max(float((a[k] - b[k]).abs().max()) for k in params) <= 1e-5
+    # BatchNorm statistics agree on the kept channels; a removed channel keeps the server's
+    # value under compact training, while masked clients decay it on their zero input
+    for k in a:
+        if k.endswith(("running_mean", "running_var")):
+            kept = compact.masks[k.rsplit(".", 1)[0] + ".weight"]
+            assert float((a[k][kept] - b[k][kept]).abs().max()) <= 1e-5, k
+    # what travels: the compacted model (its values, every tensor dense) and its update
+    plan, _ = whole_unit_plan(compact.model, compact.masks)
+    small_bytes = sum(t.numel() * t.element_size() for t in plan.apply(compact.model.state_dict()).values())
+    assert plan.removed > 0 and small_bytes < 4 * compact.model.num_parameters()
+    down, up = rc[-1]["bytes_down"] / 2, rc[-1]["bytes_up"] / 2  # 2 clients
+    assert small_bytes < down < small_bytes + 12_000 and small_bytes < up < small_bytes + 12_000
+    assert all(x["bytes_down"] < y["bytes_down"] and x["bytes_up"] < y["bytes_up"] for x, y in zip(rc, rm))
+    if agg == "fedavg":  # stopped after round 1, resumed: bit-identical
+        resumed = interrupted_then_resumed(tmp_path / "r", Federation(federation),
+                                           load_config(None, cfg + ["fl.client_model=compact"]), 1)
+        c = resumed.server.served_state()
+        assert all(torch.equal(b[k], c[k]) for k in b)
+        dense = resumed.server.state_dict()["dense_masked"]
+        assert all(torch.equal(v, compact.server.state_dict()["dense_masked"][k]) for k, v in dense.items())

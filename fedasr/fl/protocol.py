@@ -12,7 +12,10 @@ a reply, and both are plain bytes encoded by :mod:`fedasr.codec`, so what is cou
     server.end_round(r)      server optimiser step, pruning-method update, masks
 
 Server-to-client messages are one shared payload (weights sent with the masks, the
-method's instructions) plus a small per-client JSON header (client, seed, step).
+method's instructions) plus a small per-client JSON header (client, seed, step). With
+``fl.client_model: compact|auto`` and masks that remove whole units, the payload is the
+compacted model instead (its architecture, no masks) and replies are scattered back into
+the dense shapes (:meth:`Server.begin_round`), so every engine gets it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from fedasr.data.batching import AsrDataset
 from fedasr.data.federation import Federation
 from fedasr.errors import FedasrError
 from fedasr.fl.client import derive_seed, make_dataset, train_client
-from fedasr.fl.server import ClientRejected, ServerOptimizer, StreamingAggregator
+from fedasr.fl.server import ClientRejected, ServerOptimizer, StreamingAggregator, is_bn_stat
 from fedasr.methods import make_method
 from fedasr.methods.base import Instructions, MethodUpdate, Report, RoundContext
 from fedasr.prune.masks import Masks
@@ -248,6 +251,7 @@ class Server:
         self.masks: Masks = {}
         self.lr_step = 0
         self._round: RoundInfo | None = None
+        self._plan = None  # this round's client compaction (fl.client_model)
 
     # ---------------------------------------------------------------- state
     def weights(self) -> dict[str, torch.Tensor]:
@@ -348,13 +352,58 @@ class Server:
                                 f"{info.dropped[0]['reason'] if info.dropped else 'none'}")
 
     # ---------------------------------------------------------------- training
+    def client_plan(self, rnd: int):
+        """The compaction clients train this round (``fl.client_model``), or None: they
+        train the full model with the masks. ``compact`` with masks outside whole units is
+        an error naming how many; ``auto`` falls back to masked training then."""
+        mode = self.cfg.fl.client_model
+        if mode == "masked" or self.centralized or not self.masks:
+            return None  # (the centralized client keeps its optimizer on one architecture)
+        from fedasr.model.compact import whole_unit_plan
+
+        plan, leftover = whole_unit_plan(self.model, self.masks)
+        if leftover:
+            if mode == "compact":
+                total = sum(int((~m).sum()) for m in self.masks.values())
+                raise FedasrError(f"fl.client_model: compact: {leftover:,} of round {rnd}'s {total:,} masked weights "
+                                  f"are not in whole units (use fl.client_model: auto to train those rounds masked)")
+            return None
+        return plan
+
     def begin_round(self, rnd: int, clients: list[str]) -> bytes:
+        """The round's training message. With a compaction (:meth:`client_plan`) clients get
+        the smaller dense model (the kept units' master values, its architecture, no masks)
+        and send updates of its shapes; :meth:`absorb` scatters them back into the dense
+        shapes (zero deltas and the server's own BatchNorm statistics at removed units)."""
         ctx = self.ctx(rnd)
         instructions = self.method.configure(ctx)
         self._agg = StreamingAggregator(self.model.state_dict())
         self._reports = self.method.report_aggregator(ctx)
-        return encode_down(TRAIN, rnd, None, self.weights(), self.masks, instructions, self.arch(),
-                           self.tokenizer_sha)
+        self._plan = plan = self.client_plan(rnd)
+        if plan is None:
+            return encode_down(TRAIN, rnd, None, self.weights(), self.masks, instructions, self.arch(),
+                               self.tokenizer_sha)
+        weights = plan.apply(self.weights())
+        self._small = StreamingAggregator(weights)  # checks a reply's shapes before the scatter
+        return encode_down(TRAIN, rnd, None, weights, {}, instructions, plan.config.to_dict(), self.tokenizer_sha)
+
+    def _expand(self, up: Up) -> Up:
+        """A compacted client's reply in the dense shapes: its deltas with zeros at the
+        removed positions (frozen there by the server optimiser as any pruned position),
+        its BatchNorm statistics with the server's own values of removed channels, and the
+        report tensors named after a model tensor (e.g. mean |grad|) with zeros there."""
+        plan = self._plan
+        self._small.check(up.update)
+        state = self.model.state_dict()
+        base = {k: v if is_bn_stat(k) or not v.is_floating_point() else torch.zeros_like(v) for k, v in state.items()}
+        update = plan.scatter(up.update, base)
+        shapes = plan.shapes()
+        tensors = {}
+        for k, v in up.report.tensors.items():
+            if k in state and tuple(v.shape) == shapes[k] and v.shape != state[k].shape:
+                v = plan.scatter({k: v}, {k: torch.zeros(state[k].shape, dtype=v.dtype)})[k]
+            tensors[k] = v
+        return Up(update, Report(tensors, up.report.meta), up.meta)
 
     def _weight(self, meta: dict) -> float:
         """A client's aggregation weight (``fl.weighting``); evaluate-only phases process no
@@ -370,6 +419,8 @@ class Server:
         """Fold one client's reply into the round; a bad one raises :class:`ClientRejected`
         (the engine drops the client)."""
         up = decode_up(reply)
+        if self._plan is not None:
+            up = self._expand(up)
         metrics = up.meta.get("metrics", {})
         if not math.isfinite(float(metrics.get("loss", 0.0))):
             raise ClientRejected(f"non-finite loss {metrics['loss']}")

@@ -168,6 +168,13 @@ class PruningMethod:
         self.seed = seed
         self.names = prunable_names(model, common.include, common.exclude)  # reported even when dense
 
+    @classmethod
+    def whole_unit_masks(cls, cfg) -> str | None:
+        """Why this method's masks (with config block ``cfg``) never remove whole units
+        only, so that clients cannot train a compacted model (``fl.client_model: compact``);
+        None when they may (it is then checked each round)."""
+        return None
+
     # ------------------------------------------------------------------ server
     def init(self, ctx: RoundContext) -> Masks:
         """Masks for round 1 (``ctx.masks``: those of an --init-from checkpoint, or none)."""

@@ -93,6 +93,12 @@ class FederatedPruning(PruningMethod):
         self.families = model.group_table() if cfg.pattern == "unit" else None
         self.reports: dict[str, torch.Tensor] | None = None  # the last aggregated gradient report
 
+    @classmethod
+    def whole_unit_masks(cls, cfg: FederatedPruningConfig) -> str | None:
+        if cfg.pattern != "unit":
+            return f"pruning.federated_pruning.pattern is {cfg.pattern!r} (only 'unit' removes whole units)"
+        return None
+
     # ---------------------------------------------------------------- server
     def init(self, ctx: RoundContext) -> Masks:
         return self.compute(1, ctx.weights, ctx.masks) or ctx.masks

@@ -203,6 +203,10 @@ class FedTiny(PruningMethod):
     name = "fedtiny"
     Config = FedTinyConfig
 
+    @classmethod
+    def whole_unit_masks(cls, cfg: FedTinyConfig) -> str | None:
+        return "FedTiny's masks are unstructured"
+
     def __init__(self, cfg: FedTinyConfig, common, model: nn.Module, total_rounds: int, seed: int):
         super().__init__(cfg, common, model, total_rounds, seed)
         self.end_round = cfg.end_round if cfg.end_round is not None else max(1, (3 * total_rounds) // 4)

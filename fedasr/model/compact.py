@@ -114,6 +114,40 @@ class CompactionPlan:
             out[name] = t.clone() if t is tensors[name] else t
         return out
 
+    def scatter(self, tensors: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`apply`: each tensor of the smaller shapes written into a
+        copy of ``base[name]`` (the full shape) at the positions it was selected from; the
+        removed positions keep ``base``'s values. A tensor that does not shrink is copied."""
+        ix = self._index()
+        out = {}
+        for name, t in tensors.items():
+            full = base[name]
+            dims = [(dim, pos.to(t.device)) for (param, dim), pos in ix.items() if param == name and full.dim() > dim]
+            out[name] = _scatter(full, t, dims) if dims else t.clone()
+        return out
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The smaller shape of every state-dict entry."""
+        ix = self._index()
+        out = {}
+        for name, t in self.model.state_dict().items():
+            shape = list(t.shape)
+            for (param, dim), pos in ix.items():
+                if param == name and t.dim() > dim:
+                    shape[dim] = pos.numel()
+            out[name] = tuple(shape)
+        return out
+
+
+def _scatter(full: torch.Tensor, small: torch.Tensor, dims: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """``full`` with ``small`` written at ``full[pos_0 along dim_0][pos_1 along dim_1]...``
+    (the order :meth:`CompactionPlan.apply` selects in); a new tensor."""
+    if not dims:
+        return small.to(full.dtype).clone()
+    (dim, pos), rest = dims[0], dims[1:]
+    part = _scatter(full.index_select(dim, pos), small, rest)
+    return full.index_copy(dim, pos, part)
+
 
 def units_pruned_whole(model: Transducer, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per compactable family, which units to keep: a unit goes when every one of its
@@ -137,6 +171,15 @@ def units_pruned_whole(model: Transducer, masks: dict[str, torch.Tensor]) -> dic
         if not bool(alive.all()):
             keep[fam.name] = alive
     return keep
+
+
+def whole_unit_plan(model: Transducer, masks: dict[str, torch.Tensor]) -> tuple[CompactionPlan | None, int]:
+    """The compaction of the units ``masks`` prune whole (None when none is), and how many
+    masked weights lie outside those units (0: the smaller model needs no masks)."""
+    keep = units_pruned_whole(model, masks)
+    plan = CompactionPlan(model, keep) if keep else None
+    left = plan.apply(masks) if plan is not None else masks
+    return plan, sum(int((~m).sum()) for m in left.values())
 
 
 def compact_with_masks(model: Transducer, masks: dict[str, torch.Tensor], allow_partial: bool = False,
