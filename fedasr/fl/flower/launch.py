@@ -1,7 +1,8 @@
 """`fedasr train --engine flower`: start (or reach) a Flower federation, submit the run,
 follow it, and stop everything that was started — also on Ctrl-C or error.
 
-One machine: a SuperLink and one SuperNode per concurrent client slot, on loopback
+One machine: a SuperLink and one SuperNode (:mod:`fedasr.fl.flower.node`: warm client
+worker, no 3 s poll) per concurrent client slot, on loopback
 (``--insecure``), free ports, an isolated ``FLWR_HOME`` under ``RUN_DIR/flower/``
 (logs there too), telemetry and update checks off. With ``superlink=HOST:PORT`` nothing
 is started: the run is submitted to that SuperLink (TLS with ``root_certificates``).
@@ -159,8 +160,9 @@ class LocalFederation:
         for i in range(self.slots):
             p = free_port()
             node_cfg = f"federation-dir={json.dumps(self.federation)}" if self.federation else ""
-            argv = [_tool("flower-supernode"), "--insecure", "--superlink", self.superlink, "--host", "127.0.0.1",
-                    "--port", str(p), "--isolation", "subprocess"]
+            # fedasr's SuperNode: Flower's (poll patched) + fedasr's executor + a warm client worker
+            argv = [sys.executable, "-m", "fedasr.fl.flower.node", "--insecure", "--superlink", self.superlink,
+                    "--host", "127.0.0.1", "--port", str(p)]
             if node_cfg:
                 argv += ["--node-config", node_cfg]
             self._spawn(f"supernode-{i}", argv, p, r"SuperNode ID: \d+")

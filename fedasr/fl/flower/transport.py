@@ -1,7 +1,6 @@
 """Carrying fedasr's messages over Flower's Message API (flwr 1.41).
 
-A message is a ``RecordDict`` with the payload as one raw-bytes ``Array`` (Flower sends
-it in 5 MB chunks) and the per-client header in a ``ConfigRecord``; message types are
+A message carries fedasr's payload and the per-client header (:mod:`.wire`); message types are
 ``train`` (local training) and ``query.phase`` (an evaluate-only phase of the pruning
 method). Replies carry the client's encoded reply the same way.
 
@@ -16,31 +15,18 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedasr.errors import FedasrError
+from fedasr.fl.flower.wire import pack, unpack  # noqa: F401 - re-exported
 from fedasr.fl.protocol import PHASE
 
 NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode
 KIND_TO_TYPE = {PHASE: "query.phase", "train": "train"}
 
 
-def pack(payload: bytes, header: bytes | None = None) -> RecordDict:
-    rec = {"fedasr": ArrayRecord({"payload": Array(dtype="bytes", shape=(len(payload),), stype="fedasr/payload",
-                                                   data=payload)})}
-    if header is not None:
-        rec["header"] = ConfigRecord({"header": header.decode()})
-    return RecordDict(rec)
-
-
-def unpack(content: RecordDict) -> tuple[bytes, bytes | None]:
-    payload = bytes(content["fedasr"]["payload"].data)
-    header = content["header"]["header"].encode() if "header" in content else None
-    return payload, header
-
-
 class FlowerTransport:
-    def __init__(self, grid, clients: list[str], round_timeout: float = 900.0, poll: float = 0.1,
+    def __init__(self, grid, clients: list[str], round_timeout: float = 900.0, poll: float = 0.05,
                  wait_nodes: float = 300.0, log: Callable[[str], None] = lambda s: None):
         self.grid = grid
         self.round_timeout = round_timeout
@@ -94,7 +80,10 @@ class FlowerTransport:
     def _send(self, msgs: list[Message], timeout: float) -> tuple[dict[int, Message], set[int]]:
         """Push, then pull every ``poll`` seconds until every reply or the deadline
         (``grid.send_and_receive`` sleeps 3 s between pulls)."""
+        from fedasr.fl.flower._trace import tr
+        tr("push start")
         ids = list(self.grid.push_messages(msgs))
+        tr("push done")
         node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, msgs)}
         pending = set(node_of)
         replies: dict[int, Message] = {}
@@ -104,51 +93,82 @@ class FlowerTransport:
                 mid = r.metadata.reply_to_message_id
                 if mid in pending:
                     pending.discard(mid)
+                    tr(f"reply {node_of[mid]}")
                     replies[node_of[mid]] = r
             if pending:
                 time.sleep(self.poll)
         return replies, {node_of[m] for m in pending}
 
+    def _reply(self, r: Message, node: int) -> tuple[bytes | None, str | None]:
+        if r.has_error():
+            if r.error.code == NODE_UNAVAILABLE:
+                self.dead.add(node)
+            return None, f"FlowerError {r.error.code}: {r.error.reason.splitlines()[0][:200]}"
+        return unpack(r.content)[0], None
+
     def exchange(self, rnd: int, kind: str, clients: list[str], payload: bytes,
                  headers: dict[str, bytes]) -> dict[str, tuple[bytes | None, str | None]]:
+        """Every client's message, each slot taking the next client as soon as it replied
+        (a slow or dead SuperNode holds up only its own client); a client with its own
+        SuperNode goes there. Replies until the round's deadline (one for all of the
+        round's exchanges); a SuperNode that missed it is not used again."""
+        from fedasr.fl.flower._trace import tr
+
         out: dict[str, tuple[bytes | None, str | None]] = {}
         fixed = {c: n for n, c in self.owner.items() if c is not None}
-        todo = list(clients)
         if self._deadline is None or self._deadline[0] != rnd:  # one deadline for the whole round
             self._deadline = (rnd, time.monotonic() + self.round_timeout)
         deadline = self._deadline[1]
-        while todo:
-            slots = [n for n, c in self.owner.items() if c is None and n not in self.dead]
+        queue = list(clients)
+        busy: dict[str, tuple[str, int]] = {}  # message id -> (client, node)
+        while queue or busy:
+            idle = [n for n, c in self.owner.items()
+                    if c is None and n not in self.dead and all(n != b for _, b in busy.values())]
             wave: list[tuple[str, int]] = []
-            for c in list(todo):
+            for c in list(queue):
                 node = fixed.get(c)
                 if node is None:
-                    if not slots:
+                    if not idle:
                         continue
-                    node = slots.pop(0)
+                    node = idle.pop(0)
                 elif node in self.dead:
                     out[c] = (None, f"NodeUnavailable: the SuperNode of {c} is gone")
-                    todo.remove(c)
+                    queue.remove(c)
                     continue
                 wave.append((c, node))
-                todo.remove(c)
-            if not wave:
-                for c in todo:
+                queue.remove(c)
+            if wave:
+                msgs = [Message(pack(payload, headers[c]), n, KIND_TO_TYPE[kind], group_id=str(rnd),
+                                ttl=max(60.0, self.round_timeout)) for c, n in wave]
+                tr("push start")
+                ids = list(self.grid.push_messages(msgs))
+                tr("push done")
+                for (c, n), mid in zip(wave, ids):
+                    if mid is None:
+                        out[c] = (None, f"FlowerError: the message to SuperNode {n} could not be pushed")
+                    else:
+                        busy[mid] = (c, n)
+            if not busy:
+                for c in queue:
                     out[c] = (None, "NodeUnavailable: no SuperNode left to serve it")
                 break
-            msgs = [Message(pack(payload, headers[c]), n, KIND_TO_TYPE[kind], group_id=str(rnd),
-                            ttl=max(60.0, self.round_timeout)) for c, n in wave]
-            replies, missing = self._send(msgs, max(1.0, deadline - time.monotonic()))
-            for c, n in wave:
-                r = replies.get(n)
-                if r is None:
+            got = False
+            for r in self.grid.pull_messages(list(busy)):
+                mid = r.metadata.reply_to_message_id
+                if mid in busy:
+                    c, n = busy.pop(mid)
+                    tr(f"reply {n}")
+                    out[c] = self._reply(r, n)
+                    got = True
+            if time.monotonic() >= deadline:
+                for c, n in busy.values():
                     self.dead.add(n)
                     out[c] = (None, f"TimeoutError: no reply within the round's {self.round_timeout:.0f} s "
                                     f"(SuperNode {n})")
-                elif r.has_error():
-                    if r.error.code == NODE_UNAVAILABLE:
-                        self.dead.add(n)
-                    out[c] = (None, f"FlowerError {r.error.code}: {r.error.reason.splitlines()[0][:160]}")
-                else:
-                    out[c] = (unpack(r.content)[0], None)
+                for c in queue:
+                    out[c] = (None, f"TimeoutError: the round's {self.round_timeout:.0f} s ran out before a "
+                                    "SuperNode was free")
+                break
+            if not got:
+                time.sleep(self.poll)
         return out
