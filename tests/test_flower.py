@@ -290,3 +290,32 @@ def test_the_real_worker_answers_a_bad_request_with_one_line_and_stays_up():
         assert ch.pid == pid and ch.started == 1
     finally:
         ch.close()
+
+
+def test_a_warm_client_worker_keeps_the_datasets_of_its_last_clients(monkeypatch):
+    """``cache_clients``: a client served again reuses its loaded dataset; beyond the limit
+    the least recently served one goes. 0 (embedded): loaded with every message."""
+    from types import SimpleNamespace
+
+    from fedasr.fl import protocol as P
+
+    made = []
+    monkeypatch.setattr(P, "make_dataset", lambda cuts, tok, cmvn, cfg: made.append(cuts) or SimpleNamespace(c=cuts))
+
+    def worker(cache):
+        w = P.ClientWorker.__new__(P.ClientWorker)
+        w.persistent, w.cache_clients, w._cache, w.cfg = False, cache, {}, None
+        w.fed = SimpleNamespace(client_cuts=lambda c: c, tokenizer=None, cmvn=None)
+        return w
+
+    w = worker(2)
+    a = w.dataset("a")
+    assert w.dataset("b").c == "b" and w.dataset("a") is a and made == ["a", "b"]
+    w.dataset("c")  # evicts b, the least recently served
+    assert w.dataset("a") is a and made == ["a", "b", "c"]
+    w.dataset("b")
+    assert made == ["a", "b", "c", "b"] and list(w._cache) == ["a", "b"]
+    made.clear()
+    w = worker(0)
+    w.dataset("a"), w.dataset("a")
+    assert made == ["a", "a"] and not w._cache

@@ -244,8 +244,10 @@ def run_flower(run_dir: Path, federation: Path, config: dict, *, resume: bool = 
     work.mkdir(parents=True, exist_ok=True)
     rd = RunDir(Path(run_dir))
     cores = os.cpu_count() or 1
-    local = None if superlink else LocalFederation(work, slots, max(1, cores // max(1, slots)),
-                                                   str(Path(federation).resolve()))
+    threads = max(1, cores // max(1, slots))  # each slot its share of the cores, at most OMP_NUM_THREADS
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        threads = min(threads, int(os.environ["OMP_NUM_THREADS"]))
+    local = None if superlink else LocalFederation(work, slots, threads, str(Path(federation).resolve()))
     env = flower_env(work / "home")
     run_id = None
     previous = len(rd.metrics()) if resume else 0

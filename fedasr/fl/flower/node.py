@@ -98,12 +98,8 @@ class Executor:
         status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
         try:
             beat.start()
-            from fedasr.fl.flower._trace import tr
-            tr("task acquired")
             message, context, run, fab = self.rc.pull_task_input(client)
-            tr("task pulled")
             reply = self._app(run, fab)(message=message, context=context)
-            tr("app done")
             status, details = SubStatus.COMPLETED, ""
         except Exception as ex:  # noqa: BLE001 - the reply carries it, as flwr-clientapp's does
             code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -121,7 +117,6 @@ class Executor:
             except Exception as ex:  # noqa: BLE001
                 print(f"fedasr executor: cannot push the reply: {ex}", file=sys.stderr, flush=True)
             self.rc.push_task_output(client=client, context=context, sub_status=status, details=details)
-            tr("task output pushed")
             if beat.is_running:
                 beat.stop()
             client.close()

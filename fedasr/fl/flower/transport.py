@@ -80,10 +80,7 @@ class FlowerTransport:
     def _send(self, msgs: list[Message], timeout: float) -> tuple[dict[int, Message], set[int]]:
         """Push, then pull every ``poll`` seconds until every reply or the deadline
         (``grid.send_and_receive`` sleeps 3 s between pulls)."""
-        from fedasr.fl.flower._trace import tr
-        tr("push start")
         ids = list(self.grid.push_messages(msgs))
-        tr("push done")
         node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, msgs)}
         pending = set(node_of)
         replies: dict[int, Message] = {}
@@ -93,7 +90,6 @@ class FlowerTransport:
                 mid = r.metadata.reply_to_message_id
                 if mid in pending:
                     pending.discard(mid)
-                    tr(f"reply {node_of[mid]}")
                     replies[node_of[mid]] = r
             if pending:
                 time.sleep(self.poll)
@@ -112,7 +108,6 @@ class FlowerTransport:
         (a slow or dead SuperNode holds up only its own client); a client with its own
         SuperNode goes there. Replies until the round's deadline (one for all of the
         round's exchanges); a SuperNode that missed it is not used again."""
-        from fedasr.fl.flower._trace import tr
 
         out: dict[str, tuple[bytes | None, str | None]] = {}
         fixed = {c: n for n, c in self.owner.items() if c is not None}
@@ -140,9 +135,7 @@ class FlowerTransport:
             if wave:
                 msgs = [Message(pack(payload, headers[c]), n, KIND_TO_TYPE[kind], group_id=str(rnd),
                                 ttl=max(60.0, self.round_timeout)) for c, n in wave]
-                tr("push start")
                 ids = list(self.grid.push_messages(msgs))
-                tr("push done")
                 for (c, n), mid in zip(wave, ids):
                     if mid is None:
                         out[c] = (None, f"FlowerError: the message to SuperNode {n} could not be pushed")
@@ -157,7 +150,6 @@ class FlowerTransport:
                 mid = r.metadata.reply_to_message_id
                 if mid in busy:
                     c, n = busy.pop(mid)
-                    tr(f"reply {n}")
                     out[c] = self._reply(r, n)
                     got = True
             if time.monotonic() >= deadline:

@@ -13,6 +13,7 @@ state. The worker exits when the channel closes (its executor is gone).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import socket
@@ -23,6 +24,13 @@ from fedasr.fl.flower.wire import ChannelClosed, recv_frames, send_frames
 
 CACHE_CLIENTS_ENV = "FEDASR_FLOWER_CACHE_CLIENTS"
 DEFAULT_CACHE_CLIENTS = 8
+
+
+def _trim() -> None:
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # glibc; elsewhere there is nothing to call
+    except (OSError, AttributeError):
+        pass
 
 
 class Worker:
@@ -63,11 +71,8 @@ class Worker:
                 key, header, payload = recv_frames(sock, 3)
             except (ChannelClosed, OSError):
                 return
-            from fedasr.fl.flower._trace import tr
-            tr("worker got")
             try:
                 reply = [b"ok", self._client(key).handle(header, payload)]
-                tr("worker done")
             except FedasrError as e:
                 reply = [b"error", str(e).encode()]
             except Exception as e:  # noqa: BLE001 - reported to the server as this client's failure
@@ -77,6 +82,7 @@ class Worker:
                 send_frames(sock, *reply)
             except OSError:
                 return
+            _trim()  # hand freed heap back (batch shapes vary per client: glibc keeps the peak otherwise)
 
 
 def main(argv: list[str] | None = None) -> None:
