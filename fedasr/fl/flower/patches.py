@@ -14,7 +14,8 @@ the new code and update the hashes.
   message, the ServerApp pulling replies) retry an object that is not uploaded yet after
   1 s, doubling to 10 s; a message is visible before its objects are, so every hop paid
   up to twice the upload time. Here they retry after 0.02 s, doubling to 0.2 s (and give
-  up after the same 2 h, not after 500 tries).
+  up after the same 2 h, not after 500 tries; in the ServerApp, at the round's deadline:
+  a SuperNode that died while uploading its reply holds up the pulls until then).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from fedasr.errors import FedasrError
 POLL_ENV, REPLY_POLL_ENV = "FEDASR_FLOWER_POLL", "FEDASR_FLOWER_REPLY_POLL"
 IDLE_SLEEP, REPLY_SLEEP = 3, 0.5  # the literals in flwr 1.41's SuperNode loop
 PULL_BACKOFF, PULL_BACKOFF_CAP = 0.02, 0.2
+PULL_DEADLINE: float | None = None  # set by the ServerApp's transport: a round's time.monotonic() deadline
 # sha256 of inspect.getsource(...) of what the patches rely on (flwr 1.41.0 == 1.42.0)
 SUPERNODE_EXPECTED = {
     "start_client_internal": "9e89a6eb68fbec6821e817cd2c09f7894fc7b0f5725c2365b19a7122307f11f3",
@@ -99,6 +101,8 @@ def _fast(fn):
         kwargs.setdefault("initial_backoff", PULL_BACKOFF)
         kwargs.setdefault("backoff_cap", PULL_BACKOFF_CAP)
         kwargs.setdefault("max_tries_per_object", None)  # bounded by max_time (2 h) as before, not by tries
+        if PULL_DEADLINE is not None:  # nor past the round's deadline
+            kwargs.setdefault("max_time", max(1.0, PULL_DEADLINE - _time.monotonic()))
         return fn(*args, **kwargs)
 
     fast._fedasr_fast = True

@@ -7,7 +7,8 @@ method). Replies carry the client's encoded reply the same way.
 Nodes: a SuperNode whose node config names a ``client-id`` serves that client only (its
 own data, on its own machine); the others are *slots* that serve any client of the
 federation (one machine: the data is shared). Each slot works on one message at a time; a
-node that errs with ``NODE_UNAVAILABLE`` or misses the round's deadline is not used again.
+node that errs with ``NODE_UNAVAILABLE`` / ``MESSAGE_UNAVAILABLE`` or misses the round's
+deadline is not used again.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from typing import Callable
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedasr.errors import FedasrError
+from fedasr.fl.flower import patches
 from fedasr.fl.flower.wire import pack, unpack  # noqa: F401 - re-exported
 from fedasr.fl.protocol import PHASE
 
 NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode
+MESSAGE_UNAVAILABLE = 3  # a reply whose objects never arrived (its SuperNode died uploading it)
+NODE_GONE = (MESSAGE_UNAVAILABLE, NODE_UNAVAILABLE)
 KIND_TO_TYPE = {PHASE: "query.phase", "train": "train"}
 
 
@@ -97,10 +101,27 @@ class FlowerTransport:
 
     def _reply(self, r: Message, node: int) -> tuple[bytes | None, str | None]:
         if r.has_error():
-            if r.error.code == NODE_UNAVAILABLE:
+            if r.error.code in NODE_GONE:
                 self.dead.add(node)
             return None, f"FlowerError {r.error.code}: {r.error.reason.splitlines()[0][:200]}"
         return unpack(r.content)[0], None
+
+    def _pull(self, busy: dict[str, tuple[str, int]], out: dict, deadline: float) -> bool:
+        """Pull the replies that are there into ``out`` (their objects waited for until
+        ``deadline`` at most); whether any came."""
+        patches.PULL_DEADLINE = deadline
+        try:
+            pulled = self.grid.pull_messages(list(busy))
+        finally:
+            patches.PULL_DEADLINE = None
+        got = False
+        for r in pulled:
+            mid = r.metadata.reply_to_message_id
+            if mid in busy:
+                c, n = busy.pop(mid)
+                out[c] = self._reply(r, n)
+                got = True
+        return got
 
     def exchange(self, rnd: int, kind: str, clients: list[str], payload: bytes,
                  headers: dict[str, bytes]) -> dict[str, tuple[bytes | None, str | None]]:
@@ -145,14 +166,10 @@ class FlowerTransport:
                 for c in queue:
                     out[c] = (None, "NodeUnavailable: no SuperNode left to serve it")
                 break
-            got = False
-            for r in self.grid.pull_messages(list(busy)):
-                mid = r.metadata.reply_to_message_id
-                if mid in busy:
-                    c, n = busy.pop(mid)
-                    out[c] = self._reply(r, n)
-                    got = True
+            got = self._pull(busy, out, deadline)
             if time.monotonic() >= deadline:
+                if busy:  # what arrived while a pull waited for a dead node's objects
+                    self._pull(busy, out, time.monotonic() + 1.0)
                 for c, n in busy.values():
                     self.dead.add(n)
                     out[c] = (None, f"TimeoutError: no reply within the round's {self.round_timeout:.0f} s "
