@@ -95,7 +95,8 @@ def flower(a) -> None:
         print(f"repeat {rep + 1}: embedded {wall_e / len(emb[warm]):5.1f} s/round, clients {ce:5.1f} s, overhead "
               f"{100 * emb_over[-1]:4.1f}%", flush=True)
         for slots in ("1", "2"):
-            flw, total = _train(fed, a.work / f"run-flower{slots}-{rep}", args, ["--engine", "flower", "--slots", slots])
+            flw, total = _train(fed, a.work / f"run-flower{slots}-{rep}", args,
+                                ["--engine", "flower", "--slots", slots])
             assert [r["clients"] for r in emb] == [r["clients"] for r in flw]  # the same messages
             cf = sum(sum(r["client_times"]) for r in flw[warm])
             wall_f = sum(r["round_time"] - r.get("eval_time", 0.0) for r in flw[warm])
@@ -163,8 +164,9 @@ def scale(a) -> None:
     home = (out / "flower" / "home").resolve()
     sets = ["fl.rounds=3", "fl.clients_per_round=10", "fl.local_steps=2", "fl.min_clients=1", "eval.every=1000",
             "keep_checkpoints=1", "train.max_duration=20"]
-    cmd = [sys.executable, "-m", "fedasr.cli", "train", "--engine", "flower", "--federation", str(fed), "--out", str(out),
-           "--overwrite", "--slots", "4", "--round-timeout", str(a.round_timeout), *[x for s in sets for x in ("--set", s)]]
+    cmd = [sys.executable, "-m", "fedasr.cli", "train", "--engine", "flower", "--federation", str(fed),
+           "--out", str(out), "--overwrite", "--slots", "4", "--round-timeout", str(a.round_timeout),
+           *[x for s in sets for x in ("--set", s)]]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -206,7 +208,8 @@ def scale(a) -> None:
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     for r in rows:
         ideal = sum(r["client_times"]) / 4
-        print(f"round {r['round']}: {len(r['clients'])} clients, {len(r['dropped'])} dropped, wall {r['round_time']:5.1f} s, "
+        print(f"round {r['round']}: {len(r['clients'])} clients, {len(r['dropped'])} dropped, "
+              f"wall {r['round_time']:5.1f} s, "
               f"clients' compute {sum(r['client_times']):5.1f} s (/4 slots: {ideal:4.1f} s) -> beyond it "
               f"{100 * (r['round_time'] - ideal) / r['round_time']:4.1f}%"
               + "".join(f"; dropped {d['client']}: {d['reason'][:90]}" for d in r["dropped"]))

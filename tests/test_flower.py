@@ -226,7 +226,7 @@ def test_poll_patches_apply_to_the_pinned_flwr_and_refuse_other_code():
     sci.time.sleep(0.5)
     assert real_time.monotonic() - t0 < 0.5
     assert sci.time.time is real_time.time and sci.time.monotonic is real_time.monotonic
-    assert getattr(sci.pull_objects, "_fedasr_fast", False)
+    assert getattr(sci.pull_objects, "_fedasr_fast", False) and getattr(sci._push_messages, "_fedasr_trim", False)
     seen = {}
 
     def pull(ids, fn, *, initial_backoff=1, backoff_cap=10, max_tries_per_object=500):

@@ -31,7 +31,7 @@ import time
 
 from fedasr.errors import FedasrError
 from fedasr.fl.flower import channel as channel_mod
-from fedasr.fl.flower.patches import POLL_ENV, patch_runtime, seconds
+from fedasr.fl.flower.patches import POLL_ENV, patch_runtime, seconds, trim_heap
 
 def _heartbeat_fn(client):
     """Like flwr's, but a refused heartbeat (the task is gone) does not SIGINT the process."""
@@ -121,6 +121,7 @@ class Executor:
                 beat.stop()
             client.close()
             self.tasks += 1
+            trim_heap()
 
     def serve(self, alive=lambda: True) -> None:
         """Acquire and run tasks until ``alive()`` is false."""

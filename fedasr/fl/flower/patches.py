@@ -20,6 +20,7 @@ the new code and update the hashes.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import inspect
 import os
@@ -109,14 +110,35 @@ def _fast(fn):
     return fast
 
 
+def trim_heap() -> None:
+    """Hand freed heap back to the system (glibc's ``malloc_trim``; elsewhere nothing):
+    messages of a few MB pass through these processes, and glibc keeps their peak."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def patch_supernode(idle: float | None = None, reply: float | None = None):
-    """The SuperNode's loop without its 3 s / 0.5 s waits, faster object pulls."""
+    """The SuperNode's loop without its 3 s / 0.5 s waits, faster object pulls, and its
+    heap trimmed after each reply it sends."""
     import flwr.supernode.start_client_internal as sci
 
     check_sources(sci, SUPERNODE_EXPECTED)
     sci.time = PollTime(idle if idle is not None else seconds(POLL_ENV, 0.1),
                         reply if reply is not None else seconds(REPLY_POLL_ENV, 0.02))
     sci.pull_objects = _fast(sci.pull_objects)
+    if not getattr(sci._push_messages, "_fedasr_trim", False):
+        push = sci._push_messages
+
+        def push_and_trim(*args, **kwargs):
+            try:
+                return push(*args, **kwargs)
+            finally:
+                trim_heap()
+
+        push_and_trim._fedasr_trim, push_and_trim.__wrapped__ = True, push
+        sci._push_messages = push_and_trim
     return sci
 
 

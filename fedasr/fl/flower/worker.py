@@ -13,24 +13,17 @@ state. The worker exits when the channel closes (its executor is gone).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import socket
 import sys
 import traceback
 
+from fedasr.fl.flower.patches import trim_heap
 from fedasr.fl.flower.wire import ChannelClosed, recv_frames, send_frames
 
 CACHE_CLIENTS_ENV = "FEDASR_FLOWER_CACHE_CLIENTS"
 DEFAULT_CACHE_CLIENTS = 8
-
-
-def _trim() -> None:
-    try:
-        ctypes.CDLL(None).malloc_trim(0)  # glibc; elsewhere there is nothing to call
-    except (OSError, AttributeError):
-        pass
 
 
 class Worker:
@@ -82,7 +75,7 @@ class Worker:
                 send_frames(sock, *reply)
             except OSError:
                 return
-            _trim()  # hand freed heap back (batch shapes vary per client: glibc keeps the peak otherwise)
+            trim_heap()  # batch shapes vary per client: glibc would keep the peak
 
 
 def main(argv: list[str] | None = None) -> None:
