@@ -69,7 +69,10 @@ def test_flower_engine_gives_the_embedded_weights(federation, tmp_path):
 def test_killed_supernode_is_dropped_and_a_killed_federation_resumes(federation, tmp_path):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "fedasr.cli", "train", "--engine", "flower", "--federation", str(federation),
-            "--out", str(run), "--slots", "2", "--round-timeout", "20", *sets(*RUN, "fl.min_clients=1")]
+            "--out", str(run), "--slots", "2", "--round-timeout", "40",
+            # rounds long enough (60 local steps) for the kill, issued when round 1 is in metrics.jsonl, to land
+            # inside round 2 now that rounds carry no 3 s polls
+            *sets(*RUN, "fl.min_clients=1", "fl.local_steps=60")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FEDASR_TEST_KILL_SUPERNODE_AFTER_ROUND": "1"}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     deadline = time.time() + 540
