@@ -288,6 +288,14 @@ def _train_flower(federation, config, out, set_, centralized, resume, init_from,
     _print_history(RunDir(run_dir).metrics(), Path(run_dir))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def supernode(ctx: typer.Context) -> None:
+    """Flower SuperNode with a warm fedasr client worker (flower-supernode's options; --isolation process)."""
+    from fedasr.fl.flower.node import main as node_main
+
+    sys.exit(node_main(list(ctx.args)))
+
+
 def _print_history(history: list[dict], root: Path) -> None:
     table = Table(title=f"Training — {root}")
     for col in ("round", "clients", "examples", "sparsity", "train loss", "dev loss", "dev WER", "MB down",

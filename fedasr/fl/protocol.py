@@ -111,10 +111,15 @@ class ClientWorker:
     ``persistent``: the centralized baseline's single client keeps its optimizer and its
     batch stream across rounds (``state_dict`` for resume); federated clients start each
     round afresh, as real devices would. It trains on the union of the clients' data, or on
-    the server's own data (``data="server"``: the seed model)."""
+    the server's own data (``data="server"``: the seed model).
+
+    ``cache_clients``: keep the datasets (features loaded and normalised) of the last that
+    many clients served, for a long-lived worker that serves them again (Flower's warm
+    client workers); 0 (the embedded engine): load a client's data with every message."""
 
     def __init__(self, cfg: RunConfig, fed: Federation, model: torch.nn.Module, *, train_fn=train_client,
-                 persistent: bool = False, num_steps: int | None = None, data: str = "clients"):
+                 persistent: bool = False, num_steps: int | None = None, data: str = "clients",
+                 cache_clients: int = 0):
         self.cfg = cfg
         self.fed = fed
         self.data = data  # persistent: "clients" (their union) or "server" (the server's own data)
@@ -127,6 +132,8 @@ class ClientWorker:
         self._optimizer = None
         self._stream = None
         self._state: dict = {}
+        self.cache_clients = cache_clients
+        self._cache: dict = {}  # client -> dataset, least recently served first
         import hashlib
 
         self._tok_sha = hashlib.sha256(fed.tokenizer.proto).hexdigest()
@@ -137,7 +144,15 @@ class ClientWorker:
                 cuts = self.fed.server_cuts() if self.data == "server" else self.fed.all_client_cuts()
                 self._data = make_dataset(cuts, self.fed.tokenizer, self.fed.cmvn, self.cfg)
             return self._data
-        return make_dataset(self.fed.client_cuts(client), self.fed.tokenizer, self.fed.cmvn, self.cfg)
+        if self.cache_clients <= 0:
+            return make_dataset(self.fed.client_cuts(client), self.fed.tokenizer, self.fed.cmvn, self.cfg)
+        data = self._cache.pop(client, None)
+        if data is None:
+            data = make_dataset(self.fed.client_cuts(client), self.fed.tokenizer, self.fed.cmvn, self.cfg)
+        self._cache[client] = data
+        while len(self._cache) > self.cache_clients:
+            self._cache.pop(next(iter(self._cache)))
+        return data
 
     def ensure_architecture(self, arch: dict | None) -> None:
         """Rebuild the model when the server's architecture changed (a compacting method)."""
@@ -223,6 +238,7 @@ class RoundInfo:
     bytes_down: int = 0
     bytes_up: int = 0
     client_time: float = 0.0
+    client_times: list[float] = field(default_factory=list)  # each absorbed reply's client_seconds
     losses: list[float] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
@@ -337,6 +353,7 @@ class Server:
             raise ClientRejected(f"bad report: {e}") from None
         info.bytes_up += self._count(len(reply))
         info.client_time += float(up.meta.get("client_seconds", 0.0))
+        info.client_times.append(round(float(up.meta.get("client_seconds", 0.0)), 4))
         self._phase_count += 1
 
     def end_phase(self, rnd: int, phase: str, info: RoundInfo) -> None:
@@ -435,6 +452,7 @@ class Server:
         self._agg.add(up.update, weight)
         info.bytes_up += self._count(len(reply))
         info.client_time += float(up.meta.get("client_seconds", 0.0))
+        info.client_times.append(round(float(up.meta.get("client_seconds", 0.0)), 4))
         info.examples += int(up.meta["num_examples"])
         info.processed += int(metrics.get("processed", 0))
         info.losses.append(float(metrics.get("loss", float("nan"))))

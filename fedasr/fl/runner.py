@@ -301,7 +301,8 @@ class Runner:
             raise FedasrError(f"{e}; last good checkpoint: {last if last else 'none'}") from None
         losses = info.losses
         row = {"clients": clients, "dropped": info.dropped, "examples": info.examples, "processed": info.processed,
-               "client_time": info.client_time, "bytes_down": info.bytes_down, "bytes_up": info.bytes_up,
+               "client_time": info.client_time, "client_times": info.client_times, "bytes_down": info.bytes_down,
+               "bytes_up": info.bytes_up,
                "train_loss": sum(losses) / len(losses) if losses else None}
         row.update(info.metrics)
         return row

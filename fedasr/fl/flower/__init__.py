@@ -3,7 +3,8 @@
 The Flower engine runs the same round protocol as the embedded one
 (:mod:`fedasr.fl.protocol`): the ServerApp is fedasr's :class:`~fedasr.fl.runner.Runner`
 with a :class:`~fedasr.fl.flower.transport.FlowerTransport`, the ClientApp hands each
-message to a :class:`~fedasr.fl.protocol.ClientWorker`. Messages carry fedasr's own encoded
+message to a :class:`~fedasr.fl.protocol.ClientWorker` — in a warm worker process of the
+SuperNode (:mod:`fedasr.fl.flower.node`) when the SuperNode is fedasr's. Messages carry fedasr's own encoded
 payloads (weights with masks, method instructions, reports) as raw bytes, so what is
 counted in ``bytes_down``/``bytes_up`` is what crosses the network, the same as embedded.
 """

@@ -1,8 +1,15 @@
-"""The Flower ClientApp: hands each message to fedasr's client worker.
+"""The Flower ClientApp: hands each message to fedasr's client side.
 
 A SuperNode's node config may name ``client-id`` (it then serves that client only) and
 ``federation-dir`` (its copy of the federation; default: the run's). The run config
 (``fedasr train`` passes it with ``flwr run``) carries the resolved run config as JSON.
+
+Run by fedasr's executor (:mod:`fedasr.fl.flower.executor`, what ``fedasr supernode``
+and ``fedasr train --engine flower`` start), the ClientApp is thin — it does not import
+torch — and passes the message's bytes to the SuperNode's warm client worker, which keeps
+the model and the clients' data loaded between messages; a worker that dies fails that
+message with the reason. Run by Flower's own SuperExec (a plain ``flower-supernode``, a
+fresh process per message) it does the work in its own process, cold.
 """
 
 from __future__ import annotations
@@ -13,14 +20,19 @@ import os
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedasr.fl.flower.transport import pack, unpack
+from fedasr.fl.flower import channel
+from fedasr.fl.flower.wire import pack, unpack
 
 app = ClientApp()
-_WORKERS: dict = {}  # per process: Flower may start one process per message, or keep one
+_WORKERS: dict = {}  # in-process fallback: per process
+
+
+def _federation(context: Context) -> str:
+    return str(context.node_config.get("federation-dir") or context.run_config["federation"])
 
 
 def _worker(context: Context):
-    key = (context.run_config["config"], str(context.node_config.get("federation-dir", "")))
+    key = (context.run_config["config"], _federation(context))
     if key not in _WORKERS:
         import torch
 
@@ -33,7 +45,7 @@ def _worker(context: Context):
         if "OMP_NUM_THREADS" in os.environ:
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         cfg = parse_config(json.loads(context.run_config["config"]))
-        fed = Federation(context.node_config.get("federation-dir") or context.run_config["federation"])
+        fed = Federation(_federation(context))
         with torch.random.fork_rng():
             model = Transducer(model_config(cfg, fed.tokenizer.vocab_size)).to(resolve_device(cfg.device))
         _WORKERS.clear()
@@ -49,7 +61,13 @@ def hello(msg: Message, context: Context) -> Message:
 
 def _handle(msg: Message, context: Context) -> Message:
     payload, header = unpack(msg.content)
-    return Message(pack(_worker(context).handle(header, payload)), reply_to=msg)
+    ch = channel.CURRENT
+    if ch is not None:
+        key = json.dumps({"config": context.run_config["config"], "federation": _federation(context)}).encode()
+        reply = ch.request(key, header or b"", payload)
+    else:
+        reply = _worker(context).handle(header, payload)
+    return Message(pack(reply), reply_to=msg)
 
 
 @app.train()

@@ -1,7 +1,8 @@
 """`fedasr train --engine flower`: start (or reach) a Flower federation, submit the run,
 follow it, and stop everything that was started — also on Ctrl-C or error.
 
-One machine: a SuperLink and one SuperNode per concurrent client slot, on loopback
+One machine: a SuperLink and one SuperNode (:mod:`fedasr.fl.flower.node`: warm client
+worker, no 3 s poll) per concurrent client slot, on loopback
 (``--insecure``), free ports, an isolated ``FLWR_HOME`` under ``RUN_DIR/flower/``
 (logs there too), telemetry and update checks off. With ``superlink=HOST:PORT`` nothing
 is started: the run is submitted to that SuperLink (TLS with ``root_certificates``).
@@ -159,8 +160,9 @@ class LocalFederation:
         for i in range(self.slots):
             p = free_port()
             node_cfg = f"federation-dir={json.dumps(self.federation)}" if self.federation else ""
-            argv = [_tool("flower-supernode"), "--insecure", "--superlink", self.superlink, "--host", "127.0.0.1",
-                    "--port", str(p), "--isolation", "subprocess"]
+            # fedasr's SuperNode: Flower's (poll patched) + fedasr's executor + a warm client worker
+            argv = [sys.executable, "-m", "fedasr.fl.flower.node", "--insecure", "--superlink", self.superlink,
+                    "--host", "127.0.0.1", "--port", str(p)]
             if node_cfg:
                 argv += ["--node-config", node_cfg]
             self._spawn(f"supernode-{i}", argv, p, r"SuperNode ID: \d+")
@@ -242,8 +244,10 @@ def run_flower(run_dir: Path, federation: Path, config: dict, *, resume: bool = 
     work.mkdir(parents=True, exist_ok=True)
     rd = RunDir(Path(run_dir))
     cores = os.cpu_count() or 1
-    local = None if superlink else LocalFederation(work, slots, max(1, cores // max(1, slots)),
-                                                   str(Path(federation).resolve()))
+    threads = max(1, cores // max(1, slots))  # each slot its share of the cores, at most OMP_NUM_THREADS
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        threads = min(threads, int(os.environ["OMP_NUM_THREADS"]))
+    local = None if superlink else LocalFederation(work, slots, threads, str(Path(federation).resolve()))
     env = flower_env(work / "home")
     run_id = None
     previous = len(rd.metrics()) if resume else 0
