@@ -104,3 +104,18 @@ def test_resume_of_a_run_started_from_a_seed_is_bit_identical(server_federation,
     scratch.run_rounds()
     s = scratch.model.state_dict()
     assert any(not torch.equal(a[k], s[k]) for k in a if a[k].is_floating_point())
+
+
+def test_init_from_a_checkpoint_written_before_a_model_field_existed(server_federation, tmp_path):
+    """A seed whose model config lacks a field added later (conv_norm) is the same
+    architecture when the field's default is what the run uses."""
+    fed = Federation(server_federation)
+    seed = Runner(tmp_path / "seed", fed, cfg("fl.rounds=1", "fl.local_steps=1"), centralized=True, data="server")
+    seed.start()
+    seed.run_rounds()
+    old = torch.load(seed.run.latest(), weights_only=True)
+    del old["model_config"]["conv_norm"]
+    torch.save(old, tmp_path / "old.pt")
+    run = Runner(tmp_path / "run", fed, cfg("fl.rounds=1"))
+    run.start(init_from=tmp_path / "old.pt")
+    assert all(torch.equal(v, seed.model.state_dict()[k]) for k, v in run.model.state_dict().items())

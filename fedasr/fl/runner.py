@@ -237,7 +237,8 @@ class Runner:
             ckpt = read_checkpoint(init_from)
             if ckpt["tokenizer"]["sha256"] != hashlib.sha256(self.tokenizer.proto).hexdigest():
                 raise FedasrError(f"{init_from}: its tokenizer differs from the federation's")
-            if ckpt["model_config"] != self.model.cfg.to_dict():
+            # compared as configs: a checkpoint written before a field existed has its default
+            if ModelConfig.from_dict(ckpt["model_config"]).to_dict() != self.model.cfg.to_dict():
                 raise FedasrError(f"{init_from}: model architecture differs from the run's model config")
             load_weights(self.model, ckpt["model"], init_from)
             init_masks = ckpt["masks"]
