@@ -340,8 +340,9 @@ def plot_curves(rows: list[dict], splits: list[str], title: str):
     for i, split in enumerate(splits):
         key = f"wer_{split}"
         for sch in schemes:
-            pts = sorted((r for r in dense + [r for r in rows if r["scheme"] == sch] if key in r),
-                         key=lambda r: r["model_bytes"])
+            own = [r for r in rows if r["scheme"] == sch]
+            alone = any(r.get("knob") or r.get("server_only") for r in own)  # as in the sparsity panels
+            pts = sorted((r for r in (own if alone else dense + own) if key in r), key=lambda r: r["model_bytes"])
             ax.plot([r["model_bytes"] / 1e6 for r in pts], [100 * r[key] for r in pts], marker="os^v"[i % 4],
                     ls=["-", ":", "-.", "--"][i % 4], color=colors[sch], label=f"{sch} · {split}")
         if dense and key in dense[0]:
