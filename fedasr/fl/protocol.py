@@ -144,14 +144,13 @@ class ClientWorker:
                 cuts = self.fed.server_cuts() if self.data == "server" else self.fed.all_client_cuts()
                 self._data = make_dataset(cuts, self.fed.tokenizer, self.fed.cmvn, self.cfg)
             return self._data
-        if self.cache_clients <= 0:
-            return make_dataset(self.fed.client_cuts(client), self.fed.tokenizer, self.fed.cmvn, self.cfg)
-        data = self._cache.pop(client, None)
+        data = self._cache.pop(client, None)  # (always None without a cache)
         if data is None:
             data = make_dataset(self.fed.client_cuts(client), self.fed.tokenizer, self.fed.cmvn, self.cfg)
-        self._cache[client] = data
-        while len(self._cache) > self.cache_clients:
-            self._cache.pop(next(iter(self._cache)))
+        if self.cache_clients > 0:
+            self._cache[client] = data  # the most recently served last
+            while len(self._cache) > self.cache_clients:
+                self._cache.pop(next(iter(self._cache)))
         return data
 
     def ensure_architecture(self, arch: dict | None) -> None:
