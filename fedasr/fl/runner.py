@@ -1,9 +1,12 @@
-"""The embedded federated engine (and its centralized baseline), with run directories.
+"""A training run's lifecycle: start (or --init-from), rounds, checkpoints, dev
+evaluation, resume.
 
-It runs the shared round protocol (:mod:`fedasr.fl.protocol`) in one process: the server
-side and one reusable client worker exchange the same encoded messages another engine
-would send over a network. The centralized baseline is the same protocol with one client
-that holds the union of the clients' data and keeps its optimizer across rounds.
+Each round is :func:`fedasr.fl.round.run_round` over the run's transport: by default the
+embedded engine (:class:`~fedasr.fl.round.LocalTransport`: one in-process client worker
+exchanges the same encoded messages another engine would send over a network); the
+Flower ServerApp passes its own. The centralized baseline is the same round with one
+client that holds the union of the clients' data (or the server's own data: the seed
+model) and keeps its optimizer across rounds.
 
 Every random choice is derived from (config seed, round, client index), and the whole
 training state (dense weights, masks, server optimiser, pruning-method state, the
@@ -16,11 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 import yaml
@@ -31,49 +32,14 @@ from fedasr.config import RunConfig, parse_config, resolve_device
 from fedasr.data.federation import Federation
 from fedasr.errors import FedasrError
 from fedasr.evaluate import evaluate
-from fedasr.fl.client import derive_seed, make_dataset, train_client
-from fedasr.fl.protocol import PHASE, TRAIN, ClientWorker, RoundInfo, Server, TooFewClients
-from fedasr.fl.server import ClientRejected
+from fedasr.fl.client import ClientWorker, make_dataset, model_config, train_client
+from fedasr.fl.messages import derive_seed
+from fedasr.fl.round import Events, LocalTransport, NoEvents, Transport, run_round
+from fedasr.fl.server import Server, TooFewClients
 from fedasr.fsutil import atomic_write_text, file_sha256
 from fedasr.model.transducer import ModelConfig, Transducer
 from fedasr.rundir import RunDir
 from fedasr.trainer import transducer_loss
-
-# Test hook: `FEDASR_TEST_KILL_IN_ROUND=N` makes the process SIGKILL itself in round N, right
-# after the first client finished (mid-round, before aggregation and the round's checkpoint),
-# so crash/resume tests do not depend on timing.
-KILL_ENV = "FEDASR_TEST_KILL_IN_ROUND"
-
-
-def _test_fault_hook(rnd: int) -> None:
-    if os.environ.get(KILL_ENV) == str(rnd):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-class Events(Protocol):
-    def round_start(self, rnd: int, clients: list[str]) -> None: ...
-    def client_done(self, client: str, ok: bool) -> None: ...
-    def round_end(self, row: dict) -> None: ...
-
-
-class _NoEvents:
-    def round_start(self, rnd, clients): pass
-    def client_done(self, client, ok): pass
-    def round_end(self, row): pass
-
-
-def model_config(cfg: RunConfig, vocab_size: int) -> ModelConfig:
-    try:
-        mcfg = ModelConfig.preset(cfg.model.preset, vocab_size=vocab_size, **cfg.model.overrides)
-    except FedasrError as e:
-        raise FedasrError(f"model: {e}") from None
-    if cfg.train.loss == "pruned" and not mcfg.simple_head:
-        raise FedasrError("train.loss: pruned needs the model's simple-loss heads "
-                          "(model.overrides: {simple_head: true})")
-    if cfg.train.simple_loss_weight > 0 and not mcfg.simple_head:
-        raise FedasrError("train.simple_loss_weight: needs the model's simple-loss heads "
-                          "(model.overrides: {simple_head: true})")
-    return mcfg
 
 
 def dev_subset(cuts: CutSet, cap: int | None) -> CutSet:
@@ -85,45 +51,14 @@ def dev_subset(cuts: CutSet, cap: int | None) -> CutSet:
     return cuts.subset(cut_ids=ids)
 
 
-# a client's failure that drops it from the round (anything else stops the run)
-CLIENT_FAULTS = (ClientRejected, FloatingPointError, RuntimeError, ValueError, KeyError, FedasrError)
-
-
-def _reason(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-
-
-class Transport(Protocol):
-    """How an engine carries a message to clients and their replies back."""
-
-    def exchange(self, rnd: int, kind: str, clients: list[str], payload: bytes,
-                 headers: dict[str, bytes]) -> dict[str, tuple[bytes | None, str | None]]:
-        """Per client: (reply, None), or (None, reason) when it failed."""
-        ...
-
-
-class LocalTransport:
-    """The embedded engine: one in-process client worker handles every client in turn."""
-
-    def __init__(self, worker: ClientWorker):
-        self.worker = worker
-
-    def exchange(self, rnd, kind, clients, payload, headers):
-        out = {}
-        for i, name in enumerate(clients):
-            try:
-                out[name] = (self.worker.handle(headers[name], payload), None)
-            except CLIENT_FAULTS as e:
-                out[name] = (None, _reason(e))
-            if kind == TRAIN and i == 0:
-                _test_fault_hook(rnd)
-        return out
-
-
 class Runner:
+    """``transport``: how rounds reach the clients (default: the embedded engine's
+    in-process worker); ``client_fn``: the embedded worker's local training (tests inject
+    faults with it); ``data``: what the centralized baseline trains on."""
+
     def __init__(self, run_dir: str | Path, fed: Federation, cfg: RunConfig, *, centralized: bool = False,
                  events: Events | None = None, client_fn: Callable = train_client, engine: str = "embedded",
-                 data: str = "clients"):
+                 data: str = "clients", transport: Transport | None = None):
         self.run = RunDir(Path(run_dir))
         self.engine = engine  # recorded in config.yaml
         self.fed = fed
@@ -136,23 +71,24 @@ class Runner:
         if data == "server" and not fed.has_server_data:
             raise FedasrError(f"--data server: {fed.root} holds no server data (shard it with --server-split)")
         self.data = data
-        self.events = events or _NoEvents()
+        self.events = events or NoEvents()
         self.tokenizer = fed.tokenizer
         mcfg = model_config(cfg, self.tokenizer.vocab_size)
         torch.manual_seed(derive_seed(cfg.seed, 0))
         self.device = resolve_device(cfg.device)
         model = Transducer(mcfg)  # the global model: on the CPU (server side)
         local = Transducer(mcfg).to(self.device)  # the client worker's model; dev evaluation
-        self.server = Server(cfg, model, fed.client_ids, centralized=centralized,
-                             tokenizer_sha=hashlib.sha256(self.tokenizer.proto).hexdigest())
-        # the prunable weights of the starting architecture: sparsity is measured against them
-        # (a compacted model has fewer)
-        self.base_sizes = {n: p.numel() for n, p in model.named_parameters() if n in self.server.method.names}
         fl = cfg.fl
         steps = fl.clients_per_round * fl.local_steps if centralized and fl.local_steps is not None else None
         self.worker = ClientWorker(cfg, fed, local, train_fn=client_fn, persistent=centralized,
                                    num_steps=steps if centralized else fl.local_steps, data=data)
-        self.transport: Transport = LocalTransport(self.worker)  # the Flower engine swaps its own in
+        self.transport: Transport = transport or LocalTransport(self.worker)
+        reachable = self.transport.connect(fed.client_ids)  # (the centralized baseline samples none)
+        self.server = Server(cfg, model, fed.client_ids, centralized=centralized, reachable=reachable,
+                             tokenizer_sha=hashlib.sha256(self.tokenizer.proto).hexdigest())
+        # the prunable weights of the starting architecture: sparsity is measured against them
+        # (a compacted model has fewer)
+        self.base_sizes = {n: p.numel() for n, p in model.named_parameters() if n in self.server.method.names}
         self.round = 0
         self.history: list[dict] = []
         dev_splits = [s for s, m in fed.eval_splits.items() if m["role"] == "dev"]
@@ -265,49 +201,6 @@ class Runner:
         return runner
 
     # ---------------------------------------------------------------- rounds
-    def _exchange(self, rnd: int, kind: str, clients: list[str], payload: bytes, absorb, info: RoundInfo) -> None:
-        """Send ``payload`` to every client of the round (through the engine's transport) and
-        absorb the replies in the clients' order (a fixed aggregation order); a client that
-        fails or whose reply is rejected is dropped with its reason."""
-        headers = {name: self.server.client_header(rnd, name) for name in clients}
-        for name in clients:
-            info.bytes_down += self.server.down_bytes(payload, headers[name])
-        replies = self.transport.exchange(rnd, kind, clients, payload, headers)
-        for name in clients:
-            reply, error = replies[name]
-            if reply is not None:
-                try:
-                    absorb(reply, info)
-                except CLIENT_FAULTS as e:
-                    reply, error = None, _reason(e)
-            if error is not None and not any(d["client"] == name for d in info.dropped):
-                info.dropped.append({"client": name, "reason": error})  # (its first failure of the round)
-            if kind == TRAIN:
-                self.events.client_done(name, reply is not None)
-
-    def _round(self, rnd: int) -> dict:
-        server = self.server
-        clients = server.sample_clients(rnd)
-        self.events.round_start(rnd, clients)
-        info = RoundInfo(clients)
-        for phase in server.phases(rnd):
-            self._exchange(rnd, PHASE, clients, server.phase_payload(rnd, phase), server.absorb_phase, info)
-            server.end_phase(rnd, phase, info)
-        payload = server.begin_round(rnd, clients)
-        self._exchange(rnd, TRAIN, clients, payload, server.absorb, info)
-        try:
-            server.end_round(rnd, info)
-        except TooFewClients as e:
-            last = self.run.latest()
-            raise FedasrError(f"{e}; last good checkpoint: {last if last else 'none'}") from None
-        losses = info.losses
-        row = {"clients": clients, "dropped": info.dropped, "examples": info.examples, "processed": info.processed,
-               "client_time": info.client_time, "client_times": info.client_times, "bytes_down": info.bytes_down,
-               "bytes_up": info.bytes_up,
-               "train_loss": sum(losses) / len(losses) if losses else None}
-        row.update(info.metrics)
-        return row
-
     def sparsity_metrics(self) -> dict:
         """Sparsity of the prunable weights against the starting architecture: 1 - nonzero /
         original size (zeros of masks and units a compaction removed alike)."""
@@ -345,7 +238,12 @@ class Runner:
         while self.round < fl.rounds:
             rnd = self.round + 1
             t0 = time.perf_counter()
-            row = {"round": rnd, **self._round(rnd), **self.sparsity_metrics()}
+            try:
+                row = run_round(self.server, self.transport, rnd, self.events)
+            except TooFewClients as e:
+                last = self.run.latest()
+                raise FedasrError(f"{e}; last good checkpoint: {last if last else 'none'}") from None
+            row = {"round": rnd, **row, **self.sparsity_metrics()}
             if self.cfg.eval.due(rnd, fl.rounds):
                 t_eval = time.perf_counter()
                 row.update(self.dev_eval())

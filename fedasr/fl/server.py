@@ -1,4 +1,14 @@
-"""Server side: streaming aggregation of client updates and the server optimisers.
+"""The server side of a federated round: :class:`Server` (the global model, the masks, the
+client sample, the aggregation of replies, the pruning method) and the server optimisers.
+
+A round, as :func:`fedasr.fl.round.run_round` runs it: for each evaluate-only phase of the
+pruning method, :meth:`Server.phase_exchange` -> clients -> :meth:`Server.absorb` per reply
+-> :meth:`Server.finish`; then the same with :meth:`Server.train_exchange`, whose
+:meth:`~Server.finish` steps the server optimiser and asks the method for the next masks.
+Each :class:`Exchange` holds its own aggregation state, so nothing set in one call is read
+by another whose order only the engine knows.
+
+Server optimisers:
 
 Clients return *updates* Δ_i = w_i − w (float parameters) and their BatchNorm running
 statistics. The server keeps one running weighted sum, so memory does not grow with the
@@ -19,83 +29,331 @@ number of clients, and then applies the server optimiser to the averaged update
 over ``server_lr_warmup_rounds``, then constant, cosine or step decay.
 
 BatchNorm rule: running means and variances are not trained by gradients, so they bypass
-the server optimiser. The new global statistics are those of the pooled data: the mean is
-μ̄ = Σ p_i μ_i and the variance Σ p_i (σ²_i + (μ_i − μ̄)²) — within-client variance plus the
-spread of the client means (same p_i); ``num_batches_tracked`` takes the maximum.
+the server optimiser: the new global statistics are those of the pooled data
+(:mod:`fedasr.aggregate`, ``pool_batchnorm``).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from fedasr.config import FLSection
+from fedasr.aggregate import WeightedMean, is_bn_stat
+from fedasr.config import FLSection, RunConfig
+from fedasr.errors import FedasrError
+from fedasr.fl.messages import PHASE, TRAIN, Up, client_header, decode_up, derive_seed, encode_down
+from fedasr.methods import make_method
+from fedasr.methods.base import MethodUpdate, Report, RoundContext
+from fedasr.prune.masks import Masks
 
 
 class ClientRejected(Exception):
-    """A client update that cannot be aggregated (non-finite, wrong shape/keys)."""
+    """A client reply that cannot be aggregated (non-finite, wrong shape/keys): the engine
+    drops that client from the round."""
 
 
-class StreamingAggregator:
-    def __init__(self, global_state: dict[str, torch.Tensor]):
-        self.reference = {k: (tuple(v.shape), v.dtype) for k, v in global_state.items()}
-        self.sum: dict[str, torch.Tensor] = {}
-        self.mean_sq: dict[str, torch.Tensor] = {}  # Σ p_i μ_i² of each BatchNorm running_mean
-        self.weight = 0.0
-        self.count = 0
+class TooFewClients(FedasrError):
+    """Fewer than ``fl.min_clients`` clients of a round succeeded."""
 
-    def check(self, update: dict[str, torch.Tensor]) -> None:
-        if set(update) != set(self.reference):
-            extra = sorted(set(update) ^ set(self.reference))
-            raise ClientRejected(f"update keys differ from the model ({extra[0]})")
-        for k, v in update.items():
-            shape, _ = self.reference[k]
-            if tuple(v.shape) != shape:
-                raise ClientRejected(f"{k}: shape {tuple(v.shape)}, expected {shape}")
-            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                raise ClientRejected(f"{k}: non-finite values")
 
-    def add(self, update: dict[str, torch.Tensor], weight: float) -> None:
-        """Validate and fold one client's update (deltas and BN statistics) into the sum."""
-        self.check(update)
-        if not weight > 0 or not math.isfinite(weight):
-            raise ClientRejected(f"bad aggregation weight {weight}")
-        for k, v in update.items():
-            if k.endswith("num_batches_tracked"):
-                self.sum[k] = torch.maximum(self.sum[k], v) if k in self.sum else v.clone()
-                continue
-            v64 = v.double() * weight
-            if k in self.sum:
-                self.sum[k] += v64
-            else:
-                self.sum[k] = v64
-            if k.endswith("running_mean"):
-                sq = v.double().square() * weight
-                self.mean_sq[k] = self.mean_sq[k] + sq if k in self.mean_sq else sq
-        self.weight += weight
-        self.count += 1
+@contextmanager
+def rejecting(prefix: str = ""):
+    """A client's data that fails validation rejects the client."""
+    try:
+        yield
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise ClientRejected(f"{prefix}{e}") from None
 
-    def mean(self) -> dict[str, torch.Tensor]:
-        out = {k: v if k.endswith("num_batches_tracked") else v / self.weight for k, v in self.sum.items()}
-        pool_batchnorm_variances(out, self.mean_sq, self.weight)
+
+@dataclass
+class RoundInfo:
+    """What a round did: its clients, those dropped (with the reason), bytes, losses and
+    the pruning method's metrics; :meth:`row` is its line of metrics.jsonl."""
+
+    clients: list[str]
+    dropped: list[dict] = field(default_factory=list)
+    examples: int = 0
+    processed: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    client_time: float = 0.0
+    client_times: list[float] = field(default_factory=list)  # each absorbed reply's client_seconds
+    losses: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+
+    def drop(self, client: str, reason: str) -> None:
+        if not any(d["client"] == client for d in self.dropped):
+            self.dropped.append({"client": client, "reason": reason})  # (its first failure of the round)
+
+    def row(self) -> dict:
+        losses = self.losses
+        row = {"clients": self.clients, "dropped": self.dropped, "examples": self.examples,
+               "processed": self.processed, "client_time": self.client_time, "client_times": self.client_times,
+               "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
+               "train_loss": sum(losses) / len(losses) if losses else None}
+        row.update(self.metrics)
+        return row
+
+
+@dataclass
+class Exchange:
+    """One message to the round's clients and the state that absorbs their replies."""
+
+    kind: str  # TRAIN or PHASE
+    rnd: int
+    phase: str | None
+    payload: bytes
+    reports: object  # the pruning method's aggregator of client reports
+    updates: WeightedMean | None = None  # TRAIN: the clients' updates, in the dense shapes
+    plan: object = None  # TRAIN: the compaction clients train (fl.client_model), or None
+    small: WeightedMean | None = None  # with a plan: checks a reply's (compacted) shapes
+    count: int = 0  # replies absorbed
+
+
+class Server:
+    """The server side: the global model (dense master weights: a pruned position keeps its
+    last value here, clients get ``weights x masks``), the masks, the server optimiser, the
+    pruning method, the client sample, and the aggregation of every reply.
+
+    ``clients``: every client of the federation (a client's seed index is its place among
+    them); ``reachable``: those an engine can serve, sampled from (default: all)."""
+
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, clients: list[str], *, centralized: bool = False,
+                 tokenizer_sha: str | None = None, reachable: list[str] | None = None):
+        self.cfg = cfg
+        self.model = model  # on the CPU
+        self.client_index = {c: i for i, c in enumerate(sorted(clients))}  # a client's seed index: fixed
+        self.clients = sorted(reachable if reachable is not None else clients)  # those sampled from
+        self.centralized = centralized
+        self.tokenizer_sha = tokenizer_sha
+        if centralized:  # one client: the server takes its weights as they are
+            fl = type(cfg.fl)(**{**cfg.fl.__dict__, "aggregation": "fedavg", "server_lr": 1.0,
+                                  "server_lr_schedule": "constant", "server_lr_warmup_rounds": 0})
+            self.server_opt = ServerOptimizer(fl)
+        else:
+            self.server_opt = ServerOptimizer(cfg.fl)
+        self.method = make_method(cfg.pruning, model, cfg.fl.rounds, cfg.seed)
+        self.masks: Masks = {}
+        self.lr_step = 0
+
+    # ---------------------------------------------------------------- state
+    def weights(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.state_dict())
+
+    def ctx(self, rnd: int) -> RoundContext:
+        return RoundContext(rnd, self.cfg.fl.rounds, self.weights(), self.masks, self.model)
+
+    def arch(self) -> dict:
+        return self.model.cfg.to_dict()
+
+    @torch.no_grad()
+    def served_state(self) -> dict[str, torch.Tensor]:
+        """What clients receive and what is evaluated and checkpointed: weights x masks."""
+        out = {}
+        for k, v in self.model.state_dict().items():
+            m = self.masks.get(k)
+            out[k] = v.detach().clone() if m is None else v.detach() * m.to(v.dtype)
         return out
 
+    def start(self, init_masks: Masks | None = None) -> None:
+        ctx = RoundContext(1, self.cfg.fl.rounds, self.weights(), dict(init_masks or {}))
+        self.masks = self.method.init(ctx)
 
-def pool_batchnorm_variances(means: dict[str, torch.Tensor], mean_sq_sums: dict[str, torch.Tensor],
-                             weight: float) -> None:
-    """In place: turn each weighted mean of client variances ``X.running_var`` in ``means``
-    into the variance of the pooled data, Σp_i(σ²_i + μ_i²) − μ̄², given the weighted sums
-    Σw_iμ_i² of ``X.running_mean`` (``mean_sq_sums``) and the total weight."""
-    for k in means:
-        if k.endswith("running_var"):
-            m = k[: -len("running_var")] + "running_mean"
-            if m in mean_sq_sums:
-                means[k] = means[k] + mean_sq_sums[m] / weight - means[m].square()
+    def state_dict(self) -> dict:
+        dense = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k in self.masks}
+        return {"lr_step": self.lr_step, "server_optimizer": self.server_opt.state_dict(),
+                "method": self.method.state_dict(), "dense_masked": dense}
 
+    def load_state_dict(self, st: dict, served: dict[str, torch.Tensor], masks: Masks, arch: dict,
+                        source: str = "checkpoint") -> None:
+        """``served``: the checkpoint's (masked) weights of architecture ``arch`` (a compacted
+        run's own widths); the dense values of the masked tensors come from the state."""
+        from fedasr.checkpoint import load_weights
 
-def is_bn_stat(name: str) -> bool:
-    return name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+        if arch != self.model.cfg.to_dict():
+            from fedasr.model.transducer import ModelConfig, Transducer
+
+            with torch.random.fork_rng():
+                self.model = Transducer(ModelConfig.from_dict(arch))
+        load_weights(self.model, {**served, **st.get("dense_masked", {})}, source)
+        self.masks = dict(masks)
+        self.lr_step = int(st["lr_step"])
+        self.server_opt.load_state_dict(st["server_optimizer"])
+        self.method.load_state_dict(st.get("method", {}))
+
+    # ---------------------------------------------------------------- the round's clients
+    def sample_clients(self, rnd: int) -> list[str]:
+        if self.centralized:
+            return ["centralized"]
+        fl = self.cfg.fl
+        k = fl.clients_per_round
+        if fl.client_fraction is not None:
+            k = max(1, round(fl.client_fraction * len(self.clients)))
+        k = min(k, len(self.clients))
+        rng = np.random.default_rng(derive_seed(self.cfg.seed, rnd, 1_000_003))
+        return [self.clients[i] for i in sorted(rng.choice(len(self.clients), k, replace=False).tolist())]
+
+    def client_header(self, rnd: int, client: str) -> bytes:
+        idx = 0 if self.centralized else self.client_index[client]
+        return client_header(client, derive_seed(self.cfg.seed, rnd, idx), self.lr_step)
+
+    def _count(self, n: int) -> int:
+        return 0 if self.centralized else n  # the centralized baseline sends nothing
+
+    def down_bytes(self, payload: bytes, header: bytes) -> int:
+        return self._count(len(payload) + len(header))
+
+    # ---------------------------------------------------------------- messages
+    def phases(self, rnd: int) -> list[str]:
+        """The pruning method's evaluate-only phases before this round's training."""
+        return self.method.phases(rnd)
+
+    def phase_exchange(self, rnd: int, phase: str) -> Exchange:
+        ctx = self.ctx(rnd)
+        instructions, masks = self.method.phase_instructions(phase, ctx)
+        payload = encode_down(PHASE, rnd, phase, self.weights(), self.masks if masks is None else masks, instructions,
+                              self.arch(), self.tokenizer_sha)
+        return Exchange(PHASE, rnd, phase, payload, self.method.phase_aggregator(phase, ctx))
+
+    def client_plan(self, rnd: int):
+        """The compaction clients train this round (``fl.client_model``), or None: they
+        train the full model with the masks. ``compact`` with masks outside whole units is
+        an error naming how many; ``auto`` falls back to masked training then."""
+        mode = self.cfg.fl.client_model
+        if mode == "masked" or self.centralized or not self.masks:
+            return None  # (the centralized client keeps its optimizer on one architecture)
+        from fedasr.model.compact import whole_unit_plan
+
+        plan, leftover = whole_unit_plan(self.model, self.masks)
+        if leftover:
+            if mode == "compact":
+                total = sum(int((~m).sum()) for m in self.masks.values())
+                raise FedasrError(f"fl.client_model: compact: {leftover:,} of round {rnd}'s {total:,} masked weights "
+                                  f"are not in whole units (use fl.client_model: auto to train those rounds masked)")
+            return None
+        return plan
+
+    def train_exchange(self, rnd: int) -> Exchange:
+        """The round's training message. With a compaction (:meth:`client_plan`) clients get
+        the smaller dense model (the kept units' master values, its architecture, no masks)
+        and send updates of its shapes, which :meth:`absorb` scatters back into the dense
+        shapes (zero deltas and the server's own BatchNorm statistics at removed units)."""
+        ctx = self.ctx(rnd)
+        instructions = self.method.configure(ctx)
+        ex = Exchange(TRAIN, rnd, None, b"", self.method.report_aggregator(ctx),
+                      updates=WeightedMean(self.model.state_dict(), pool_batchnorm=True), plan=self.client_plan(rnd))
+        if ex.plan is None:
+            ex.payload = encode_down(TRAIN, rnd, None, self.weights(), self.masks, instructions, self.arch(),
+                                     self.tokenizer_sha)
+        else:
+            weights = ex.plan.apply(self.weights())
+            ex.small = WeightedMean(weights)
+            ex.payload = encode_down(TRAIN, rnd, None, weights, {}, instructions, ex.plan.config.to_dict(),
+                                     self.tokenizer_sha)
+        return ex
+
+    def _weight(self, meta: dict) -> float:
+        """A client's aggregation weight (``fl.weighting``); evaluate-only phases process no
+        training utterances, so there ``processed`` weighs by the dataset size."""
+        fl = self.cfg.fl
+        if fl.weighting == "uniform":
+            return 1.0
+        if fl.weighting == "processed" and meta.get("kind") != PHASE:
+            return float(meta.get("metrics", {}).get("processed", 0))
+        return float(meta["num_examples"])
+
+    def _expand(self, ex: Exchange, up: Up) -> Up:
+        """A compacted client's reply in the dense shapes: its deltas with zeros at the
+        removed positions (frozen there by the server optimiser as any pruned position),
+        its BatchNorm statistics with the server's own values of removed channels, and the
+        report tensors named after a model tensor (e.g. mean |grad|) with zeros there."""
+        plan = ex.plan
+        with rejecting():
+            ex.small.check(up.update)
+        state = self.model.state_dict()
+        base = {k: v if is_bn_stat(k) or not v.is_floating_point() else torch.zeros_like(v) for k, v in state.items()}
+        update = plan.scatter(up.update, base)
+        shapes = plan.shapes()
+        tensors = {}
+        for k, v in up.report.tensors.items():
+            if k in state and tuple(v.shape) == shapes[k] and v.shape != state[k].shape:
+                v = plan.scatter({k: v}, {k: torch.zeros(state[k].shape, dtype=v.dtype)})[k]
+            tensors[k] = v
+        return Up(update, Report(tensors, up.report.meta), up.meta)
+
+    def absorb(self, ex: Exchange, reply: bytes, info: RoundInfo) -> None:
+        """Fold one client's reply into the exchange; a bad one raises
+        :class:`ClientRejected` (the engine drops the client) and leaves nothing behind."""
+        up = decode_up(reply)
+        weight = self._weight(up.meta)
+        if ex.kind == TRAIN:
+            if ex.plan is not None:
+                up = self._expand(ex, up)
+            metrics = up.meta.get("metrics", {})
+            if not math.isfinite(float(metrics.get("loss", 0.0))):
+                raise ClientRejected(f"non-finite loss {metrics['loss']}")
+            if not weight > 0 or not math.isfinite(weight):
+                raise ClientRejected(f"bad aggregation weight {weight}")
+            with rejecting():
+                ex.updates.check(up.update)  # check all, then add
+        with rejecting("bad report: "):
+            ex.reports.add(up.report, weight)  # (aggregators validate a report before folding it in)
+        if ex.kind == TRAIN:
+            ex.updates.fold(up.update, weight)
+            info.examples += int(up.meta["num_examples"])
+            info.processed += int(metrics.get("processed", 0))
+            info.losses.append(float(metrics.get("loss", float("nan"))))
+            info.steps.append(int(metrics.get("steps", 0)))
+        info.bytes_up += self._count(len(reply))
+        info.client_time += float(up.meta.get("client_seconds", 0.0))
+        info.client_times.append(round(float(up.meta.get("client_seconds", 0.0)), 4))
+        ex.count += 1
+
+    def finish(self, ex: Exchange, info: RoundInfo) -> None:
+        """After every reply of the exchange: a phase ends with the method's decision on it
+        (e.g. FedTiny's candidate); training with the server optimiser's step on the dense
+        weights (pruned positions frozen), then the method's update: the next masks."""
+        needed = 1 if self.centralized else self.cfg.fl.min_clients
+        if ex.count < needed:
+            where = f" in phase {ex.phase!r}" if ex.kind == PHASE else ""
+            raise TooFewClients(f"round {ex.rnd}: only {ex.count} of {len(info.clients)} clients succeeded{where} "
+                                f"(fl.min_clients={needed}); first failure: "
+                                f"{info.dropped[0]['reason'] if info.dropped else 'none'}")
+        if ex.kind == PHASE:
+            self._apply(self.method.end_phase(ex.phase, self.ctx(ex.rnd), ex.reports), info)
+            return
+        self.server_opt.step(self.model.state_dict(), ex.updates.result(), self.masks, rnd=ex.rnd)
+        self.lr_step += max(info.steps) if info.steps else 0
+        self._apply(self.method.update(self.ctx(ex.rnd), ex.reports), info)
+
+    @torch.no_grad()
+    def _apply(self, upd: MethodUpdate, info: RoundInfo) -> None:
+        self.masks = upd.masks
+        state = self.model.state_dict()
+        for name, pos in upd.reset.items():
+            state[name][pos] = 0.0
+            self.server_opt.reset(name, pos)
+        info.metrics.update(upd.metrics)
+        if upd.keep:
+            self.compact(upd.keep)
+            info.metrics["widths"] = dict(self.model.cfg.widths or {})
+
+    @torch.no_grad()
+    def compact(self, keep: dict[str, torch.Tensor]) -> None:
+        """Shrink the model physically: surviving weights, the server optimiser's state and
+        the masks follow the same index selection (nothing is re-initialised)."""
+        from fedasr.model.compact import CompactionPlan
+
+        plan = CompactionPlan(self.model, keep)
+        self.model = plan.build()
+        self.server_opt.state = {name: {k: plan.apply({name: t})[name] for k, t in st.items()}
+                                 for name, st in self.server_opt.state.items()}
+        self.masks = {n: m for n, m in plan.apply(self.masks).items() if not bool(m.all())}
 
 
 class ServerOptimizer:

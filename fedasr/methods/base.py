@@ -1,29 +1,48 @@
-"""The pruning-method interface: one class per method, registered by name.
+"""The pruning-method interface: what a new pruning method needs, in one place.
 
-A federated round, as every engine runs it (:mod:`fedasr.fl.protocol`)::
+A method is a subclass of :class:`PruningMethod` decorated with :func:`register`, imported
+in ``fedasr/methods/__init__.py`` (that import is its registration line). It is selected
+by ``pruning.method: NAME`` and configured by ``pruning.NAME: {...}``, parsed into its
+``Config`` dataclass (``validate(prefix)`` and, optionally, ``check_common(pruning,
+prefix)`` raise a one-line FedasrError naming the field); the common keys
+(``target_sparsity``, ``include``, ``exclude``) live in ``pruning`` itself. The engine
+builds one instance on the server and one in every client worker
+(:func:`fedasr.methods.make_method`); the server's holds all state.
 
-    server  phases(r)                     evaluate-only client phases before training (may be none)
-            for each phase p:
-    server    phase_instructions(r, p)    -> Instructions (tensors + JSON meta), sent with the weights
-    client    client_phase(p, ...)        -> Report (forward passes only, on the client's data)
-    server    phase_aggregator(r, p)      streaming: add(report, weight) ... then end_phase(r, p, agg)
-    server  configure(r)                  -> Instructions for training (sent with weights and masks)
-    client  client_hooks(instructions)    -> ClientHooks: after_backward / after_step during local
-                                             training, report() at the end
-    server  report_aggregator(r)          streaming: add(report, weight) per client
-    server  update(r, weights, agg)       -> MethodUpdate: masks for the next round (+ positions to
-                                             reset, + units to keep: a smaller architecture)
+A federated round (:func:`fedasr.fl.round.run_round`) calls the hooks in this order::
 
-Everything sent is encoded by :mod:`fedasr.codec` (instructions and reports as their own
-tensors: a top-K report travels as K indices + K values) and counted where it is encoded.
-A method owns its state (schedules, candidate pools, last reports) in ``state_dict`` for
-exact resume. The server's weights are the *dense master* copy: a pruned position keeps
-its last value there (and the server optimiser freezes it), clients receive and train
-``weights x masks``.
+    server  init(ctx)                          -> Masks, once, before round 1 (ctx.masks: an
+                                                  --init-from checkpoint's, or none)
+    for each phase p in phases(r):             evaluate-only client phases before training
+      server  phase_instructions(p, ctx)       -> (Instructions, masks to send or None)
+      client  client_phase(p, model, weights, masks, batches, instructions) -> Report
+                                                  (forward passes only, on the client's data)
+      server  phase_aggregator(p, ctx)         -> aggregator: add(report, weight) per client
+      server  end_phase(p, ctx, aggregator)    -> MethodUpdate
+    server  configure(ctx)                     -> Instructions for training
+    client  client_hooks(masks, instructions)  -> ClientHooks: after_backward / after_step in
+                                                  every local step, report() at the end
+    server  report_aggregator(ctx)             -> aggregator: add(report, weight) per client
+    server  update(ctx, aggregator)            -> MethodUpdate: the next round's masks (+
+                                                  positions to reset, + units to keep: a
+                                                  smaller architecture, + metrics)
 
-A method has its own config block: ``pruning.method: NAME`` selects it and
-``pruning.NAME: {...}`` configures it (a dataclass, ``Config``); the common keys
-(``target_sparsity``, ``include``, ``exclude``) live in ``pruning`` itself.
+- ``ctx`` is a :class:`RoundContext`: the round, the dense master weights (a pruned
+  position keeps its last value there and the server optimiser freezes it; clients train
+  ``weights x masks``), the masks, the server's model (its group table and widths).
+- Masks are boolean tensors keyed by parameter name (True: kept), for names among
+  ``self.names`` (the prunable parameters of ``pruning.include``/``exclude``).
+- An aggregator is any object with ``add(report, weight)`` (raise ``ValueError`` on a bad
+  report: the client is dropped and nothing of it is kept) and whatever the method reads
+  back; :class:`MeanAggregator` (weighted means, pooled BatchNorm statistics) is the
+  default.
+- Everything sent is encoded by :mod:`fedasr.codec` (instructions and reports as their own
+  tensors: a top-K report travels as K indices + K values) and counted as bytes.
+- ``state_dict``/``load_state_dict`` hold every piece of state between rounds (schedules,
+  candidate pools, last reports), so a resumed run is bit-identical.
+- ``whole_unit_masks(cfg)`` says why the masks are never whole units (then
+  ``fl.client_model: compact`` is refused), or None.
+- ``tests/test_method_contract.py`` runs every registered method through these hooks.
 """
 
 from __future__ import annotations
@@ -34,6 +53,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
+from fedasr.aggregate import WeightedMean
 from fedasr.prune.masks import Masks, apply_masks, mask_gradients, prunable_names
 
 Tensors = dict[str, torch.Tensor]
@@ -119,28 +139,26 @@ class GradientMeanHooks(ClientHooks):
 
 
 class MeanAggregator:
-    """Streaming weighted mean of report tensors (float64 sums; memory does not grow with
-    the number of clients)."""
+    """The default aggregator of client reports: the streaming weighted mean of their
+    tensors (:class:`fedasr.aggregate.WeightedMean`); ``pool_batchnorm``: BatchNorm
+    statistics become those of the pooled data."""
 
-    def __init__(self):
-        self.sums: Tensors = {}
-        self.weight = 0.0
-        self.count = 0
+    def __init__(self, pool_batchnorm: bool = False):
+        self.mean = WeightedMean(pool_batchnorm=pool_batchnorm)
+
+    @property
+    def weight(self) -> float:
+        return self.mean.weight
+
+    @property
+    def count(self) -> int:
+        return self.mean.count
 
     def add(self, report: Report, weight: float) -> None:
-        for k, v in report.tensors.items():  # validate everything first: a rejected report adds nothing
-            if k in self.sums and tuple(v.shape) != tuple(self.sums[k].shape):
-                raise ValueError(f"{k}: shape {tuple(v.shape)}, the others sent {tuple(self.sums[k].shape)}")
-            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                raise ValueError(f"{k}: non-finite values")
-        for k, v in report.tensors.items():
-            v = v.double() * weight
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.weight += weight
-        self.count += 1
+        self.mean.add(report.tensors, weight)  # (validated first: a rejected report adds nothing)
 
     def result(self) -> Tensors:
-        return {k: v / self.weight for k, v in self.sums.items()} if self.weight else {}
+        return self.mean.result()
 
 
 @dataclass

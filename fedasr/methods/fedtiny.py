@@ -50,7 +50,6 @@ import torch
 from torch import nn
 
 from fedasr.errors import FedasrError
-from fedasr.fl.server import pool_batchnorm_variances
 from fedasr.methods.base import (ClientHooks, GradientMeanHooks, Instructions, MeanAggregator, MethodUpdate,
                                  PruningMethod, Report, RoundContext, register)
 from fedasr.prune.masks import Masks, apply_masks
@@ -178,25 +177,6 @@ class TopKAggregator:
         return {n: (s / self.weight).view(self.shapes[n]) for n, s in self.scores.items()} if self.weight else {}
 
 
-class PooledBatchNormAggregator(MeanAggregator):
-    """Server side of ``bn_stats``: per candidate, the statistics of the pooled data."""
-
-    def __init__(self):
-        super().__init__()
-        self.mean_sq: dict[str, torch.Tensor] = {}
-
-    def add(self, report: Report, weight: float) -> None:
-        super().add(report, weight)
-        for k, v in report.tensors.items():
-            if k.endswith("running_mean"):
-                self.mean_sq[k] = self.mean_sq.get(k, 0) + weight * v.double().square()
-
-    def result(self) -> dict[str, torch.Tensor]:
-        out = super().result()
-        pool_batchnorm_variances(out, self.mean_sq, self.weight)
-        return out
-
-
 # ---------------------------------------------------------------------------- the method
 @register
 class FedTiny(PruningMethod):
@@ -290,7 +270,7 @@ class FedTiny(PruningMethod):
         return Instructions(tensors, meta), self._union()  # weights travel masked by the union
 
     def phase_aggregator(self, phase: str, ctx: RoundContext):
-        return PooledBatchNormAggregator() if phase == "bn_stats" else MeanAggregator()
+        return MeanAggregator(pool_batchnorm=phase == "bn_stats")  # bn_stats: the pooled data's statistics
 
     def end_phase(self, phase: str, ctx: RoundContext, aggregator) -> MethodUpdate:
         res = aggregator.result()

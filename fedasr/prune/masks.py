@@ -12,6 +12,7 @@ from fnmatch import fnmatch
 import torch
 from torch import nn
 
+from fedasr.aggregate import is_bn_stat
 from fedasr.errors import FedasrError
 
 Masks = dict[str, torch.Tensor]
@@ -66,10 +67,6 @@ def sparsity_report(state: dict[str, torch.Tensor], names: list[str]) -> dict:
         per_layer[n] = z / t.numel()
         total += t.numel()
         zeros += z
-    all_params = sum(t.numel() for k, t in state.items() if t.is_floating_point() and not _is_buffer_name(k))
+    all_params = sum(t.numel() for k, t in state.items() if t.is_floating_point() and not is_bn_stat(k))
     return {"sparsity": zeros / max(1, total), "prunable": total, "prunable_zeros": zeros,
             "prunable_fraction": total / max(1, all_params), "per_layer": per_layer}
-
-
-def _is_buffer_name(name: str) -> bool:
-    return name.endswith(("running_mean", "running_var", "num_batches_tracked"))

@@ -36,20 +36,12 @@ def _worker(context: Context):
     if key not in _WORKERS:
         import torch
 
-        from fedasr.config import parse_config, resolve_device
-        from fedasr.data.federation import Federation
-        from fedasr.fl.protocol import ClientWorker
-        from fedasr.fl.runner import model_config
-        from fedasr.model.transducer import Transducer
+        from fedasr.fl.client import ClientWorker
 
         if "OMP_NUM_THREADS" in os.environ:
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        cfg = parse_config(json.loads(context.run_config["config"]))
-        fed = Federation(_federation(context))
-        with torch.random.fork_rng():
-            model = Transducer(model_config(cfg, fed.tokenizer.vocab_size)).to(resolve_device(cfg.device))
         _WORKERS.clear()
-        _WORKERS[key] = ClientWorker(cfg, fed, model)
+        _WORKERS[key] = ClientWorker.for_run(json.loads(context.run_config["config"]), _federation(context))
     return _WORKERS[key]
 
 

@@ -28,16 +28,13 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = Path(rc["run-dir"])
     try:
         patch_grid()  # replies' objects: retried after 0.05 s, not 1 s (checked against flwr's source)
+        transport = FlowerTransport(grid, float(rc.get("round-timeout", 900.0)), log=lambda s: print(s, flush=True))
         if rc.get("resume"):
-            runner = Runner.resume(run_dir, federation=rc["federation"] or None, engine="flower")
+            runner = Runner.resume(run_dir, federation=rc["federation"] or None, engine="flower", transport=transport)
         else:
             cfg = parse_config(json.loads(rc["config"]))
-            runner = Runner(run_dir, Federation(rc["federation"]), cfg, engine="flower")
+            runner = Runner(run_dir, Federation(rc["federation"]), cfg, engine="flower", transport=transport)
             runner.start(overwrite=True, init_from=rc.get("init-from") or None)
-        runner.transport = FlowerTransport(grid, runner.server.clients, float(rc.get("round-timeout", 900.0)),
-                                           log=lambda s: print(s, flush=True))
-        if runner.transport.clients is not None:  # SuperNodes for some clients only: sample among them
-            runner.server.clients = runner.transport.clients
         runner.run_rounds()
     except FedasrError as e:  # one line, for `fedasr train` to show
         print(f"fedasr error: {e}", file=sys.stderr, flush=True)

@@ -21,7 +21,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from fedasr.errors import FedasrError
 from fedasr.fl.flower import patches
 from fedasr.fl.flower.wire import pack, unpack  # noqa: F401 - re-exported
-from fedasr.fl.protocol import PHASE
+from fedasr.fl.messages import PHASE
 
 NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode
 MESSAGE_UNAVAILABLE = 3  # a reply whose objects never arrived (its SuperNode died uploading it)
@@ -30,20 +30,22 @@ KIND_TO_TYPE = {PHASE: "query.phase", "train": "train"}
 
 
 class FlowerTransport:
-    def __init__(self, grid, clients: list[str], round_timeout: float = 900.0, poll: float = 0.05,
-                 wait_nodes: float = 300.0, log: Callable[[str], None] = lambda s: None):
+    def __init__(self, grid, round_timeout: float = 900.0, poll: float = 0.05, wait_nodes: float = 300.0,
+                 log: Callable[[str], None] = lambda s: None):
         self.grid = grid
         self.round_timeout = round_timeout
         self.poll = poll
+        self.wait_nodes = wait_nodes
         self.log = log
         self.dead: set[int] = set()
         self._deadline: tuple[int, float] | None = None  # (round, monotonic deadline)
-        self.owner: dict[int, str | None] = self._discover(set(clients), wait_nodes)
+        self.owner: dict[int, str | None] = {}
 
-    @property
-    def clients(self) -> list[str] | None:
-        """The clients that can be served: None when slots serve any client, else those
-        whose own SuperNode answered (the server samples among them)."""
+    def connect(self, clients: list[str]) -> list[str] | None:
+        """Find the SuperNodes (:meth:`_discover`); the clients that can be served: None when
+        slots serve any client, else those whose own SuperNode answered (the server samples
+        among them)."""
+        self.owner = self._discover(set(clients), self.wait_nodes)
         if any(c is None for c in self.owner.values()):
             return None
         return sorted(c for c in self.owner.values() if c is not None)

@@ -38,21 +38,11 @@ class Worker:
 
     def _client(self, key: bytes):
         if key != self.key:
-            import torch
-
-            from fedasr.config import parse_config, resolve_device
-            from fedasr.data.federation import Federation
-            from fedasr.fl.protocol import ClientWorker
-            from fedasr.fl.runner import model_config
-            from fedasr.model.transducer import Transducer
+            from fedasr.fl.client import ClientWorker
 
             self.client = self.key = None  # the previous run's state goes first
             k = json.loads(key)
-            cfg = parse_config(json.loads(k["config"]))
-            fed = Federation(k["federation"])
-            with torch.random.fork_rng():
-                model = Transducer(model_config(cfg, fed.tokenizer.vocab_size)).to(resolve_device(cfg.device))
-            self.client = ClientWorker(cfg, fed, model, cache_clients=self.cache_clients)
+            self.client = ClientWorker.for_run(json.loads(k["config"]), k["federation"], self.cache_clients)
             self.key = key
         return self.client
 
