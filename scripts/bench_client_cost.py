@@ -82,8 +82,8 @@ def prepare(args, name: str, sets: list[str], out: Path) -> dict:
     import torch
 
     from fedasr.data.federation import Federation
-    from fedasr.fl.protocol import RoundInfo, Server
-    from fedasr.fl.runner import model_config
+    from fedasr.fl.client import model_config
+    from fedasr.fl.server import RoundInfo, Server
     from fedasr.model.transducer import Transducer
 
     cfg = config(args, sets)
@@ -100,13 +100,14 @@ def prepare(args, name: str, sets: list[str], out: Path) -> dict:
             server._apply(server.method.update(server.ctx(rnd), None), RoundInfo([]))
     rnd = 1
     client = sorted(fed.client_ids)[0]
-    payload = server.begin_round(rnd, [client])
+    ex = server.train_exchange(rnd)
+    payload = ex.payload
     header = server.client_header(rnd, client)
     (out / "payload").write_bytes(payload)
     (out / "header").write_bytes(header)
     nonzero = sum(int((v != 0).sum()) for k, v in server.served_state().items()
                   if k in dict(server.model.named_parameters()))
-    return {"server": server, "client": client, "bytes_down": server.down_bytes(payload, header),
+    return {"server": server, "exchange": ex, "client": client, "bytes_down": server.down_bytes(payload, header),
             "dense_params": dense_params, "nonzero": nonzero}
 
 
@@ -143,7 +144,8 @@ def client(args) -> None:
 
     from fedasr.data.federation import Federation
     from fedasr.fl.client import train_client
-    from fedasr.fl.protocol import ClientWorker, decode_down
+    from fedasr.fl.client import ClientWorker
+    from fedasr.fl.messages import decode_down
     from fedasr.model.transducer import ModelConfig, Transducer
 
     torch.set_num_threads(1)
@@ -261,7 +263,7 @@ def main() -> None:
     if args.work:
         client(args)
         return
-    from fedasr.fl.protocol import RoundInfo
+    from fedasr.fl.server import RoundInfo
 
     t_start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="bench_client_cost_"))
@@ -281,7 +283,7 @@ def main() -> None:
             row = json.loads(out.stdout.strip().splitlines()[-1])
             if rep == 0:  # the server absorbs the reply (a check that it is a valid update): bytes up
                 info = RoundInfo([prep["client"]])
-                prep["server"].absorb((tmp / str(i) / "reply").read_bytes(), info)
+                prep["server"].absorb(prep["exchange"], (tmp / str(i) / "reply").read_bytes(), info)
                 row["bytes_up"] = info.bytes_up
             measured.setdefault(name, []).append(row)
     rows = []

@@ -35,8 +35,8 @@ def scenario(args) -> None:
 
     from fedasr.config import load_config
     from fedasr.data.federation import Federation
-    from fedasr.fl.protocol import ClientWorker, RoundInfo, Server
-    from fedasr.fl.runner import model_config
+    from fedasr.fl.client import ClientWorker, model_config
+    from fedasr.fl.server import RoundInfo, Server
     from fedasr.model.transducer import Transducer
 
     torch.set_num_threads(1)
@@ -66,14 +66,15 @@ def scenario(args) -> None:
     rnd = 1
     client = sorted(fed.client_ids)[0]
     worker = ClientWorker(cfg, fed, Transducer(mcfg))
-    payload = server.begin_round(rnd, [client])
+    ex = server.train_exchange(rnd)
+    payload = ex.payload
     header = server.client_header(rnd, client)
     worker.dataset(client)  # warm the manifest reader
     before = rss_kb()
     reply = worker.handle(header, payload)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     info = RoundInfo([client])
-    server.absorb(reply, info)
+    server.absorb(ex, reply, info)
     print(json.dumps({"name": args.name, "peak_kb": peak, "before_kb": before, "bytes_up": info.bytes_up,
                       "instructions": sorted(server.method.configure(server.ctx(rnd)).meta)}))
 

@@ -27,7 +27,7 @@ def main() -> None:
     from fedasr.config import load_config
     from fedasr.data.federation import Federation
     from fedasr.fl.client import make_dataset
-    from fedasr.fl.runner import model_config
+    from fedasr.fl.client import model_config
     from fedasr.model.transducer import Transducer
     from fedasr.trainer import make_optimizer, transducer_loss
 

@@ -267,7 +267,7 @@ def test_compact_refuses_masks_outside_whole_units_and_auto_falls_back():
     """A 2-layer LSTM predictor cannot shrink (one hidden size for all layers), so its unit
     masks stay outside any compaction."""
     from fedasr.errors import FedasrError
-    from fedasr.fl.protocol import Server
+    from fedasr.fl.server import Server
 
     model = Transducer(ModelConfig.from_dict({**MICRO_MODEL, "pred_layers": 2}))
     for mode in ("compact", "auto", "masked"):

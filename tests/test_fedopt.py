@@ -141,7 +141,7 @@ def test_server_lr_schedule_by_round():
 
 def test_centralized_runs_ignore_the_server_schedule():
     """--centralized takes the client's weights as they are: a server schedule would scale them."""
-    from fedasr.fl.protocol import Server
+    from fedasr.fl.server import Server
 
     cfg = load_config(None, ["fl.server_lr_schedule=cosine", "fl.server_lr_warmup_rounds=3",
                              "fl.aggregation=fedlamb"])

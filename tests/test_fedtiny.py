@@ -10,10 +10,10 @@ from conftest import FAST, MICRO_MODEL, interrupted_then_resumed
 from fedasr.config import PruningSection, from_dict, load_config
 from fedasr.data.batching import Batch
 from fedasr.data.federation import Federation
-from fedasr.fl.protocol import encode_up
+from fedasr.fl.messages import encode_up
 from fedasr.fl.runner import Runner
 from fedasr.methods.base import MeanAggregator, Report, RoundContext
-from fedasr.methods.fedtiny import (FedTiny, FedTinyConfig, PooledBatchNormAggregator, TopKHooks,
+from fedasr.methods.fedtiny import (FedTiny, FedTinyConfig, TopKHooks,
                                     recalibrate_batchnorm)
 from fedasr.model.transducer import ModelConfig, Transducer
 
@@ -87,7 +87,7 @@ def test_batchnorm_recalibration_measures_the_data_from_scratch():
 def test_pooled_batchnorm_statistics_per_candidate():
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(n, 4, generator=g) * s + mu for n, s, mu in ((30, 1.0, 2.0), (90, 2.0, -1.0))]
-    agg = PooledBatchNormAggregator()
+    agg = MeanAggregator(pool_batchnorm=True)
     for x in data:
         agg.add(Report({"c0/bn.running_mean": x.mean(0), "c0/bn.running_var": x.var(0, unbiased=False),
                         "c1/bn.running_mean": -x.mean(0), "c1/bn.running_var": x.var(0, unbiased=False)}),
@@ -264,8 +264,7 @@ def test_dense_rounds_before_start_round_then_selection_from_the_trained_model(f
 
 
 def test_a_rejected_report_leaves_nothing_in_the_aggregates():
-    from fedasr.fl.protocol import RoundInfo, Server, encode_up
-    from fedasr.fl.server import ClientRejected
+    from fedasr.fl.server import ClientRejected, RoundInfo, Server
 
     m = micro()
     cfg = load_config(None, ["pruning.method=fedtiny", "pruning.target_sparsity=0.8", "pruning.fedtiny.candidates=1",
@@ -273,12 +272,12 @@ def test_a_rejected_report_leaves_nothing_in_the_aggregates():
                              "pruning.fedtiny.granularity=entire", "fl.rounds=10"])
     server = Server(cfg, m, ["a", "b"])
     server.start()
-    server.begin_round(1, ["a"])
+    ex = server.train_exchange(1)
     name = server.method.names[0]
     update = {k: torch.zeros_like(v) for k, v in m.state_dict().items()}
     bad = Report({f"{name}/idx": torch.tensor([10**9], dtype=torch.int32), f"{name}/val": torch.tensor([1.0])})
     reply = encode_up(update, server.masks, bad, {"kind": "train", "num_examples": 5, "metrics": {"loss": 1.0}})
     info = RoundInfo(["a"])
     with pytest.raises(ClientRejected, match="out of range"):
-        server.absorb(reply, info)
-    assert server._agg.count == 0 and server._agg.weight == 0 and server._reports.weight == 0
+        server.absorb(ex, reply, info)
+    assert ex.count == 0 and ex.updates.count == 0 and ex.updates.weight == 0 and ex.reports.weight == 0

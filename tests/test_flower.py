@@ -39,6 +39,25 @@ def final_state(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / latest, weights_only=True)["model"]
 
 
+def kill_last_supernode(run_dir: Path) -> None:
+    """SIGKILL the newest SuperNode of the run's local federation, its whole process tree."""
+    from fedasr.fl.flower.launch import process_tree
+
+    def cmdline(p: int) -> bytes:
+        try:
+            return Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            return b""
+
+    nodes = [p for p in flower_processes(run_dir) if b"fedasr.fl.flower.node" in cmdline(p)]
+    assert nodes, "no SuperNode running"
+    for p in process_tree(max(nodes)):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def rows(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -71,11 +90,15 @@ def test_killed_supernode_is_dropped_and_a_killed_federation_resumes(federation,
     args = [sys.executable, "-m", "fedasr.cli", "train", "--engine", "flower", "--federation", str(federation),
             "--out", str(run), "--slots", "2", "--round-timeout", "40",
             # rounds long enough (60 local steps) for the kill, issued when round 1 is in metrics.jsonl, to land
-            # inside round 2 now that rounds carry no 3 s polls
+            # inside round 2
             *sets(*RUN, "fl.min_clients=1", "fl.local_steps=60")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FEDASR_TEST_KILL_SUPERNODE_AFTER_ROUND": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     deadline = time.time() + 540
+    while (not (run / "metrics.jsonl").exists() or len(rows(run)) < 1) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.2)
+    kill_last_supernode(run)  # round 1 is in metrics.jsonl: round 2 has begun
     while (not (run / "metrics.jsonl").exists() or len(rows(run)) < 2) and proc.poll() is None \
             and time.time() < deadline:
         time.sleep(0.5)
@@ -132,11 +155,11 @@ def test_supernodes_for_some_clients_only_narrow_the_sample(monkeypatch):
             self.metadata = type("M", (), {"dst_node_id": dst})()
 
     monkeypatch.setattr(T, "Message", FakeMessage)
-    t = T.FlowerTransport(Grid(), ["a", "b", "c"], wait_nodes=0.5)
-    assert t.clients == ["a", "b"] and t.owner == {11: "a", 12: "b"}
+    t = T.FlowerTransport(Grid(), wait_nodes=0.5)
+    assert t.connect(["a", "b", "c"]) == ["a", "b"] and t.owner == {11: "a", 12: "b"}
     Grid.nodes = {11: "a", 13: "x"}
     with pytest.raises(Exception, match="client-id 'x' is not a client"):
-        T.FlowerTransport(Grid(), ["a", "b", "c"], wait_nodes=0.5)
+        T.FlowerTransport(Grid(), wait_nodes=0.5).connect(["a", "b", "c"])
 
 
 class _Meta:
@@ -200,8 +223,8 @@ def test_a_dead_slot_holds_up_only_its_own_client(monkeypatch):
 
     monkeypatch.setattr(T, "Message", _FakeMessage)
     grid = Grid()
-    t = T.FlowerTransport(grid, [f"c{i}" for i in range(5)], round_timeout=1.0, poll=0.01, wait_nodes=0.5)
-    assert t.clients is None and sorted(t.owner) == [1, 2, 3]  # three slots
+    t = T.FlowerTransport(grid, round_timeout=1.0, poll=0.01, wait_nodes=0.5)
+    assert t.connect([f"c{i}" for i in range(5)]) is None and sorted(t.owner) == [1, 2, 3]  # three slots
     clients = [f"c{i}" for i in range(5)]
     t0 = time.monotonic()
     out = t.exchange(1, "train", clients, b"weights", {c: c.encode() for c in clients})

@@ -264,7 +264,7 @@ def test_config_validation(change, match):
 
 def test_pruned_needs_the_simple_head_in_the_recipe():
     from fedasr.config import load_config
-    from fedasr.fl.runner import model_config
+    from fedasr.fl.client import model_config
 
     cfg = load_config("recipes/ci.yaml", ["train.loss=pruned", "model.overrides.simple_head=false",
                                           "train.simple_loss_weight=0.5"])

@@ -28,9 +28,6 @@ from fedasr.rundir import RunDir
 
 APP_DIR = Path(__file__).parent / "app"
 CONNECTION = "fedasr"
-# Test hook: `FEDASR_TEST_KILL_SUPERNODE_AFTER_ROUND=N` SIGKILLs the last local SuperNode (its
-# whole process tree) as soon as round N is in metrics.jsonl, i.e. during round N + 1.
-KILL_NODE_ENV = "FEDASR_TEST_KILL_SUPERNODE_AFTER_ROUND"
 
 
 def free_port() -> int:
@@ -276,8 +273,6 @@ def run_flower(run_dir: Path, federation: Path, config: dict, *, resume: bool = 
             rows = rd.metrics()
             for row in rows[seen:]:
                 on_row(row)
-                if local is not None and os.environ.get(KILL_NODE_ENV) == str(row["round"]):
-                    _signal(process_tree(local.procs[-1].popen.pid), signal.SIGKILL)
             seen = max(seen, len(rows))
             if time.monotonic() - last_status > 3.0:
                 last_status = time.monotonic()
