@@ -326,7 +326,7 @@ def test_a_warm_client_worker_keeps_the_datasets_of_its_last_clients(monkeypatch
     the least recently served one goes. 0 (embedded): loaded with every message."""
     from types import SimpleNamespace
 
-    from fedasr.fl import protocol as P
+    from fedasr.fl import client as P
 
     made = []
     monkeypatch.setattr(P, "make_dataset", lambda cuts, tok, cmvn, cfg: made.append(cuts) or SimpleNamespace(c=cuts))

@@ -39,9 +39,6 @@ class Partition:
     clients: dict[str, list[str]]  # client id -> utterance ids
     excluded_clients: dict[str, int] = field(default_factory=dict)  # client id -> utterances dropped
 
-    def assignment(self) -> dict[str, str]:
-        return {u: c for c, utts in self.clients.items() for u in utts}
-
 
 def _group(utts: list[Utt], key) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}

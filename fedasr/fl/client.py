@@ -33,6 +33,8 @@ from fedasr.trainer import BatchStream, make_optimizer, train_steps
 
 
 def model_config(cfg: RunConfig, vocab_size: int) -> ModelConfig:
+    """The run's model architecture (``model.preset`` + ``model.overrides``), checked
+    against what the training config needs of it: the server and every client build it."""
     try:
         mcfg = ModelConfig.preset(cfg.model.preset, vocab_size=vocab_size, **cfg.model.overrides)
     except FedasrError as e:

@@ -42,7 +42,7 @@ row) and unit j (its column). Both must be zero for either unit to be disconnect
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import List
 
 import torch
 from torch import nn
@@ -58,9 +58,6 @@ class GroupMember:
     dim: int
     index: torch.Tensor  # LongTensor (num_units, k)
 
-    def slice_of(self, tensor: torch.Tensor, unit: int) -> torch.Tensor:
-        return tensor.index_select(self.dim, self.index[unit])
-
 
 @dataclass
 class GroupFamily:
@@ -68,13 +65,6 @@ class GroupFamily:
     kind: str
     num_units: int
     members: List[GroupMember] = field(default_factory=list)
-
-    def unit_members(self, unit: int) -> Dict[str, List[tuple]]:
-        """``{param: [(dim, index LongTensor), ...]}`` for one unit."""
-        out: Dict[str, List[tuple]] = {}
-        for m in self.members:
-            out.setdefault(m.param, []).append((m.dim, m.index[unit]))
-        return out
 
 
 def _rows(n: int, k: int = 1) -> torch.Tensor:
