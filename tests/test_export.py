@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, tiny_model
 from fedasr.data.features import GlobalCMVN, fbank_extractor
 from fedasr.data.tokenizer import train_tokenizer
 from fedasr.evaluate import score
@@ -63,9 +63,8 @@ def test_shard_features_equal_the_sherpa_onnx_front_end():
 
 
 def _tiny_stateless(vocab_size: int) -> Transducer:
-    torch.manual_seed(0)
-    return Transducer(ModelConfig.preset("tiny", vocab_size=vocab_size, num_layers=1, d_model=64, ffn_dim=128,
-                                         predictor="stateless", pred_embed_dim=64, joint_dim=64, dropout=0.0)).eval()
+    return tiny_model(0, preset="tiny", vocab_size=vocab_size, num_layers=1, d_model=64, ffn_dim=128,
+                      predictor="stateless", pred_embed_dim=64, joint_dim=64, dropout=0.0).eval()
 
 
 def _onnx_meta(path) -> dict:
