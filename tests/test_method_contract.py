@@ -77,7 +77,8 @@ class Server:
         self.model, self.masks = model, masks
 
     def ctx(self, rnd):
-        return RoundContext(rnd, ROUNDS, dict(self.model.state_dict()), self.masks, self.model)
+        return RoundContext(rnd=rnd, total_rounds=ROUNDS, weights=dict(self.model.state_dict()), masks=self.masks,
+                            model=self.model)
 
     @torch.no_grad()
     def apply(self, upd):
@@ -215,7 +216,7 @@ def test_every_registered_method_honours_the_hook_contract(name):
     assert isinstance(type(method).whole_unit_masks(cfg.pruning.block(name)), (str, type(None)))
     params = dict(model.named_parameters())
     assert method.names and set(method.names) <= set(params)
-    masks = method.init(RoundContext(1, ROUNDS, dict(model.state_dict()), {}, model))
+    masks = method.init(Server(model, {}).ctx(1))
     check_masks(masks, method, model, "init")
     if name != "none":
         assert cfg.pruning.target_sparsity > 0  # (a method that prunes at all does so within ROUNDS)
