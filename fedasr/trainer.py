@@ -183,6 +183,34 @@ class TrainResult:
     stats: dict
 
 
+def train_step(model: Transducer, optimizer: torch.optim.Optimizer, batch: Batch, cfg: TrainSection, step: int, *,
+               after_backward: Callable[[Transducer], None] | None = None,
+               after_step: Callable[[Transducer], None] | None = None) -> tuple[torch.Tensor, dict]:
+    """One optimisation step on ``batch`` at 0-based schedule position ``step`` (the learning
+    rate and the pruned loss' scale follow it): loss, backward, ``after_backward`` (before
+    clipping), gradient-norm clipping, the optimizer step, ``after_step``. Returns the loss
+    and its parts (:func:`transducer_loss`). A non-finite loss or gradient norm raises
+    :class:`FloatingPointError` before the optimizer step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(cfg, step)
+    loss, stats = transducer_loss(model, batch, cfg.ctc_weight, cfg.simple_loss_weight, loss=cfg.loss,
+                                  prune_range=cfg.prune_range, pruned_scale=pruned_loss_scale(cfg, step))
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite training loss {float(loss)} at step {step}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if after_backward is not None:
+        after_backward(model)
+    # clip (or, without clipping, just measure: max_norm=inf scales by 1)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    if not torch.isfinite(norm):
+        raise FloatingPointError(f"non-finite gradient norm {float(norm)} at step {step}")
+    optimizer.step()
+    if after_step is not None:
+        after_step(model)
+    return loss, stats
+
+
 def train_steps(
     model: Transducer,
     optimizer: torch.optim.Optimizer,
@@ -223,25 +251,8 @@ def train_steps(
                 stream.push_back((epoch, batch))
             break
         last_epoch = epoch
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, global_step + steps)
-        loss, stats = transducer_loss(model, batch, cfg.ctc_weight, cfg.simple_loss_weight, loss=cfg.loss,
-                                      prune_range=cfg.prune_range,
-                                      pruned_scale=pruned_loss_scale(cfg, global_step + steps))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {float(loss)} at step {global_step + steps}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if after_backward is not None:
-            after_backward(model)
-        # clip (or, without clipping, just measure: max_norm=inf scales by 1)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                              cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        if not torch.isfinite(norm):
-            raise FloatingPointError(f"non-finite gradient norm {float(norm)} at step {global_step + steps}")
-        optimizer.step()
-        if after_step is not None:
-            after_step(model)
+        _, stats = train_step(model, optimizer, batch, cfg, global_step + steps, after_backward=after_backward,
+                              after_step=after_step)
         steps += 1
         examples += len(batch)
         total += stats["loss"]

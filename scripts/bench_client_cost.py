@@ -34,17 +34,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import AnonPeak, rss_kb  # noqa: E402
+from benchlib import AnonPeak, peak_rss_kb, rss_kb, run_isolated  # noqa: E402
 
 FP = ["pruning.method=federated_pruning", "pruning.federated_pruning.schedule=constant",
       "pruning.federated_pruning.start_round=1", "pruning.federated_pruning.allocation=uniform"]
@@ -169,7 +166,7 @@ def client(args) -> None:
     before, before_anon = rss_kb(), rss_kb("RssAnon")
     with AnonPeak() as anon:
         reply = worker.handle(header, payload)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_kb()
     (work / "reply").write_bytes(reply)
     stamps = seen["hooks"].stamps
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
@@ -273,14 +270,11 @@ def main() -> None:
         prepared[name] = (i, sets, prepare(args, name, sets, tmp / str(i)))
     for rep in range(args.repeat):
         for name, (i, sets, prep) in prepared.items():
-            cmd = [sys.executable, __file__, "--federation", args.federation, "--recipe", args.recipe,
+            cmd = ["--federation", args.federation, "--recipe", args.recipe,
                    "--preset", args.preset, "--steps", str(args.steps), "--sets", json.dumps(sets),
                    "--work", str(tmp / str(i)), "--client", prep["client"]] + (["--flops"] if rep == 0 else []) + (
-                      ["--cold"] if args.cold else []) + (["--trim"] if args.trim else [])
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            if out.returncode != 0:
-                raise SystemExit(f"{name} failed: {out.stderr.strip().splitlines()[-1]}")
-            row = json.loads(out.stdout.strip().splitlines()[-1])
+                   ["--cold"] if args.cold else []) + (["--trim"] if args.trim else [])
+            row = run_isolated(__file__, cmd, label=name, env={"OMP_NUM_THREADS": "1"})
             if rep == 0:  # the server absorbs the reply (a check that it is a valid update): bytes up
                 info = RoundInfo([prep["client"]])
                 prep["server"].absorb(prep["exchange"], (tmp / str(i) / "reply").read_bytes(), info)

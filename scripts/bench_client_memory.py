@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import rss_kb  # noqa: E402
+from benchlib import peak_rss_kb, rss_kb, run_isolated  # noqa: E402
 
 
 def scenario(args) -> None:
@@ -72,7 +69,7 @@ def scenario(args) -> None:
     worker.dataset(client)  # warm the manifest reader
     before = rss_kb()
     reply = worker.handle(header, payload)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_kb()
     info = RoundInfo([client])
     server.absorb(ex, reply, info)
     print(json.dumps({"name": args.name, "peak_kb": peak, "before_kb": before, "bytes_up": info.bytes_up,
@@ -92,12 +89,9 @@ def main() -> None:
         return
     rows = []
     for name in ("dense", "fp-magnitude", "fp-gradient", "fedtiny-block", "fedtiny-entire"):
-        out = subprocess.run([sys.executable, __file__, "--federation", args.federation, "--recipe", args.recipe,
-                              "--sparsity", str(args.sparsity), "--steps", str(args.steps), "--name", name],
-                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if out.returncode != 0:
-            raise SystemExit(f"{name} failed: {out.stderr.strip().splitlines()[-1]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(run_isolated(__file__, ["--federation", args.federation, "--recipe", args.recipe, "--sparsity",
+                                            args.sparsity, "--steps", args.steps, "--name", name],
+                                 label=name, env={"OMP_NUM_THREADS": "1"}))
     dense = rows[0]
     print(f"client round of {args.steps} local steps, target sparsity {args.sparsity} (1 thread)")
     print(f"{'scenario':<16} {'peak RSS MB':>12} {'/dense':>7} {'round growth MB':>16} {'/dense':>7} {'bytes up':>11}")

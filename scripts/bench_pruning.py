@@ -17,37 +17,21 @@ import time
 
 import torch
 
-from fedasr.config import TrainSection
-from fedasr.data.batching import Batch
+from benchlib import synthetic_batch
 from fedasr import codec
+from fedasr.config import PruningSection, TrainSection
 from fedasr.model.transducer import ModelConfig, Transducer
-from fedasr.config import PruningSection
 from fedasr.methods.base import ClientHooks
 from fedasr.methods.federated_pruning import FederatedPruning, FederatedPruningConfig
-from fedasr.trainer import make_optimizer, transducer_loss
+from fedasr.trainer import make_optimizer, train_step
 
 
-def batch(B: int, T: int, U: int, V: int, seed: int) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(T // 2, T + 1, (B,), generator=g)
-    lens[0] = T
-    ulens = torch.randint(U // 2, U + 1, (B,), generator=g)
-    ulens[0] = U
-    return Batch([str(i) for i in range(B)], [""] * B, torch.randn(B, T, 80, generator=g), lens,
-                 torch.randint(1, V, (B, U), generator=g), ulens)
-
-
-def step(model, opt, b, plan, cfg) -> float:
+def step(model, opt, b, hooks, cfg, i: int) -> float:
+    """Seconds of the trainer's real optimisation step ``i`` on batch ``b`` (with the
+    method's client hooks when ``hooks`` is given)."""
     t0 = time.perf_counter()
-    loss, _ = transducer_loss(model, b, cfg.ctc_weight)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if plan is not None:
-        plan.after_backward(model)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    opt.step()
-    if plan is not None:
-        plan.after_step(model)
+    train_step(model, opt, b, cfg, i, after_backward=hooks.after_backward if hooks else None,
+               after_step=hooks.after_step if hooks else None)
     return time.perf_counter() - t0
 
 
@@ -73,13 +57,13 @@ def main() -> None:
     plan = ClientHooks(masks)
     plan.after_step(masked)
     opt_d, opt_m = make_optimizer(dense, cfg), make_optimizer(masked, cfg)
-    batches = [batch(a.batch, a.frames, a.tokens, V, i) for i in range(a.steps + 1)]
-    step(dense, opt_d, batches[0], None, cfg)  # warm-up
-    step(masked, opt_m, batches[0], plan, cfg)
+    batches = [synthetic_batch(a.batch, a.frames, a.tokens, V, i) for i in range(a.steps + 1)]
+    step(dense, opt_d, batches[0], None, cfg, 0)  # warm-up
+    step(masked, opt_m, batches[0], plan, cfg, 0)
     td = tm = 0.0
-    for b in batches[1:]:  # alternate to share any drift in machine speed
-        td += step(dense, opt_d, b, None, cfg)
-        tm += step(masked, opt_m, b, plan, cfg)
+    for i, b in enumerate(batches[1:], 1):  # alternate to share any drift in machine speed
+        td += step(dense, opt_d, b, None, cfg, i)
+        tm += step(masked, opt_m, b, plan, cfg, i)
     print(f"{a.preset}: {dense.num_parameters():,} parameters, batch {a.batch} x {a.frames} frames, "
           f"{a.steps} steps each, {torch.get_num_threads()} threads")
     print(f"dense step {td / a.steps:.3f} s, masked step ({100 * a.sparsity[0]:.0f}% unstructured) "

@@ -12,7 +12,7 @@ Inside it:
   the median is reported, in milliseconds.
 * memory: the growth of the process's resident set size during the first
   (warm-up) forward+backward, i.e. ``ru_maxrss`` after it minus the current
-  RSS (``/proc/self/statm``) just before it, with the inputs already built.
+  RSS (``VmRSS`` of ``/proc/self/status``) just before it, with the inputs already built.
   It counts every byte torch touched for the loss: temporaries, tensors saved
   for backward and the ``logits.grad`` buffer itself (one logits-sized tensor,
   printed as "logits size" for scale).  If an earlier peak (e.g. at import)
@@ -45,13 +45,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchlib import peak_rss_kb, rss_kb, run_isolated
 
 IMPLS = ("fedasr", "reference", "torchaudio")
 JOINER_IMPLS = ("full", "full+simple", "pruned")
@@ -86,12 +85,6 @@ def _parse(argv=None):
 # --------------------------------------------------------------------------
 # worker (runs in a fresh subprocess)
 # --------------------------------------------------------------------------
-
-
-def _current_rss_kib() -> int:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 def _lengths(args, g):
@@ -166,10 +159,10 @@ def _joiner_worker(args) -> dict:
                 times[name].append(time.perf_counter() - t0)
         out["fwd_bwd_ms"] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
         return out
-    baseline = _current_rss_kib()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = rss_kb()
+    peak_before = peak_rss_kb()
     loss = fwd_bwd(args.worker)
-    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_after = peak_rss_kb()
     out.update(loss=float(loss), peak_extra_mib=max(0, peak_after - baseline) / 1024,
                lower_bound=peak_before > baseline,
                grad_norm=float(torch.cat([x.grad.flatten() for x in leaves if x.grad is not None]).norm()))
@@ -211,10 +204,10 @@ def _worker(args) -> dict:
         return loss
 
     # memory: RSS growth during the first forward+backward
-    baseline = _current_rss_kib()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = rss_kb()
+    peak_before = peak_rss_kb()
     loss = fwd_bwd()
-    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_after = peak_rss_kb()
     grad_norm = float(logits.grad.norm())
 
     fwd_times, fb_times = [], []
@@ -256,7 +249,7 @@ def _available(impl: str) -> bool:
 
 
 def _run_worker(args, impl: str):
-    cmd = [sys.executable, __file__, "--worker", impl, "-B", str(args.batch), "-T", str(args.frames),
+    cmd = ["--worker", impl, "-B", str(args.batch), "-T", str(args.frames),
            "-U", str(args.labels), "-V", str(args.vocab), "--repeats", str(args.repeats), "--seed", str(args.seed),
            "--pruned", str(args.pruned), "--enc-dim", str(args.enc_dim), "--pred-dim", str(args.pred_dim),
            "--joint-dim", str(args.joint_dim)]
@@ -264,11 +257,7 @@ def _run_worker(args, impl: str):
         cmd += ["--threads", str(args.threads)]
     if args.full_lengths:
         cmd.append("--full-lengths")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"{impl:>10}: failed\n{proc.stderr.strip()}")
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_isolated(__file__, cmd, label=impl, soft=True)
 
 
 def _joiner_main(args) -> int:

@@ -25,12 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchlib import peak_rss_kb, rss_kb, run_isolated
 
 
 def child(fed: str, out: str, overrides: list[str]) -> None:
@@ -47,13 +48,11 @@ def child(fed: str, out: str, overrides: list[str]) -> None:
     client = sum(r["client_time"] for r in rows)
     print(json.dumps({"wall": wall, "client_time": client, "rounds": len(rows),
                       "clients": sum(len(r["clients"]) for r in rows),
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mb": peak_rss_kb() / 1024}))
 
 
 def measure(fed: Path, out: Path, overrides: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(fed), str(out), *overrides]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_isolated(__file__, ["--child", fed, out, *overrides], label="run")
 
 
 def shard(corpus: Path, out: Path, args: list[str]) -> Path:
@@ -132,7 +131,7 @@ def _flower_procs(home: Path) -> dict[int, tuple[str, int]]:
             if marker not in Path(f"/proc/{d}/environ").read_bytes():
                 continue
             cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            rss = int(Path(f"/proc/{d}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            rss = rss_kb(pid=d) * 1024
         except (OSError, ValueError, IndexError):
             continue
         role = next((r for key, r in roles if key in cmd), None)

@@ -18,6 +18,55 @@ MICRO_MODEL = dict(num_features=20, vocab_size=7, d_model=16, num_layers=1, num_
                    pred_layers=2, joint_dim=10)
 
 
+def tiny_model(seed: int | None = 0, *, preset: str | None = None, **overrides):
+    """The tests' model builder: :data:`MICRO_MODEL` with ``overrides`` (or the named
+    ``preset`` with them), built right after ``torch.manual_seed(seed)`` (None: as the
+    global generator stands)."""
+    import torch
+
+    from fedasr.model.transducer import ModelConfig, Transducer
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    cfg = ModelConfig.preset(preset, **overrides) if preset else ModelConfig.from_dict({**MICRO_MODEL, **overrides})
+    return Transducer(cfg)
+
+
+def tiny_batch(feat_lens, target_lens, *, seed: int = 0, frames: int | None = None, tokens: int | None = None,
+               num_features: int = MICRO_MODEL["num_features"], vocab: int = MICRO_MODEL["vocab_size"],
+               feats=None, targets=None, targets_first: bool = False, pad_targets: bool = False, ids=None):
+    """The tests' batch builder: a :class:`~fedasr.data.batching.Batch` of random features
+    (B, ``frames`` [max of ``feat_lens``], ``num_features``) and random tokens in
+    [1, ``vocab``) (B, ``tokens`` [max of ``target_lens``]), both drawn from one generator
+    seeded ``seed``: features first (``targets_first``: tokens first). ``feats``/``targets``
+    given are used as they are (not drawn); ``pad_targets``: zeros past each target length."""
+    import torch
+
+    from fedasr.data.batching import Batch
+
+    feat_lens = torch.as_tensor(feat_lens, dtype=torch.long)
+    target_lens = torch.as_tensor(target_lens, dtype=torch.long)
+    B = len(feat_lens)
+    g = torch.Generator().manual_seed(seed)
+    frames = int(feat_lens.max()) if frames is None else frames
+    tokens = int(target_lens.max()) if tokens is None else tokens
+
+    def draw_targets():
+        t = torch.randint(1, vocab, (B, tokens), generator=g)
+        if pad_targets:
+            t[torch.arange(tokens) >= target_lens.view(B, 1)] = 0
+        return t
+
+    if targets is None and targets_first:
+        targets = draw_targets()
+    if feats is None:
+        feats = torch.randn(B, frames, num_features, generator=g)
+    if targets is None:
+        targets = draw_targets()
+    return Batch([str(i) for i in range(B)] if ids is None else list(ids), [""] * B, feats, feat_lens, targets,
+                 target_lens)
+
+
 # The one fast training config of the tests: a 1-layer d=64 model, 2 clients x 2 steps a round.
 FAST_MODEL = ("model.overrides={num_layers: 1, d_model: 64, ffn_dim: 128, pred_hidden: 64, pred_embed_dim: 64, "
               "joint_dim: 64}")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, MICRO_MODEL, interrupted_then_resumed, run_cli, sets
+from conftest import FAST, MICRO_MODEL, interrupted_then_resumed, run_cli, sets, tiny_batch, tiny_model
 from fedasr.checkpoint import load_checkpoint
 from fedasr.config import load_config
 from fedasr.data.federation import Federation
@@ -22,8 +22,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def micro(**kw):
-    torch.manual_seed(0)
-    m = Transducer(ModelConfig.from_dict({**MICRO_MODEL, "pred_layers": 1, **kw})).eval()
+    m = tiny_model(**{"pred_layers": 1, **kw}).eval()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters
         for mod in m.modules():
@@ -55,10 +54,8 @@ def unit_masks(model, drop: dict[str, list[int]]) -> dict[str, torch.Tensor]:
 
 
 def batch():
-    g = torch.Generator().manual_seed(1)
-    feats = torch.randn(3, 70, MICRO_MODEL["num_features"], generator=g)
-    return feats, torch.tensor([70, 52, 33]), torch.tensor([[1, 2, 3, 4], [5, 6, 1, 0], [2, 2, 0, 0]]), \
-        torch.tensor([4, 3, 2])
+    b = tiny_batch([70, 52, 33], [4, 3, 2], seed=1, targets=torch.tensor([[1, 2, 3, 4], [5, 6, 1, 0], [2, 2, 0, 0]]))
+    return b.feats, b.feat_lens, b.targets, b.target_lens
 
 
 @pytest.mark.parametrize("predictor,simple,conv_norm", [("lstm", False, "batchnorm"), ("stateless", True, "batchnorm"),

@@ -8,20 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import MICRO_MODEL
+from conftest import tiny_model
 from fedasr.model.decode import beam_search, beam_search_nbest, greedy_search
 from fedasr.model.transducer import ModelConfig, Transducer
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: threads only contend
 
-MICRO = dict(MICRO_MODEL, num_layers=1)
-
 
 def make_model(seed: int = 3, blank_bias: float = 1.0, **overrides) -> Transducer:
     """A random model whose joint distribution is peaked enough to make decoding non-trivial."""
-    torch.manual_seed(seed)
-    model = Transducer(ModelConfig.from_dict({**MICRO, **overrides})).eval()
+    model = tiny_model(seed, **{"num_layers": 1, **overrides}).eval()
     with torch.no_grad():
         model.joiner.output.weight.mul_(3.0)
         model.joiner.output.bias[model.blank_id] += blank_bias

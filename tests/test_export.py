@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, tiny_model
 from fedasr.data.features import GlobalCMVN, fbank_extractor
 from fedasr.data.tokenizer import train_tokenizer
 from fedasr.evaluate import score
@@ -63,9 +63,8 @@ def test_shard_features_equal_the_sherpa_onnx_front_end():
 
 
 def _tiny_stateless(vocab_size: int) -> Transducer:
-    torch.manual_seed(0)
-    return Transducer(ModelConfig.preset("tiny", vocab_size=vocab_size, num_layers=1, d_model=64, ffn_dim=128,
-                                         predictor="stateless", pred_embed_dim=64, joint_dim=64, dropout=0.0)).eval()
+    return tiny_model(0, preset="tiny", vocab_size=vocab_size, num_layers=1, d_model=64, ffn_dim=128,
+                      predictor="stateless", pred_embed_dim=64, joint_dim=64, dropout=0.0).eval()
 
 
 def _onnx_meta(path) -> dict:
@@ -164,10 +163,8 @@ def test_sherpa_onnx_decodes_an_export_as_fedasr_eval_does(federation, tmp_path,
 
     fed = Federation(federation)
     cuts = fed.split_cuts("dev")  # the utterances it learns (a little) and is decoded on
-    torch.manual_seed(0)
-    model = Transducer(ModelConfig.preset("tiny", vocab_size=fed.tokenizer.vocab_size, num_layers=2, d_model=96,
-                                          ffn_dim=192, predictor="stateless", pred_embed_dim=96, joint_dim=96,
-                                          simple_head=True, dropout=0.0))
+    model = tiny_model(preset="tiny", vocab_size=fed.tokenizer.vocab_size, num_layers=2, d_model=96, ffn_dim=192,
+                       predictor="stateless", pred_embed_dim=96, joint_dim=96, simple_head=True, dropout=0.0)
     cfg = TrainSection(lr=3e-3, warmup_steps=10, lr_schedule="constant", max_duration=60.0, spec_augment=False,
                        ctc_weight=0.5, simple_loss_weight=0.5)
     train_steps(model, make_optimizer(model, cfg), AsrDataset(cuts, fed.tokenizer, fed.cmvn), cfg, seed=0,

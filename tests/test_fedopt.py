@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import MICRO_MODEL
+from conftest import MICRO_MODEL, tiny_model
 from fedasr.config import FLSection, TrainSection, load_config
 from fedasr.errors import FedasrError
 from fedasr.fl.server import ServerOptimizer
@@ -145,8 +145,7 @@ def test_centralized_runs_ignore_the_server_schedule():
 
     cfg = load_config(None, ["fl.server_lr_schedule=cosine", "fl.server_lr_warmup_rounds=3",
                              "fl.aggregation=fedlamb"])
-    torch.manual_seed(0)
-    model = Transducer(ModelConfig.from_dict(MICRO_MODEL))
+    model = tiny_model()
     srv = Server(cfg, model, ["a", "b"], centralized=True)
     assert srv.server_opt.cfg.aggregation == "fedavg" and srv.server_opt.cfg.server_lr_at(1) == 1.0
 
@@ -182,8 +181,7 @@ def test_channel_layer_norm_is_layernorm_per_frame_and_counts_removed_channels_a
 
 
 def test_layernorm_conv_module_has_no_batchnorm_and_its_affine_is_in_the_channel_unit():
-    torch.manual_seed(0)
-    model = Transducer(ModelConfig.from_dict({**MICRO_MODEL, "conv_norm": "layernorm"}))
+    model = tiny_model(conv_norm="layernorm")
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     keys = set(model.state_dict())
     assert "encoder.layers.0.conv.layer_norm.weight" in keys and not any("batch_norm" in k for k in keys)
@@ -208,10 +206,8 @@ def test_layernorm_model_exports_to_onnx_with_the_same_encoder_output(tmp_path):
 
     from fedasr.export import OnnxTransducer, export_model
 
-    torch.manual_seed(0)
-    cfg = {**MICRO_MODEL, "conv_norm": "layernorm", "predictor": "stateless", "pred_layers": 1,
-           "widths": {"encoder.layers.0.conv": 11}}  # a compacted conv module: 11 of 16 channels
-    model = Transducer(ModelConfig.from_dict(cfg)).eval()
+    model = tiny_model(conv_norm="layernorm", predictor="stateless", pred_layers=1,
+                       widths={"encoder.layers.0.conv": 11}).eval()  # a compacted conv module: 11 of 16 channels
     pieces = [f"p{i}" for i in range(MICRO_MODEL["vocab_size"])]
     tok = types.SimpleNamespace(sp=types.SimpleNamespace(id_to_piece=pieces.__getitem__,
                                                          get_piece_size=lambda: len(pieces)))

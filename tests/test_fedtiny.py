@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import FAST, MICRO_MODEL, interrupted_then_resumed
+from conftest import FAST, MICRO_MODEL, interrupted_then_resumed, tiny_batch, tiny_model
 from fedasr.config import PruningSection, from_dict, load_config
 from fedasr.data.batching import Batch
 from fedasr.data.federation import Federation
@@ -21,8 +21,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def micro(seed=0, **kw):
-    torch.manual_seed(seed)
-    return Transducer(ModelConfig.from_dict({**MICRO_MODEL, **kw}))
+    return tiny_model(seed, **kw)
 
 
 def method(model, sparsity=0.8, rounds=10, **kw):
@@ -55,10 +54,7 @@ def test_candidates_are_noisy_layerwise_magnitude_masks_at_the_target_density():
 
 
 def _batch(feats, lens, vocab):
-    g = torch.Generator().manual_seed(5)
-    B = feats.shape[0]
-    return Batch([str(i) for i in range(B)], [""] * B, feats, lens, torch.randint(1, vocab, (B, 3), generator=g),
-                 torch.full((B,), 3))
+    return tiny_batch(lens, [3] * feats.shape[0], seed=5, feats=feats, vocab=vocab)
 
 
 def test_batchnorm_recalibration_measures_the_data_from_scratch():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import MICRO_MODEL
+from conftest import MICRO_MODEL, tiny_batch, tiny_model
 from fedasr.errors import FedasrError
 from fedasr.model.conformer import Conv2dSubsampling, MaskedBatchNorm1d, lengths_to_mask
 from fedasr.model.groups import KINDS, group_families
@@ -17,13 +17,9 @@ from fedasr.model.transducer import PRESETS, ModelConfig, Transducer, Transducer
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: threads only contend
 
-MICRO = dict(MICRO_MODEL, num_layers=2)
-
 
 def micro_model(seed: int = 0, **overrides) -> Transducer:
-    torch.manual_seed(seed)
-    cfg = ModelConfig.from_dict({**MICRO, **overrides})
-    return Transducer(cfg)
+    return tiny_model(seed, **{"num_layers": 2, **overrides})
 
 
 def randomize_bn(model: nn.Module, seed: int = 1) -> None:
@@ -39,12 +35,9 @@ def randomize_bn(model: nn.Module, seed: int = 1) -> None:
 
 
 def batch(b=3, t=48, f=20, u=4, vocab=7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    feats = torch.randn(b, t, f, generator=g)
-    feat_lens = torch.tensor([t] + [max(7, t - 9 * (i + 1)) for i in range(b - 1)])
-    targets = torch.randint(1, vocab, (b, u), generator=g)
-    target_lens = torch.tensor([u] + [max(0, u - 1 - i) for i in range(b - 1)])
-    return feats, feat_lens, targets, target_lens
+    x = tiny_batch([t] + [max(7, t - 9 * (i + 1)) for i in range(b - 1)], [u] + [max(0, u - 1 - i) for i in range(b - 1)],
+                   seed=seed, num_features=f, vocab=vocab)
+    return x.feats, x.feat_lens, x.targets, x.target_lens
 
 
 # --------------------------------------------------------------------------- shapes

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from conftest import FAST, interrupted_then_resumed, run_cli, sets
+from conftest import FAST, interrupted_then_resumed, run_cli, sets, tiny_model
 from fedasr.config import PruningSection, from_dict, load_config
 from fedasr.data.federation import Federation
 from fedasr import codec
@@ -21,8 +21,7 @@ SMALL = dict(num_layers=2, d_model=64, num_heads=4, ffn_dim=128, pred_hidden=64,
 
 
 def model(seed=0):
-    torch.manual_seed(seed)
-    m = Transducer(ModelConfig.preset("tiny", vocab_size=40, **SMALL))
+    m = tiny_model(seed, preset="tiny", vocab_size=40, **SMALL)
     with torch.no_grad():  # give layers different scales so that allocations differ
         for i, (n, p) in enumerate(m.named_parameters()):
             p.mul_(1 + (i % 5))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import MICRO_MODEL
+from conftest import MICRO_MODEL, tiny_batch, tiny_model
 from fedasr.config import TrainSection
 from fedasr.data.batching import Batch
 from fedasr.errors import FedasrError
@@ -190,19 +190,12 @@ def test_prune_ranges_rejects_a_width_below_two():
 
 
 def _micro(**kw) -> Transducer:
-    torch.manual_seed(0)
-    return Transducer(ModelConfig.from_dict({**MICRO_MODEL, "num_layers": 1, "dropout": 0.0,
-                                             "simple_head": True, **kw})).eval()
+    return tiny_model(**{"num_layers": 1, "dropout": 0.0, "simple_head": True, **kw}).eval()
 
 
 def _batch(seed=0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    feat_lens = torch.tensor([64, 41, 52])
-    target_lens = torch.tensor([5, 9, 0])
-    targets = torch.randint(1, MICRO_MODEL["vocab_size"], (3, 10), generator=g)
-    targets[torch.arange(10) >= target_lens.view(3, 1)] = 0
-    feats = torch.randn(3, 64, MICRO_MODEL["num_features"], generator=g)
-    return Batch(["a", "b", "c"], ["", "", ""], feats, feat_lens, targets, target_lens)
+    return tiny_batch([64, 41, 52], [5, 9, 0], seed=seed, tokens=10, targets_first=True, pad_targets=True,
+                      ids=["a", "b", "c"])
 
 
 def test_band_joiner_equals_the_full_joiner_at_the_ranges():

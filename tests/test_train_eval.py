@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, tiny_model
 from fedasr.checkpoint import load_checkpoint, save_checkpoint
 from fedasr.config import TrainSection
 from fedasr.data.batching import AsrDataset
@@ -19,8 +19,7 @@ from fedasr.trainer import lr_at, make_optimizer, train_steps
 def test_tiny_model_overfits_a_handful_of_utterances_to_wer_zero(federation):
     fed = Federation(federation)
     cuts = fed.client_cuts(fed.client_ids[0]).subset(first=4)
-    torch.manual_seed(0)
-    model = Transducer(ModelConfig.preset("tiny", vocab_size=fed.tokenizer.vocab_size, dropout=0.0))
+    model = tiny_model(preset="tiny", vocab_size=fed.tokenizer.vocab_size, dropout=0.0)
     cfg = TrainSection(lr=2e-3, warmup_steps=10, lr_schedule="constant", max_duration=60.0,
                        spec_augment=False, ctc_weight=0.3)
     ds = AsrDataset(cuts, fed.tokenizer, fed.cmvn)
@@ -53,7 +52,7 @@ def test_score_counts_errors():
 
 def test_checkpoint_round_trip_and_mismatches(federation, tmp_path):
     fed = Federation(federation)
-    model = Transducer(ModelConfig.preset("tiny", vocab_size=fed.tokenizer.vocab_size))
+    model = tiny_model(None, preset="tiny", vocab_size=fed.tokenizer.vocab_size)
     path = tmp_path / "c.pt"
     save_checkpoint(path, model, fed.tokenizer, config={"seed": 1})
     loaded, tok, ckpt = load_checkpoint(path)
@@ -118,8 +117,7 @@ def test_non_finite_gradient_is_rejected_before_the_step(federation):
     before the optimizer touches the weights."""
     fed = Federation(federation)
     cuts = fed.client_cuts(fed.client_ids[0]).subset(first=2)
-    torch.manual_seed(0)
-    model = Transducer(ModelConfig.preset("tiny", vocab_size=fed.tokenizer.vocab_size, num_layers=1))
+    model = tiny_model(preset="tiny", vocab_size=fed.tokenizer.vocab_size, num_layers=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for clip in (5.0, 0.0):
         cfg = TrainSection(max_duration=60.0, spec_augment=False, grad_clip=clip)
@@ -147,9 +145,8 @@ def test_auxiliary_losses_enter_the_training_loss(federation):
 
     fed = Federation(federation)
     cuts = fed.client_cuts(fed.client_ids[0]).subset(first=3)
-    torch.manual_seed(0)
-    model = Transducer(ModelConfig.preset("tiny", vocab_size=fed.tokenizer.vocab_size, num_layers=1,
-                                          predictor="stateless", simple_head=True)).eval()
+    model = tiny_model(preset="tiny", vocab_size=fed.tokenizer.vocab_size, num_layers=1, predictor="stateless",
+                       simple_head=True).eval()
     batch = next(AsrDataset(cuts, fed.tokenizer, fed.cmvn).batches(60.0, shuffle=False, num_buckets=1))
     loss, stats = transducer_loss(model, batch, ctc_weight=0.3, simple_weight=0.5)
     assert set(stats) == {"rnnt", "ctc", "simple", "loss"}
@@ -174,8 +171,8 @@ def test_batch_stream_resumes_and_continues_epochs(federation):
     per_epoch = sum(1 for e, _ in first if e == 0)
     # one epoch from a persistent stream: exactly that epoch's batches; the next starts the next epoch
     stream = BatchStream(ds, cfg, seed=3)
-    model = Transducer(ModelConfig.preset("tiny", vocab_size=fed.tokenizer.vocab_size, num_layers=1, d_model=64,
-                                          ffn_dim=64, pred_hidden=32, pred_embed_dim=32, joint_dim=32))
+    model = tiny_model(None, preset="tiny", vocab_size=fed.tokenizer.vocab_size, num_layers=1, d_model=64, ffn_dim=64,
+                       pred_hidden=32, pred_embed_dim=32, joint_dim=32)
     res = train_steps(model, make_optimizer(model, cfg), ds, cfg, seed=0, num_epochs=1, stream=stream)
     assert res.steps == per_epoch and res.epochs == 1 and stream.consumed == per_epoch
     assert (lambda e_b: (e_b[0], e_b[1].ids))(next(stream)) == first[per_epoch]
