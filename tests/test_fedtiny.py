@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import FAST, MICRO_MODEL, interrupted_then_resumed
-from fedasr.config import PruningSection, from_dict, load_config
+from fedasr.config import PruningSection, load_config
+from fedasr.configlib import from_dict
 from fedasr.data.batching import Batch
 from fedasr.data.federation import Federation
 from fedasr.fl.protocol import encode_up
