@@ -1,6 +1,7 @@
 """End to end through the real CLI: a reduced ci recipe swept over two sparsities, then reported."""
 
 import csv
+import dataclasses
 import math
 import subprocess
 import sys
@@ -207,7 +208,8 @@ def test_parsing_a_recipe_imports_neither_torch_nor_the_methods():
 
 
 def test_the_method_layer_resolves_the_method_blocks():
-    from fedasr.methods import method_blocks, method_config, validate
+    from fedasr.config import parse_config
+    from fedasr.methods import method_blocks, method_config, resolved_pruning, validate
     from fedasr.methods.fedtiny import FedTinyConfig
 
     cfg = load_config("recipes/ci.yaml", ["pruning.method=fedtiny", "pruning.fedtiny.candidates=3"])
@@ -216,6 +218,9 @@ def test_the_method_layer_resolves_the_method_blocks():
     assert block.density_tolerance == FedTinyConfig().density_tolerance  # a default the recipe leaves out
     assert sorted(method_blocks(cfg.pruning)) == ["federated_pruning", "fedtiny"]  # every block given, parsed
     assert method_config(load_config(None, []).pruning) is None  # method none: no block
+    full = resolved_pruning(cfg.pruning)  # every block in full: what a run's config.yaml can record
+    assert full["fedtiny"] == dataclasses.asdict(block) and full["target_sparsity"] == cfg.pruning.target_sparsity
+    assert method_blocks(parse_config({"pruning": full}).pruning) == method_blocks(cfg.pruning)
     for setting, msg in [("pruning.bogus.x=1", "pruning.bogus: unknown key (known: method, target_sparsity, include, "
                                                "exclude, asp, federated_pruning, fedtiny)"),
                          ("pruning.method=magic", "pruning.method: unknown 'magic' (asp, federated_pruning, fedtiny, none)"),

@@ -8,6 +8,8 @@ before training starts, and :func:`make_method`, which builds the configured met
 
 from __future__ import annotations
 
+import dataclasses
+
 from fedasr.config import COMMON_PRUNING_KEYS
 from fedasr.configlib import from_dict
 from fedasr.errors import FedasrError
@@ -46,6 +48,15 @@ def method_config(pruning, prefix: str = "pruning"):
     """The parsed config block of the selected method (None for ``none``), the whole
     pruning section checked."""
     return method_blocks(pruning, prefix).get(pruning.method)
+
+
+def resolved_pruning(pruning) -> dict:
+    """The pruning section as a mapping with every method block in full (the defaults the
+    recipe leaves out filled in): what a run's config.yaml records, so that a later change of
+    a method's defaults does not change a resumed run."""
+    d = pruning.to_dict()
+    d.update({name: dataclasses.asdict(block) for name, block in method_blocks(pruning).items()})
+    return d
 
 
 def validate(cfg) -> None:
