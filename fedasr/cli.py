@@ -473,45 +473,31 @@ def sweep(
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key for every run (repeatable)."),
 ) -> None:
     """Train and evaluate one run per (pruning scheme, sparsity) of a recipe."""
-    import threading
-    import time
-
-    from fedasr.sweep import plan_runs, plan_seed, resolved_recipe, rounds_done, run_sweep
+    from fedasr.sweep import plan_sweep, resolved_recipe, run_sweep
 
     t0 = time.time()
-    recipe_data = resolved_recipe(recipe, set_, _parse_sparsities(sparsities))
-    seed = plan_seed(recipe_data, out)
-    planned = ([seed] if seed else []) + plan_runs(recipe_data, out)
-    total = sum(r.rounds for r in planned)
-    finished: set[Path] = set()
+    plan = plan_sweep(resolved_recipe(recipe, set_, _parse_sparsities(sparsities)), out)
     with progress_bar() as prog:
         # rounds, not runs: a run takes minutes, so the bar follows the rounds each run in
-        # flight has checkpointed (its metrics.jsonl), and the estimate comes from them;
-        # the seed model's rounds come first
-        task = prog.add_task("sweep rounds" + (" (seed model first)" if seed else ""), total=total)
-        stop = threading.Event()
-
-        def poll() -> None:
-            while not stop.wait(2.0):
-                done = sum(r.rounds if r.path in finished else min(r.rounds, rounds_done(r)) for r in planned)
-                prog.update(task, completed=done)
-
-        watcher = threading.Thread(target=poll, daemon=True)
-        watcher.start()
-
-        def step(run, status):
-            finished.add(run.path)
-            prog.console.print(f"{run.scheme} @ {run.sparsity:.2f}: {status}")
-
-        try:
-            run_sweep(recipe, federation, out, sparsities=_parse_sparsities(sparsities), overrides=set_, jobs=jobs,
-                      progress=step)
-        finally:
-            stop.set()
-            watcher.join()
-        prog.update(task, completed=total)
+        # flight has checkpointed; the seed model's rounds come first
+        events = _SweepProgress(prog, plan.total_rounds, seed=plan.seed is not None)
+        run_sweep(plan, federation, jobs=jobs, events=events)
     console.print(f"sweep finished in {time.time() - t0:.0f} s; `fedasr report {out}` for the curve")
     _report(out)
+
+
+class _SweepProgress:
+    """Rich progress for a sweep's rounds (fedasr.sweep.SweepEvents)."""
+
+    def __init__(self, prog: Progress, total: int, seed: bool):
+        self.prog = prog
+        self.task = prog.add_task("sweep rounds" + (" (seed model first)" if seed else ""), total=total)
+
+    def run_done(self, run, status: str) -> None:
+        self.prog.console.print(f"{run.scheme} @ {run.sparsity:.2f}: {status}")
+
+    def rounds(self, done: int, total: int) -> None:
+        self.prog.update(self.task, completed=done)
 
 
 def _report(sweep_dir: Path) -> None:

@@ -1,22 +1,27 @@
-"""Run configuration: YAML recipes -> typed dataclasses.
+"""The run configuration's schema: one dataclass per section of a recipe, with its checks.
 
-Unknown keys and values of the wrong type are errors that name the key
-(``fl.rounds: expected int, got 'ten'``). Every key can be overridden on the command
-line with ``--set section.key=value`` (the value is parsed as YAML).
+Recipes are read and parsed by the generic loader :mod:`fedasr.configlib`: unknown keys
+and values of the wrong type are errors that name the key (``fl.rounds: expected an
+integer, got 'ten'``), and every key can be overridden on the command line with
+``--set section.key=value`` (the value is parsed as YAML).
+
+The pruning methods' own blocks (``pruning.NAME: {...}``) are kept here as raw mappings:
+the method layer parses and checks them (:func:`fedasr.methods.validate`), so parsing a
+config imports neither the methods nor torch. A recipe may also hold the sweep's part
+(``SWEEP_KEYS``, read by :mod:`fedasr.sweep`); a run's config ignores it.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import yaml
-
+from fedasr.configlib import apply_overrides, coerce, from_dict, read_recipe
 from fedasr.errors import FedasrError
 
 
@@ -210,138 +215,39 @@ COMMON_PRUNING_KEYS = ("method", "target_sparsity", "include", "exclude")
 class PruningSection:
     """In-round pruning. ``method`` selects a registered pruning method (``none`` trains
     dense); its own settings are in the block named after it (``pruning.fedtiny: {...}``).
-    ``target_sparsity``, ``include`` and ``exclude`` are common to every method."""
+    ``target_sparsity``, ``include`` and ``exclude`` are common to every method.
+
+    Every other key is kept in ``blocks`` as given (a method's raw settings): the method
+    layer knows the methods, parses each block into its method's ``Config`` and rejects
+    unknown names (:func:`fedasr.methods.method_blocks`)."""
 
     method: str = "none"
     target_sparsity: float = 0.5  # share of the prunable weights that are zero at the end
     include: list = field(default_factory=lambda: list(DEFAULT_PRUNABLE))  # name globs (>= 2-D tensors)
     exclude: list = field(default_factory=list)
-    blocks: dict = field(default_factory=dict)  # method name -> its parsed config block
+    blocks: dict = field(default_factory=dict)  # method name -> its settings, raw (as the recipe gives them)
 
     @classmethod
-    def parse(cls, data: dict, prefix: str) -> "PruningSection":
-        from fedasr.methods.base import registry
-
-        methods = registry()
+    def parse(cls, data, prefix: str) -> "PruningSection":
+        if not isinstance(data, dict):
+            raise FedasrError(f"{prefix}: expected a mapping, got {data!r}")
         p = f"{prefix}." if prefix else ""
-        common, blocks = {}, {}
-        for k, v in data.items():
-            if k in COMMON_PRUNING_KEYS:
-                common[k] = v
-            elif k in methods and methods[k].Config is not None:
-                if v is not None and not isinstance(v, dict):
-                    raise FedasrError(f"{p}{k}: expected a mapping of {k}'s settings, got {v!r}")
-                blocks[k] = from_dict(methods[k].Config, v if v is not None else {}, f"{p}{k}")
-            else:
-                known = list(COMMON_PRUNING_KEYS) + sorted(n for n, m in methods.items() if m.Config is not None)
-                raise FedasrError(f"{p}{k}: unknown key (known: {', '.join(known)})")
         hints = typing.get_type_hints(cls)
-        kwargs = {k: _coerce(v, hints[k], f"{p}{k}") for k, v in common.items()}
-        obj = cls(**kwargs, blocks=blocks)
-        if obj.method not in methods:
-            raise FedasrError(f"{p}method: unknown {obj.method!r} ({', '.join(sorted(methods))})")
+        common = {k: coerce(v, hints[k], f"{p}{k}") for k, v in data.items() if k in COMMON_PRUNING_KEYS}
+        blocks = {k: copy.deepcopy(v) if v is not None else {} for k, v in data.items() if k not in COMMON_PRUNING_KEYS}
+        obj = cls(**common, blocks=blocks)
         if not 0.0 <= obj.target_sparsity < 1.0:
             raise FedasrError(f"{p}target_sparsity: must be in [0, 1), got {obj.target_sparsity}")
-        cfg_cls = methods[obj.method].Config
-        if cfg_cls is not None and obj.method not in blocks:
-            obj.blocks[obj.method] = from_dict(cfg_cls, {}, f"{p}{obj.method}")
-        block = obj.blocks.get(obj.method)
-        check = getattr(block, "check_common", None)
-        if check is not None:
-            check(obj, f"{p}{obj.method}")
         return obj
 
-    def block(self, method: str):
-        """The config block of ``method`` (its defaults when the recipe gives none)."""
-        if method not in self.blocks:
-            from fedasr.methods.base import registry
-
-            cfg_cls = registry()[method].Config
-            return cfg_cls() if cfg_cls is not None else None
-        return self.blocks[method]
-
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in COMMON_PRUNING_KEYS}
-        d.update({name: dataclasses.asdict(b) for name, b in self.blocks.items()})
+        d = {k: copy.deepcopy(getattr(self, k)) for k in COMMON_PRUNING_KEYS}
+        d.update(copy.deepcopy(self.blocks))
         return d
 
 
-@dataclass
-class SeedModelSection:
-    """The seed model `fedasr sweep` trains once, centrally on the server's own data
-    (`fedasr train --centralized --data server`), before its runs; every run starts from it
-    (``--init-from``). ``steps: 0`` = no seed: runs start from scratch."""
-
-    steps: int = 0  # centralized steps on the server's data
-    rounds: int = 4  # the seed run's checkpoints / dev evaluations; steps must be a multiple
-    overrides: list = field(default_factory=list)  # further "key=value" settings of the seed run
-
-    def validate(self, prefix: str) -> None:
-        p = f"{prefix}." if prefix else ""
-        if self.steps < 0:
-            raise FedasrError(f"{p}steps: must be >= 0 (0: no seed model)")
-        if self.rounds < 1:
-            raise FedasrError(f"{p}rounds: must be at least 1")
-        if self.steps and self.steps % self.rounds:
-            raise FedasrError(f"{p}steps: {self.steps} is not a multiple of {p}rounds ({self.rounds})")
-        for i, o in enumerate(self.overrides):
-            if not isinstance(o, str) or "=" not in o:
-                raise FedasrError(f"{p}overrides[{i}]: expected 'key=value', got {o!r}")
-
-    @property
-    def enabled(self) -> bool:
-        return self.steps > 0
-
-
-@dataclass
-class SweepScheme:
-    name: str = "scheme"
-    pruning: dict = field(default_factory=dict)  # pruning.* keys of this scheme (method included)
-    overrides: list = field(default_factory=list)  # further "key=value" settings
-    # the paper's baseline: one-shot prune of the seed model at each sparsity (the scheme's
-    # federated_pruning pattern/importance/allocation), then fine-tuning on the server's data
-    # alone for as many steps as a federated run's clients take together
-    server_only: bool = False
-    # a method that decides its own sparsity (ASP) sweeps its knob instead of the targets:
-    # {key: pruning.asp.k, values: [1.5, 2.0, 2.5]}
-    knob: dict = field(default_factory=dict)
-    sparsities: Optional[list] = None  # this scheme's targets [default: sweep.sparsities]
-
-    def validate(self, prefix: str) -> None:
-        p = f"{prefix}." if prefix else ""
-        for i, v in enumerate(self.sparsities or []):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 1:
-                raise FedasrError(f"{p}sparsities[{i}]: must be a number in (0, 1), got {v!r}")
-        if self.knob:
-            if set(self.knob) != {"key", "values"} or not isinstance(self.knob["key"], str) \
-                    or not isinstance(self.knob["values"], list) or not self.knob["values"]:
-                raise FedasrError(f"{p}knob: expected {{key: SETTING, values: [V, ...]}}")
-
-
-@dataclass
-class SweepSection:
-    """Used by `fedasr sweep`: one run per (scheme, sparsity); sparsity 0 is one shared dense run."""
-
-    sparsities: list = field(default_factory=lambda: [0.0, 0.5])
-    schemes: list = field(default_factory=list)  # of SweepScheme mappings
-    splits: list = field(default_factory=list)  # test splits to evaluate [default: all]
-    beam: int = 1
-
-    def validate(self, prefix: str) -> None:
-        p = f"{prefix}." if prefix else ""
-        for i, s in enumerate(self.sparsities):
-            if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0 <= s < 1:
-                raise FedasrError(f"{p}sparsities[{i}]: must be a number in [0, 1), got {s!r}")
-        names = []
-        for i, sch in enumerate(self.schemes):
-            if not isinstance(sch, dict):
-                raise FedasrError(f"{p}schemes[{i}]: expected a mapping with name and pruning")
-            obj = from_dict(SweepScheme, sch, f"{p}schemes[{i}]")
-            names.append(obj.name)
-            if obj.name == "dense":
-                raise FedasrError(f"{p}schemes[{i}].name: 'dense' is reserved for the sparsity-0 run")
-        if len(set(names)) != len(names):
-            raise FedasrError(f"{p}schemes: scheme names must be unique")
+# the sweep's part of a recipe (fedasr.sweep's schema): a run's config ignores these sections
+SWEEP_KEYS = ("seed_model", "sweep")
 
 
 @dataclass
@@ -354,8 +260,6 @@ class RunConfig:
     fl: FLSection = field(default_factory=FLSection)
     eval: EvalSection = field(default_factory=EvalSection)
     pruning: PruningSection = field(default_factory=PruningSection)
-    seed_model: SeedModelSection = field(default_factory=SeedModelSection)
-    sweep: SweepSection = field(default_factory=SweepSection)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -368,19 +272,11 @@ class RunConfig:
         if self.pruning.method == "fedtiny" and self.model.overrides.get("conv_norm") == "layernorm":
             raise FedasrError("pruning.method: fedtiny needs model.overrides.conv_norm: batchnorm "
                               "(its mask selection recomputes BatchNorm statistics)")
-        if self.fl.client_model == "compact":
-            from fedasr.methods.base import registry
-
-            method = self.pruning.method
-            why = registry()[method].whole_unit_masks(self.pruning.block(method))
-            if why is not None:
-                raise FedasrError(f"fl.client_model: compact needs masks that remove whole units, "
-                                  f"but {why} (use fl.client_model: auto to fall back to masked training)")
 
 
 def resolve_device(name: str):
     """A torch.device for ``auto``/``cpu``/``cuda[:N]``; asking for CUDA without one is an error."""
-    import torch
+    import torch  # here, not at the top: parsing a config does not import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -389,142 +285,13 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except FedasrError:
-                continue
-        raise FedasrError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise FedasrError(f"{key}: expected a mapping, got {value!r}")
-        parse = getattr(tp, "parse", None)
-        return parse(value, key) if parse is not None else from_dict(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise FedasrError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise FedasrError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise FedasrError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise FedasrError(f"{key}: expected a string, got {value!r}")
-    if tp is dict or origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        raise FedasrError(f"{key}: expected a mapping, got {value!r}")
-    if tp is list or origin is list:
-        if isinstance(value, list):
-            (inner,) = typing.get_args(tp) or (Any,)
-            return [v if inner is Any else _coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-        raise FedasrError(f"{key}: expected a list, got {value!r}")
-    return value
-
-
-def from_dict(cls, data: dict, prefix: str = ""):
-    """Build dataclass ``cls`` from ``data``; unknown keys and bad types name the key."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            raise FedasrError(f"{key}: unknown key (known: {', '.join(sorted(names))})")
-        kwargs[k] = _coerce(v, hints[k], key)
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if validate:
-        validate(prefix)
-    return obj
-
-
 def parse_config(data: dict | None) -> RunConfig:
-    return from_dict(RunConfig, dict(data or {}))
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``--set a.b=value`` overrides (value parsed as YAML) to a raw config dict."""
-    data = yaml.safe_load(yaml.safe_dump(data or {}))  # deep copy
-    for item in overrides:
-        if "=" not in item:
-            raise FedasrError(f"--set {item}: expected KEY=VALUE")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        node = data
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise FedasrError(f"--set {key}: {p} is not a section")
-        node[parts[-1]] = value
-    return data
-
-
-def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
-    """A YAML file whose top level is a mapping; problems are errors naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FedasrError(f"{path}: {what} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise FedasrError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise FedasrError(f"{path}: expected a mapping at the top level")
-    return data
-
-
-def merge_mappings(base: dict, over: dict) -> dict:
-    """``over`` on top of ``base``: mappings merge key by key, anything else is replaced."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge_mappings(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def read_recipe(path: str | Path, what: str = "config file", _seen: tuple = ()) -> dict:
-    """A recipe file; ``extends: OTHER.yaml`` (relative to the file) starts from another recipe
-    and changes only what this one says (mappings merge, lists and values replace)."""
-    path = Path(path)
-    data = read_yaml_mapping(path, what)
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str):
-        raise FedasrError(f"{path}: extends: expected a file name, got {parent!r}")
-    base, seen = (path.parent / parent).resolve(), _seen + (path.resolve(),)
-    if base in seen:
-        raise FedasrError(f"{path}: extends: {parent} leads back to this file")
-    return merge_mappings(read_recipe(base, what, seen), data)
+    """A run's config from its raw mapping (the sweep's sections, if any, are ignored).
+    The method blocks are checked by :func:`fedasr.methods.validate`."""
+    return from_dict(RunConfig, {k: v for k, v in (data or {}).items() if k not in SWEEP_KEYS})
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """A recipe file (or the defaults) with ``--set`` overrides, parsed."""
     data = read_recipe(path) if path is not None else {}
     return parse_config(apply_overrides(data, overrides or []))

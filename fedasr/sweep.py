@@ -16,6 +16,12 @@ splits, and ``report`` gathers them into ``wer_vs_sparsity.csv`` and ``.png``::
 Each run is a subprocess of the `fedasr` CLI (its output goes to the run's log.txt), so
 runs can go in parallel (``--jobs``) and a crash of one does not take the others down.
 Re-running skips finished runs and resumes unfinished ones from their last checkpoint.
+
+A recipe is a run's config plus the sweep's part (``seed_model:`` and ``sweep:``, the
+schema below: :class:`SweepConfig`); :func:`split_recipe` parses each once. Every run is
+``fedasr train --config SWEEP_DIR/recipe.yaml --set ...``, which ignores the sweep's part,
+so a run's config.yaml records its own config only (its scheme and settings are in the
+run's sweep.json).
 """
 
 from __future__ import annotations
@@ -26,14 +32,17 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Optional, Protocol
 
 import yaml
 
-from fedasr.config import SweepScheme, apply_overrides, from_dict, parse_config, read_recipe
+from fedasr.config import SWEEP_KEYS, RunConfig, parse_config
+from fedasr.configlib import apply_overrides, from_dict, read_recipe
 from fedasr.data.federation import Federation
 from fedasr.errors import FedasrError
 from fedasr.fsutil import atomic_write_bytes, atomic_write_text
@@ -45,6 +54,107 @@ SWEEP_FILE = "sweep.json"
 SEED_SCHEME = "seed"
 
 
+# ---------------------------------------------------------------------------- schema
+# A recipe holds a run's config (fedasr.config.RunConfig) and the sweep's part: the
+# sections named in fedasr.config.SWEEP_KEYS, which `fedasr train` ignores.
+@dataclass
+class SeedModelSection:
+    """The seed model `fedasr sweep` trains once, centrally on the server's own data
+    (`fedasr train --centralized --data server`), before its runs; every run starts from it
+    (``--init-from``). ``steps: 0`` = no seed: runs start from scratch."""
+
+    steps: int = 0  # centralized steps on the server's data
+    rounds: int = 4  # the seed run's checkpoints / dev evaluations; steps must be a multiple
+    overrides: list = field(default_factory=list)  # further "key=value" settings of the seed run
+
+    def validate(self, prefix: str) -> None:
+        p = f"{prefix}." if prefix else ""
+        if self.steps < 0:
+            raise FedasrError(f"{p}steps: must be >= 0 (0: no seed model)")
+        if self.rounds < 1:
+            raise FedasrError(f"{p}rounds: must be at least 1")
+        if self.steps and self.steps % self.rounds:
+            raise FedasrError(f"{p}steps: {self.steps} is not a multiple of {p}rounds ({self.rounds})")
+        for i, o in enumerate(self.overrides):
+            if not isinstance(o, str) or "=" not in o:
+                raise FedasrError(f"{p}overrides[{i}]: expected 'key=value', got {o!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.steps > 0
+
+
+@dataclass
+class SweepScheme:
+    name: str = "scheme"
+    pruning: dict = field(default_factory=dict)  # pruning.* keys of this scheme (method included)
+    overrides: list = field(default_factory=list)  # further "key=value" settings
+    # the paper's baseline: one-shot prune of the seed model at each sparsity (the scheme's
+    # federated_pruning pattern/importance/allocation), then fine-tuning on the server's data
+    # alone for as many steps as a federated run's clients take together
+    server_only: bool = False
+    # a method that decides its own sparsity (ASP) sweeps its knob instead of the targets:
+    # {key: pruning.asp.k, values: [1.5, 2.0, 2.5]}
+    knob: dict = field(default_factory=dict)
+    sparsities: Optional[list] = None  # this scheme's targets [default: sweep.sparsities]
+
+    @classmethod
+    def parse(cls, data, prefix: str) -> "SweepScheme":
+        if not isinstance(data, dict):
+            raise FedasrError(f"{prefix}: expected a mapping with name and pruning")
+        return from_dict(cls, data, prefix)
+
+    def validate(self, prefix: str) -> None:
+        p = f"{prefix}." if prefix else ""
+        for i, v in enumerate(self.sparsities or []):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 1:
+                raise FedasrError(f"{p}sparsities[{i}]: must be a number in (0, 1), got {v!r}")
+        if self.knob:
+            if set(self.knob) != {"key", "values"} or not isinstance(self.knob["key"], str) \
+                    or not isinstance(self.knob["values"], list) or not self.knob["values"]:
+                raise FedasrError(f"{p}knob: expected {{key: SETTING, values: [V, ...]}}")
+
+
+@dataclass
+class SweepSection:
+    """One run per (scheme, sparsity); sparsity 0 is one shared dense run."""
+
+    sparsities: list = field(default_factory=lambda: [0.0, 0.5])
+    schemes: list[SweepScheme] = field(default_factory=list)
+    splits: list = field(default_factory=list)  # test splits to evaluate [default: all]
+    beam: int = 1
+
+    def validate(self, prefix: str) -> None:
+        p = f"{prefix}." if prefix else ""
+        for i, s in enumerate(self.sparsities):
+            if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0 <= s < 1:
+                raise FedasrError(f"{p}sparsities[{i}]: must be a number in [0, 1), got {s!r}")
+        names = [sch.name for sch in self.schemes]
+        if "dense" in names:
+            raise FedasrError(f"{p}schemes[{names.index('dense')}].name: 'dense' is reserved for the sparsity-0 run")
+        if len(set(names)) != len(names):
+            raise FedasrError(f"{p}schemes: scheme names must be unique")
+
+
+@dataclass
+class SweepConfig:
+    """The sweep's part of a recipe (its sections are ``fedasr.config.SWEEP_KEYS``)."""
+
+    seed_model: SeedModelSection = field(default_factory=SeedModelSection)
+    sweep: SweepSection = field(default_factory=SweepSection)
+
+
+def split_recipe(recipe: dict) -> tuple[RunConfig, SweepConfig]:
+    """A recipe's run part (what every run starts from) and its sweep part, each parsed
+    and checked (the method blocks too)."""
+    from fedasr.methods import validate
+
+    cfg = parse_config(recipe)
+    validate(cfg)
+    return cfg, from_dict(SweepConfig, {k: v for k, v in recipe.items() if k in SWEEP_KEYS})
+
+
+# ---------------------------------------------------------------------------- plan
 @dataclass
 class SweepRun:
     scheme: str
@@ -62,29 +172,54 @@ class SweepRun:
         return self.path / "pruned.pt"
 
 
+@dataclass
+class SweepPlan:
+    """A sweep, planned from its (resolved) recipe: the seed run, if any, then the runs."""
+
+    recipe: dict  # as SWEEP_DIR/recipe.yaml records it
+    out: Path
+    config: RunConfig  # the recipe's run part
+    sweep: SweepConfig
+    seed: SweepRun | None
+    runs: list[SweepRun]
+
+    @property
+    def all_runs(self) -> list[SweepRun]:
+        return ([self.seed] if self.seed is not None else []) + self.runs
+
+    @property
+    def total_rounds(self) -> int:
+        return sum(r.rounds for r in self.all_runs)
+
+
 def load_recipe(path: str | Path) -> dict:
     return read_recipe(path, "recipe")
 
 
-def plan_seed(recipe: dict, out: Path) -> SweepRun | None:
-    """The seed run of the recipe's ``seed_model:`` block (None without one): centralized on
-    the server's data, ``steps`` in ``rounds`` rounds, dense."""
-    sm = parse_config(recipe).seed_model
+def _check_run(recipe: dict, run: SweepRun) -> None:
+    """A run's settings on top of the recipe make a valid run config (or a one-line error now,
+    not in the middle of the sweep)."""
+    from fedasr.methods import validate
+
+    validate(parse_config(apply_overrides(recipe, run.settings)))
+
+
+def _plan_seed(recipe: dict, sweep: SweepConfig, out: Path) -> SweepRun | None:
+    sm = sweep.seed_model
     if not sm.enabled:
         return None
     settings = ["pruning.method=none", f"fl.rounds={sm.rounds}", "fl.clients_per_round=1", "fl.client_fraction=null",
                 f"fl.local_steps={sm.steps // sm.rounds}", "fl.local_epochs=null", "eval.every=1", *sm.overrides]
     run = SweepRun(SEED_SCHEME, 0.0, out / SEED_SCHEME, settings, rounds=sm.rounds,
                    train_args=["--centralized", "--data", "server"])
-    parse_config(apply_overrides(recipe, settings))
+    _check_run(recipe, run)
     return run
 
 
-def seed_checkpoint(seed: SweepRun) -> Path:
-    latest = RunDir(seed.path).latest()
-    if latest is None:
-        raise FedasrError(f"{seed.path}: the seed model has no checkpoint")
-    return latest
+def plan_seed(recipe: dict, out: Path) -> SweepRun | None:
+    """The seed run of the recipe's ``seed_model:`` block (None without one): centralized on
+    the server's data, ``steps`` in ``rounds`` rounds, dense."""
+    return _plan_seed(recipe, split_recipe(recipe)[1], out)
 
 
 def _server_only_prune(sch: SweepScheme, where: str, has_seed: bool) -> dict:
@@ -102,26 +237,26 @@ def _server_only_prune(sch: SweepScheme, where: str, has_seed: bool) -> dict:
     return {"pattern": fp.pattern, "importance": fp.importance, "allocation": fp.allocation, "norm": fp.norm}
 
 
-def plan_runs(recipe: dict, out: Path) -> list[SweepRun]:
-    cfg = parse_config(recipe)  # validates everything, sweep section included
-    schemes = [from_dict(SweepScheme, s, "sweep.schemes") for s in cfg.sweep.schemes]
+def _plan_runs(recipe: dict, cfg: RunConfig, sweep: SweepConfig, out: Path) -> list[SweepRun]:
+    schemes = sweep.sweep.schemes
     if not schemes:
         raise FedasrError("sweep.schemes: the recipe lists no pruning scheme")
     rounds = cfg.fl.rounds
-    from_seed = cfg.seed_model.enabled
+    from_seed = sweep.seed_model.enabled
+    targets = sweep.sweep.sparsities
     runs: list[SweepRun] = []
-    if any(s == 0 for s in cfg.sweep.sparsities):
+    if any(s == 0 for s in targets):
         runs.append(SweepRun("dense", 0.0, out / "runs" / "dense", ["pruning.method=none"], rounds=rounds,
                              from_seed=from_seed))
     for i, sch in enumerate(schemes):
         where = f"sweep.schemes[{i}]"
         if "method" not in sch.pruning:
             raise FedasrError(f"{where}.pruning.method: required (the scheme's pruning method)")
-        sparsities = sorted(set(sch.sparsities if sch.sparsities is not None else cfg.sweep.sparsities) - {0, 0.0})
+        sparsities = sorted(set(sch.sparsities if sch.sparsities is not None else targets) - {0, 0.0})
         if sch.server_only:
             if sch.knob:
                 raise FedasrError(f"{where}.knob: a server_only scheme prunes at the sweep's sparsities")
-            opts = _server_only_prune(sch, where, cfg.seed_model.enabled)
+            opts = _server_only_prune(sch, where, from_seed)
             for s in sparsities:
                 runs.append(SweepRun(sch.name, float(s), out / "runs" / sch.name / f"s{s:.2f}",
                                      ["pruning.method=none", *sch.overrides], rounds=rounds,
@@ -139,10 +274,23 @@ def plan_runs(recipe: dict, out: Path) -> list[SweepRun]:
         for s in sparsities:
             runs.append(SweepRun(sch.name, float(s), out / "runs" / sch.name / f"s{s:.2f}",
                                  base + [f"pruning.target_sparsity={s}"], rounds=rounds, from_seed=from_seed))
-    # fail now, not in the middle of the sweep, when a scheme's settings are wrong
     for r in runs:
-        parse_config(apply_overrides(recipe, r.settings))
+        _check_run(recipe, r)
     return runs
+
+
+def plan_runs(recipe: dict, out: Path) -> list[SweepRun]:
+    """The runs of the recipe's ``sweep:`` section (the seed run aside), every one checked."""
+    cfg, sweep = split_recipe(recipe)
+    return _plan_runs(recipe, cfg, sweep, out)
+
+
+def plan_sweep(recipe: dict, out: str | Path) -> SweepPlan:
+    """The whole sweep of a resolved recipe (:func:`resolved_recipe`), checked before anything runs."""
+    out = Path(out)
+    cfg, sweep = split_recipe(recipe)
+    seed = _plan_seed(recipe, sweep, out)
+    return SweepPlan(recipe, out, cfg, sweep, seed, _plan_runs(recipe, cfg, sweep, out))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -154,29 +302,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def _finished(run: SweepRun, splits: list[str]) -> bool:
-    rd = RunDir(run.path)
-    results, metrics = rd.results(), rd.metrics()
-    return bool(metrics) and all(s in results for s in splits) and metrics[-1]["round"] >= run.rounds
-
-
-def rounds_done(run: SweepRun) -> int:
-    """Rounds a run has checkpointed so far (its metrics.jsonl is rewritten after each)."""
-    return len(RunDir(run.path).metrics())
-
-
-def _cli(args: list[str], log: Path, threads: int) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    with open(log, "a") as f:
-        f.write(f"$ fedasr {' '.join(args)}\n")
-        f.flush()
-        proc = subprocess.run([sys.executable, "-m", "fedasr.cli", *args], stdout=f, stderr=subprocess.STDOUT,
-                              env=env)
-    if proc.returncode != 0:
-        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise FedasrError(f"{log.parent}: `fedasr {args[0]}` failed: {tail[0]}")
 
 
 def resolved_recipe(recipe_path: str | Path, overrides: list[str] | None = None,
@@ -194,35 +319,96 @@ def resolved_recipe(recipe_path: str | Path, overrides: list[str] | None = None,
     return recipe
 
 
-def run_sweep(recipe_path: str | Path, federation: str | Path, out: str | Path, *,
-              sparsities: list[float] | None = None, overrides: list[str] | None = None, jobs: int = 1,
-              progress: Callable[[SweepRun, str], None] | None = None) -> list[SweepRun]:
-    out = Path(out)
-    recipe = resolved_recipe(recipe_path, overrides, sparsities)
+# ---------------------------------------------------------------------------- run
+def _finished(run: SweepRun, splits: list[str]) -> bool:
+    rd = RunDir(run.path)
+    results, metrics = rd.results(), rd.metrics()
+    return bool(metrics) and all(s in results for s in splits) and metrics[-1]["round"] >= run.rounds
+
+
+def rounds_done(run: SweepRun) -> int:
+    """Rounds a run has checkpointed so far (its metrics.jsonl is rewritten after each)."""
+    return len(RunDir(run.path).metrics())
+
+
+class SweepEvents(Protocol):
+    """What a sweep reports as it goes (the CLI renders it; calls come from worker threads)."""
+
+    def run_done(self, run: SweepRun, status: str) -> None: ...  # "done" or "skipped (finished)"
+    def rounds(self, done: int, total: int) -> None: ...  # rounds of the whole sweep so far
+
+
+class _NoEvents:
+    def run_done(self, run, status): pass
+    def rounds(self, done, total): pass
+
+
+class SweepProgress:
+    """The sweep's progress in rounds, not runs (a run takes minutes): a finished run counts
+    all its rounds, a run in flight the rounds it has checkpointed (its metrics.jsonl)."""
+
+    def __init__(self, runs: list[SweepRun]):
+        self.runs = list(runs)
+        self.total = sum(r.rounds for r in self.runs)
+        self._finished: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def finish(self, run: SweepRun) -> None:
+        with self._lock:
+            self._finished.add(run.path)
+
+    def done(self) -> int:
+        with self._lock:
+            finished = set(self._finished)
+        return sum(r.rounds if r.path in finished else min(r.rounds, rounds_done(r)) for r in self.runs)
+
+
+@contextmanager
+def _watch(progress: SweepProgress, events: SweepEvents, interval: float):
+    """Report ``progress`` to ``events`` every ``interval`` seconds while the block runs."""
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(interval):
+            events.rounds(progress.done(), progress.total)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def run_sweep(plan: SweepPlan, federation: str | Path, *, jobs: int = 1, events: SweepEvents | None = None,
+              poll_interval: float = 2.0) -> list[SweepRun]:
+    """Train and evaluate every run of ``plan`` (the seed first, with every core; then ``jobs``
+    runs at a time); finished runs are skipped, unfinished ones resumed."""
+    events = events or _NoEvents()
+    out, cfg, seed = plan.out, plan.config, plan.seed
     fed = Federation(federation)
-    runs = plan_runs(recipe, out)
-    cfg = parse_config(recipe)
-    splits = cfg.sweep.splits or [s for s, m in fed.eval_splits.items() if m["role"] == "test"]
+    splits = plan.sweep.sweep.splits or [s for s, m in fed.eval_splits.items() if m["role"] == "test"]
     for s in splits:
         if s not in fed.eval_splits:
             raise FedasrError(f"sweep.splits: unknown split {s!r} (federation has: {', '.join(fed.eval_splits)})")
-    seed = plan_seed(recipe, out)
     if seed is not None and not fed.has_server_data:
         raise FedasrError(f"seed_model: {fed.root} holds no server data to train the seed on "
                           "(shard with --server-split, or set seed_model.steps=0)")
     out.mkdir(parents=True, exist_ok=True)
     recipe_file = out / "recipe.yaml"
-    text = yaml.safe_dump(recipe, sort_keys=False)
+    text = yaml.safe_dump(plan.recipe, sort_keys=False)
     if recipe_file.is_file() and recipe_file.read_text() != text:
         raise FedasrError(f"{recipe_file}: this sweep directory was made with another recipe; use a new --out")
     atomic_write_text(recipe_file, text)
     cpus = os.cpu_count() or 1
     threads = max(1, cpus // max(1, jobs))
+    progress = SweepProgress(plan.all_runs)
 
     def one(run: SweepRun, threads: int = threads) -> SweepRun:
         if _finished(run, splits):
-            if progress:
-                progress(run, "skipped (finished)")
+            progress.finish(run)
+            events.run_done(run, "skipped (finished)")
             return run
         run.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.path / SWEEP_FILE, json.dumps({"scheme": run.scheme, "sparsity": run.sparsity,
@@ -246,16 +432,37 @@ def run_sweep(recipe_path: str | Path, federation: str | Path, out: str | Path, 
             _cli(["train", "--federation", str(fed.root), "--config", str(recipe_file), "--out", str(run.path),
                   "--overwrite", *args, *sets], log, threads)
         evals = [a for s in splits for a in ("--split", s)]
-        _cli(["eval", "--run", str(run.path), "--beam", str(cfg.sweep.beam), *evals], log, threads)
-        if progress:
-            progress(run, "done")
+        _cli(["eval", "--run", str(run.path), "--beam", str(plan.sweep.sweep.beam), *evals], log, threads)
+        progress.finish(run)
+        events.run_done(run, "done")
         return run
 
-    if seed is not None:  # once, before every run, with every core
-        one(seed, threads=cpus)
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
-        list(ex.map(one, runs))
-    return ([seed] if seed is not None else []) + runs
+    with _watch(progress, events, poll_interval):
+        if seed is not None:  # once, before every run, with every core
+            one(seed, threads=cpus)
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
+            list(ex.map(one, plan.runs))
+    events.rounds(progress.done(), progress.total)
+    return plan.all_runs
+
+
+def seed_checkpoint(seed: SweepRun) -> Path:
+    latest = RunDir(seed.path).latest()
+    if latest is None:
+        raise FedasrError(f"{seed.path}: the seed model has no checkpoint")
+    return latest
+
+
+def _cli(args: list[str], log: Path, threads: int) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    with open(log, "a") as f:
+        f.write(f"$ fedasr {' '.join(args)}\n")
+        f.flush()
+        proc = subprocess.run([sys.executable, "-m", "fedasr.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+                              env=env)
+    if proc.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise FedasrError(f"{log.parent}: `fedasr {args[0]}` failed: {tail[0]}")
 
 
 # ---------------------------------------------------------------------------- report

@@ -254,10 +254,11 @@ def test_scatter_inverts_the_compaction_and_keeps_the_base_elsewhere():
 ])
 def test_compact_clients_with_masks_of_another_kind_are_a_config_error(setting, expect):
     from fedasr.errors import FedasrError
+    from fedasr.methods import validate
 
     with pytest.raises(FedasrError, match=f"^fl.client_model: compact needs masks that remove whole units, .*{expect}"):
-        load_config(None, FP_UNIT + setting + ["fl.client_model=compact"])
-    load_config(None, FP_UNIT + setting + ["fl.client_model=auto"])  # auto falls back
+        validate(load_config(None, FP_UNIT + setting + ["fl.client_model=compact"]))
+    validate(load_config(None, FP_UNIT + setting + ["fl.client_model=auto"]))  # auto falls back
 
 
 def test_compact_refuses_masks_outside_whole_units_and_auto_falls_back():

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import FAST, MICRO_MODEL, interrupted_then_resumed, tiny_batch, tiny_model
-from fedasr.config import PruningSection, from_dict, load_config
+from fedasr.config import PruningSection, load_config
+from fedasr.configlib import from_dict
 from fedasr.data.batching import Batch
 from fedasr.data.federation import Federation
 from fedasr.fl.messages import encode_up

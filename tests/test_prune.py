@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import FAST, interrupted_then_resumed, run_cli, sets, tiny_model
-from fedasr.config import PruningSection, from_dict, load_config
+from fedasr.config import PruningSection, load_config
+from fedasr.configlib import from_dict
 from fedasr.data.federation import Federation
 from fedasr import codec
 from fedasr.fl.runner import Runner

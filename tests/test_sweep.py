@@ -1,7 +1,11 @@
 """End to end through the real CLI: a reduced ci recipe swept over two sparsities, then reported."""
 
 import csv
+import dataclasses
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +17,8 @@ from fedasr.fsutil import file_sha256
 from fedasr.rundir import RunDir
 from fedasr.errors import FedasrError
 from fedasr.model.transducer import ModelConfig, Transducer
+
+REPO = Path(__file__).resolve().parent.parent
 
 # the ci recipe at toy size (its model options kept: FAST replaces model.overrides)
 REDUCED = FAST + ["model.overrides.predictor=stateless", "model.overrides.simple_head=true",
@@ -133,10 +139,16 @@ def test_sweep_rejects_bad_recipe(federation, tmp_path):
                                     "recipes/librispeech/federated_pruning.yaml",
                                     "recipes/librispeech100/federated_pruning.yaml"])
 def test_recipes_parse_and_build_the_model(recipe):
-    cfg = load_config(recipe)
+    from fedasr.methods import validate
+    from fedasr.sweep import load_recipe, split_recipe
+
+    cfg = load_config(recipe)  # what `fedasr train --config` reads: the sweep's part ignored
+    validate(cfg)
     model = Transducer(ModelConfig.preset(cfg.model.preset, vocab_size=256, **cfg.model.overrides))
     assert model.num_parameters() > 1e6
-    assert cfg.sweep.schemes and all(0 <= s < 1 for s in cfg.sweep.sparsities)
+    run, sweep = split_recipe(load_recipe(recipe))
+    assert run == cfg
+    assert sweep.sweep.schemes and all(0 <= s < 1 for s in sweep.sweep.sparsities)
 
 
 def test_knob_schemes_and_per_scheme_sparsities_plan_their_runs(tmp_path):
@@ -163,7 +175,7 @@ def test_knob_schemes_and_per_scheme_sparsities_plan_their_runs(tmp_path):
 
 
 def test_recipe_extends_another(tmp_path):
-    from fedasr.sweep import load_recipe
+    from fedasr.sweep import load_recipe, split_recipe
 
     (tmp_path / "base.yaml").write_text("seed: 3\ntrain: {lr: 0.002, ctc_weight: 0.3}\n"
                                         "sweep: {sparsities: [0.0, 0.5], schemes: [{name: a, pruning: {method: fedtiny}}]}\n")
@@ -172,7 +184,8 @@ def test_recipe_extends_another(tmp_path):
     child.write_text("extends: ../base.yaml\ntrain: {lr: 0.0005}\nsweep: {schemes: [{name: b, pruning: {method: asp}}]}\n")
     cfg = load_config(child)
     assert cfg.seed == 3 and cfg.train.lr == 0.0005 and cfg.train.ctc_weight == 0.3  # mappings merge
-    assert [s["name"] for s in cfg.sweep.schemes] == ["b"] and cfg.sweep.sparsities == [0.0, 0.5]  # lists replace
+    sweep = split_recipe(load_recipe(child))[1].sweep
+    assert [s.name for s in sweep.schemes] == ["b"] and sweep.sparsities == [0.0, 0.5]  # lists replace
     assert "extends" not in load_recipe(child)
     (tmp_path / "base.yaml").write_text("extends: sub/child.yaml\n")
     with pytest.raises(FedasrError, match="leads back to this file"):
@@ -180,3 +193,53 @@ def test_recipe_extends_another(tmp_path):
     child.write_text("extends: ../missing.yaml\n")
     with pytest.raises(FedasrError, match="missing.yaml: config file does not exist"):
         load_config(child)
+
+
+def test_parsing_a_recipe_imports_neither_torch_nor_the_methods():
+    """The config parser is the schema and a generic loader; the method layer resolves the
+    method blocks (fedasr.methods.validate), so reading a config stays cheap."""
+    code = ("import sys; from fedasr.config import load_config; "
+            "cfg = load_config('recipes/ci.yaml', ['pruning.method=fedtiny', 'pruning.fedtiny.candidates=3']); "
+            "print(cfg.pruning.blocks['fedtiny']['candidates'], "
+            "[m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'fedasr.methods'))])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["3", "[]"]
+
+
+def test_the_method_layer_resolves_the_method_blocks():
+    from fedasr.config import parse_config
+    from fedasr.methods import method_blocks, method_config, resolved_pruning, validate
+    from fedasr.methods.fedtiny import FedTinyConfig
+
+    cfg = load_config("recipes/ci.yaml", ["pruning.method=fedtiny", "pruning.fedtiny.candidates=3"])
+    block = method_config(cfg.pruning)
+    assert isinstance(block, FedTinyConfig) and block.candidates == 3 and block.granularity == "block"
+    assert block.density_tolerance == FedTinyConfig().density_tolerance  # a default the recipe leaves out
+    assert sorted(method_blocks(cfg.pruning)) == ["federated_pruning", "fedtiny"]  # every block given, parsed
+    assert method_config(load_config(None, []).pruning) is None  # method none: no block
+    full = resolved_pruning(cfg.pruning)  # every block in full: what a run's config.yaml can record
+    assert full["fedtiny"] == dataclasses.asdict(block) and full["target_sparsity"] == cfg.pruning.target_sparsity
+    assert method_blocks(parse_config({"pruning": full}).pruning) == method_blocks(cfg.pruning)
+    for setting, msg in [("pruning.bogus.x=1", "pruning.bogus: unknown key (known: method, target_sparsity, include, "
+                                               "exclude, asp, federated_pruning, fedtiny)"),
+                         ("pruning.method=magic", "pruning.method: unknown 'magic' (asp, federated_pruning, fedtiny, none)"),
+                         ("pruning.fedtiny.candidates=0", "pruning.fedtiny.candidates/phase_batches/update_every: must be"),
+                         ("pruning.fedtiny=5", "pruning.fedtiny: expected a mapping of fedtiny's settings, got 5")]:
+        bad = load_config(None, [setting])  # the parser keeps the block as given ...
+        with pytest.raises(FedasrError) as e:  # ... the method layer names the field
+            validate(bad)
+        assert str(e.value).startswith(msg) and "\n" not in str(e.value)
+
+
+def test_sweep_progress_counts_rounds_of_runs_in_flight_and_finished(tmp_path):
+    from fedasr.sweep import SweepProgress, SweepRun
+
+    a, b = SweepRun("a", 0.5, tmp_path / "a", [], rounds=3), SweepRun("b", 0.9, tmp_path / "b", [], rounds=2)
+    progress = SweepProgress([a, b])
+    assert progress.total == 5 and progress.done() == 0
+    a.path.mkdir()
+    (a.path / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2}\n')  # two rounds checkpointed
+    assert progress.done() == 2
+    progress.finish(b)  # a finished (or skipped) run counts whole
+    assert progress.done() == 4

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from fedasr.checkpoint import load_checkpoint, save_checkpoint
-from fedasr.config import DEFAULT_PRUNABLE, PruningSection, from_dict
+from fedasr.config import DEFAULT_PRUNABLE, PruningSection
+from fedasr.configlib import from_dict
 from fedasr.data.batching import AsrDataset
 from fedasr.data.federation import Federation
 from fedasr.errors import FedasrError
