@@ -364,7 +364,7 @@ def prune(
     """One-shot pruning of a trained checkpoint (the centralized-pruning baseline).
 
     The output can be fine-tuned with `fedasr train --init-from OUT`."""
-    from fedasr.prune.oneshot import prune_checkpoint
+    from fedasr.commands.prune import prune_checkpoint
 
     rep = prune_checkpoint(checkpoint, out, sparsity=sparsity, pattern=pattern, importance=importance,
                            allocation=allocation, norm=norm, federation=federation, batches=batches, seed=seed)
