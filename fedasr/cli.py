@@ -424,7 +424,7 @@ def info(
     import json
 
     from fedasr.fsutil import atomic_write_text
-    from fedasr.info import checkpoint_info
+    from fedasr.commands.info import checkpoint_info
 
     d = checkpoint_info(checkpoint, seconds)
     table = Table(title=f"{checkpoint}")

@@ -475,7 +475,7 @@ def test_info_counts_prunable_weights_with_the_runs_exclude(federation, tmp_path
     """`fedasr info` derives the prunable tensors as `fedasr prune` and training do:
     include minus exclude (it used to ignore exclude)."""
     from fedasr.checkpoint import save_checkpoint
-    from fedasr.info import checkpoint_info
+    from fedasr.commands.info import checkpoint_info
 
     fed = Federation(federation)
     model = Transducer(ModelConfig.preset("tiny", vocab_size=fed.tokenizer.vocab_size))
