@@ -381,7 +381,7 @@ def compact(
 ) -> None:
     """Remove the units a unit-pattern checkpoint pruned whole: a physically smaller model
     (per-layer widths; surviving weights and BatchNorm statistics copied) with the same outputs."""
-    from fedasr.model.compact import compact_checkpoint
+    from fedasr.commands.compact import compact_checkpoint
 
     rep = compact_checkpoint(checkpoint, out, allow_partial)
     table = Table(title=f"{checkpoint} -> {out}")
