@@ -406,7 +406,7 @@ def export(
 ) -> None:
     """Export to ONNX (encoder, predictor, joiner; dynamic batch and length axes) for onnxruntime
     and sherpa-onnx (stateless predictor)."""
-    from fedasr.export import export_checkpoint
+    from fedasr.commands.export import export_checkpoint
 
     meta = export_checkpoint(checkpoint, out, federation, int8=int8)
     console.print(f"exported {checkpoint} -> {out}: encoder.onnx, decoder.onnx ({meta['predictor']}), joiner.onnx"
