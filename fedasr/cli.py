@@ -324,7 +324,7 @@ def eval_(
     max_symbols_per_frame: int = typer.Option(3, help="Greedy search: symbols a frame at most (1 = sherpa-onnx's)."),
 ) -> None:
     """Decode test splits and report WER/CER (per split and per client) into RUN_DIR/results.json."""
-    from fedasr.evaluate import evaluate_run
+    from fedasr.commands.evaluate import evaluate_run
     from fedasr.rundir import RunDir
 
     with progress_bar() as prog:
