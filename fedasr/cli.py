@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -206,86 +207,18 @@ def train(
     round_timeout: float = typer.Option(900.0, help="flower: seconds a round waits for its clients."),
 ) -> None:
     """Train the Conformer-Transducer federatedly (or centrally) over the federation's clients."""
-    from fedasr.config import load_config
-    from fedasr.data.federation import Federation
-    from fedasr.fl.runner import Runner
+    from fedasr.commands.train import train as do_train
 
-    if engine not in ("embedded", "flower"):
-        raise FedasrError(f"--engine: unknown {engine!r} (embedded, flower)")
-    if engine == "flower":
-        if data != "clients":
-            raise FedasrError("--data server: the seed model trains centrally on the embedded engine")
-        _train_flower(federation, config, out, set_, centralized, resume, init_from, overwrite, superlink, insecure,
-                      root_certificates, slots, round_timeout)
-        return
-    if superlink is not None:
-        raise FedasrError("--superlink: only with --engine flower")
-    if resume is not None:
-        if config is not None or set_ or centralized or init_from is not None or data != "clients":
-            raise FedasrError("--resume: the run's own config.yaml is used; "
-                              "drop --config/--set/--centralized/--data/--init-from")
-        runner = Runner.resume(resume, federation=federation, engine="embedded")
-    else:
-        if federation is None or out is None:
-            raise FedasrError("--federation and --out are required (or --resume RUN_DIR)")
-        cfg = load_config(config, set_)
-        runner = Runner(out, Federation(federation), cfg, centralized=centralized, data=data)
-        runner.start(overwrite=overwrite, init_from=init_from)
-    with progress_bar() as prog:
-        runner.events = _RoundProgress(prog, runner.cfg.fl.rounds, runner.round)
-        history = runner.run_rounds()
-    _print_history(history, runner.run.root)
+    @contextmanager
+    def rounds_progress(rounds: int, done: int):
+        with progress_bar() as prog:
+            yield _RoundProgress(prog, rounds, done)
 
-
-def _train_flower(federation, config, out, set_, centralized, resume, init_from, overwrite, superlink, insecure,
-                  root_certificates, slots, round_timeout) -> None:
-    """`train --engine flower`: validate here (one-line errors before anything starts), then
-    run on Flower; the run directory ends up as the embedded engine leaves it."""
-    import shutil
-
-    from fedasr.config import load_config, parse_config
-    from fedasr.data.federation import Federation
-    from fedasr.fl.flower.launch import run_flower
-    from fedasr.fl.runner import model_config
-    from fedasr.rundir import RunDir
-
-    if centralized:
-        raise FedasrError("--centralized: the baseline runs on the embedded engine (drop --engine flower)")
-    if superlink is not None and not insecure and root_certificates is None:
-        raise FedasrError("--superlink: give --root-certificates CA.pem (TLS), or --insecure for loopback tests")
-    if resume is not None:
-        if config is not None or set_ or init_from is not None:
-            raise FedasrError("--resume: the run's own config.yaml is used; drop --config/--set/--init-from")
-        rd = RunDir(resume)
-        run, raw = rd.run_config()
-        if rd.latest() is None:
-            raise FedasrError(f"{resume}: no complete checkpoint to resume from; start the run again")
-        fed = Federation(federation or run["federation"])
-        cfg = parse_config(raw)
-        run_dir = resume
-    else:
-        if federation is None or out is None:
-            raise FedasrError("--federation and --out are required (or --resume RUN_DIR)")
-        cfg = load_config(config, set_)
-        fed = Federation(federation)
-        model_config(cfg, fed.tokenizer.vocab_size)  # a bad model config fails here, not in the ServerApp
-        if init_from is not None:
-            from fedasr.checkpoint import read_checkpoint
-
-            read_checkpoint(init_from)  # exists and is a checkpoint
-        if out.exists() and any(out.iterdir()):
-            if not overwrite:
-                raise FedasrError(f"{out}: run directory exists (use --resume to continue it or --overwrite)")
-            shutil.rmtree(out)
-        run_dir = out
-    n_slots = slots or max(1, min(cfg.fl.clients_per_round, os.cpu_count() or 1))
-    done = len(RunDir(run_dir).metrics()) if resume is not None else 0
-    with progress_bar() as prog:
-        events = _RoundProgress(prog, cfg.fl.rounds, done)
-        run_flower(Path(run_dir), fed.root, cfg.to_dict(), resume=resume is not None, init_from=init_from,
-                   superlink=superlink, insecure=insecure, root_certificates=root_certificates, slots=n_slots,
-                   round_timeout=round_timeout, on_row=events.round_end)
-    _print_history(RunDir(run_dir).metrics(), Path(run_dir))
+    history, root = do_train(federation=federation, config=config, out=out, overrides=set_, centralized=centralized,
+                             data=data, resume=resume, init_from=init_from, overwrite=overwrite, engine=engine,
+                             superlink=superlink, insecure=insecure, root_certificates=root_certificates,
+                             slots=slots, round_timeout=round_timeout, events=rounds_progress)
+    _print_history(history, root)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
@@ -324,7 +257,7 @@ def eval_(
     max_symbols_per_frame: int = typer.Option(3, help="Greedy search: symbols a frame at most (1 = sherpa-onnx's)."),
 ) -> None:
     """Decode test splits and report WER/CER (per split and per client) into RUN_DIR/results.json."""
-    from fedasr.evaluate import evaluate_run
+    from fedasr.commands.evaluate import evaluate_run
     from fedasr.rundir import RunDir
 
     with progress_bar() as prog:
@@ -364,7 +297,7 @@ def prune(
     """One-shot pruning of a trained checkpoint (the centralized-pruning baseline).
 
     The output can be fine-tuned with `fedasr train --init-from OUT`."""
-    from fedasr.prune.oneshot import prune_checkpoint
+    from fedasr.commands.prune import prune_checkpoint
 
     rep = prune_checkpoint(checkpoint, out, sparsity=sparsity, pattern=pattern, importance=importance,
                            allocation=allocation, norm=norm, federation=federation, batches=batches, seed=seed)
@@ -381,7 +314,7 @@ def compact(
 ) -> None:
     """Remove the units a unit-pattern checkpoint pruned whole: a physically smaller model
     (per-layer widths; surviving weights and BatchNorm statistics copied) with the same outputs."""
-    from fedasr.model.compact import compact_checkpoint
+    from fedasr.commands.compact import compact_checkpoint
 
     rep = compact_checkpoint(checkpoint, out, allow_partial)
     table = Table(title=f"{checkpoint} -> {out}")
@@ -406,7 +339,7 @@ def export(
 ) -> None:
     """Export to ONNX (encoder, predictor, joiner; dynamic batch and length axes) for onnxruntime
     and sherpa-onnx (stateless predictor)."""
-    from fedasr.export import export_checkpoint
+    from fedasr.commands.export import export_checkpoint
 
     meta = export_checkpoint(checkpoint, out, federation, int8=int8)
     console.print(f"exported {checkpoint} -> {out}: encoder.onnx, decoder.onnx ({meta['predictor']}), joiner.onnx"
@@ -424,7 +357,7 @@ def info(
     import json
 
     from fedasr.fsutil import atomic_write_text
-    from fedasr.info import checkpoint_info
+    from fedasr.commands.info import checkpoint_info
 
     d = checkpoint_info(checkpoint, seconds)
     table = Table(title=f"{checkpoint}")

@@ -1,5 +1,6 @@
-"""`fedasr export`: a checkpoint -> ONNX encoder, decoder (predictor) and joiner, in the
-layout of icefall/sherpa-onnx transducer exports, plus ``tokens.txt`` and ``config.json``.
+"""A model -> ONNX encoder, decoder (predictor) and joiner, in the layout of
+icefall/sherpa-onnx transducer exports, plus ``tokens.txt`` and ``config.json``
+(:func:`export_model`; `fedasr export` reads the checkpoint: :mod:`fedasr.commands.export`).
 
 - ``encoder.onnx``: ``x`` (N, T, 80) float32 log-mel fbank (Kaldi-compatible: 25 ms / 10 ms,
   povey window, no dither, no edge snipping, 20 Hz .. Nyquist - 400 Hz, samples in [-1, 1]:
@@ -184,28 +185,6 @@ def export_model(model, tokenizer, cmvn, out: str | Path, source: str = "", int8
                 "parameters": model.num_parameters(), "opset": OPSET}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
     return meta
-
-
-def export_checkpoint(path, out, federation=None, int8: bool = False) -> dict:
-    """`fedasr export CKPT --out DIR`: the normalisation statistics come from the run's
-    federation (the checkpoint's config) or ``federation``."""
-    from fedasr.checkpoint import load_checkpoint
-    from fedasr.data.federation import Federation
-
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise FedasrError("fedasr export: needs the export extra (pip install 'fedasr[export]': onnx, "
-                          "onnxruntime)") from None
-    model, tok, ckpt = load_checkpoint(path)
-    fed_dir = federation or (ckpt.get("config") or {}).get("federation")
-    if fed_dir is None:
-        raise FedasrError(f"{path}: the checkpoint names no federation (for the normalisation); pass --federation")
-    fed = Federation(fed_dir)
-    if fed.tokenizer.proto != tok.proto:
-        raise FedasrError(f"{path}: the checkpoint's tokenizer differs from {fed.root}/tokenizer.model")
-    return export_model(model, tok, fed.cmvn, out, source=str(path), int8=int8)
 
 
 class OnnxTransducer:

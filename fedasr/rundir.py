@@ -49,6 +49,16 @@ class RunDir:
     def ckpt_dir(self) -> Path:
         return self.root / "checkpoints"
 
+    def claim(self, overwrite: bool = False) -> bool:
+        """The rule for starting a new run here: a directory that exists and holds anything
+        is an error unless ``overwrite``. Returns whether there is something to overwrite
+        (the caller clears what it must)."""
+        if self.root.exists() and any(self.root.iterdir()):
+            if not overwrite:
+                raise FedasrError(f"{self.root}: run directory exists (use --resume to continue it or --overwrite)")
+            return True
+        return False
+
     def checkpoint(self, rnd: int) -> Path:
         return self.ckpt_dir / f"round_{rnd:04d}.pt"
 

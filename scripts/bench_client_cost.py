@@ -211,7 +211,7 @@ def training_flops(model, msg, data, cfg) -> dict:
     module's share of nonzero weights; the remaining backward ops unscaled."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fedasr.info import weight_density
+    from fedasr.model.flops import weight_density
     from fedasr.prune.masks import apply_masks
     from fedasr.trainer import transducer_loss
 

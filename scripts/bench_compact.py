@@ -80,7 +80,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from fedasr.export import OnnxTransducer, export_model
-    from fedasr.info import count_flops
+    from fedasr.model.flops import count_flops
     from fedasr.model.decode import greedy_search
     from fedasr.model.transducer import ModelConfig, Transducer
 

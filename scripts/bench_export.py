@@ -54,7 +54,7 @@ def main() -> None:
     from fedasr.checkpoint import load_checkpoint
     from fedasr.data.federation import Federation
     from fedasr.evaluate import decode_cuts, score
-    from fedasr.export import export_checkpoint
+    from fedasr.commands.export import export_checkpoint
 
     torch.set_num_threads(1)
     model, tok, ckpt = load_checkpoint(args.checkpoint)

@@ -475,7 +475,7 @@ def test_info_counts_prunable_weights_with_the_runs_exclude(federation, tmp_path
     """`fedasr info` derives the prunable tensors as `fedasr prune` and training do:
     include minus exclude (it used to ignore exclude)."""
     from fedasr.checkpoint import save_checkpoint
-    from fedasr.info import checkpoint_info
+    from fedasr.commands.info import checkpoint_info
 
     fed = Federation(federation)
     model = Transducer(ModelConfig.preset("tiny", vocab_size=fed.tokenizer.vocab_size))
@@ -487,3 +487,25 @@ def test_info_counts_prunable_weights_with_the_runs_exclude(federation, tmp_path
                 and (n.startswith("encoder.layers.") or n.startswith("joiner.")) and ".ff" not in n]
     assert {lay["name"] for lay in info["layers"] if lay["prunable"]} == set(expected)
     assert info["prunable"] == sum(dict(model.named_parameters())[n].numel() for n in expected)
+
+
+def test_prune_and_info_take_the_same_prunable_tensors_from_the_checkpoint(federation, tmp_path):
+    """`fedasr prune` masks exactly the tensors `fedasr info` calls prunable (one rule:
+    the run's include minus its exclude); the excluded ones stay dense."""
+    from fedasr.checkpoint import read_checkpoint, save_checkpoint
+    from fedasr.commands.info import checkpoint_info
+    from fedasr.commands.prune import prune_checkpoint
+
+    fed = Federation(federation)
+    torch.manual_seed(0)
+    model = Transducer(ModelConfig.preset("tiny", vocab_size=fed.tokenizer.vocab_size))
+    path = tmp_path / "ckpt.pt"
+    pruning = {"include": ["encoder.layers.*"], "exclude": ["encoder.layers.*.ff*"]}
+    save_checkpoint(path, model, fed.tokenizer, config={"pruning": pruning})
+    rep = prune_checkpoint(path, tmp_path / "pruned.pt", sparsity=0.5, pattern="unstructured",
+                           importance="magnitude", allocation="uniform")
+    names = {lay["name"] for lay in checkpoint_info(path)["layers"] if lay["prunable"]}
+    masks = read_checkpoint(tmp_path / "pruned.pt")["masks"]
+    assert names and set(masks) == names and not any(".ff" in n for n in names)
+    assert rep["prunable"] == sum(dict(model.named_parameters())[n].numel() for n in names)
+    assert rep["sparsity"] == pytest.approx(0.5, abs=0.01)

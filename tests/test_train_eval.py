@@ -176,3 +176,18 @@ def test_batch_stream_resumes_and_continues_epochs(federation):
     res = train_steps(model, make_optimizer(model, cfg), ds, cfg, seed=0, num_epochs=1, stream=stream)
     assert res.steps == per_epoch and res.epochs == 1 and stream.consumed == per_epoch
     assert (lambda e_b: (e_b[0], e_b[1].ids))(next(stream)) == first[per_epoch]
+
+
+def test_a_run_directory_is_claimed_only_when_empty_or_with_overwrite(tmp_path):
+    """RunDir.claim: the one rule for starting a run in a directory (`train`, both engines)."""
+    from fedasr.rundir import RunDir
+
+    assert RunDir(tmp_path / "new").claim() is False  # does not exist
+    (tmp_path / "empty").mkdir()
+    assert RunDir(tmp_path / "empty").claim() is False
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(FedasrError, match=r"used: run directory exists \(use --resume to continue it or --overwrite\)"):
+        RunDir(tmp_path / "used").claim()
+    assert RunDir(tmp_path / "used").claim(overwrite=True) is True
+    assert (tmp_path / "used" / "config.yaml").is_file()  # claiming clears nothing: the caller does

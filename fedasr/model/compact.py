@@ -202,23 +202,3 @@ def compact_with_masks(model: Transducer, masks: dict[str, torch.Tensor], allow_
         for n, m in left.items():
             params[n].mul_(m.to(params[n].dtype))
     return small, left, plan
-
-
-def compact_checkpoint(path, out, allow_partial: bool = False) -> dict:
-    """`fedasr compact`: a checkpoint whose unit masks remove whole units -> a checkpoint of
-    the physically smaller model (same tokenizer; the run config kept, the compaction noted)."""
-    from fedasr.checkpoint import load_checkpoint, save_checkpoint
-
-    model, tok, ckpt = load_checkpoint(path)
-    masks = dict(ckpt["masks"])
-    if not masks:
-        raise FedasrError(f"{path}: has no masks, so no unit to remove")
-    small, left, plan = compact_with_masks(model, masks, allow_partial, source=str(path))
-    if not plan.keep:
-        raise FedasrError(f"{path}: no whole unit is masked (pattern 'unit' prunes whole units)")
-    config = dict(ckpt.get("config") or {})
-    config["compacted_from"] = str(path)
-    save_checkpoint(out, small, tok, masks=left, config=config)
-    return {"parameters_before": model.num_parameters(), "parameters_after": small.num_parameters(),
-            "units_removed": plan.removed, "masks_left": len(left),
-            "widths": {k: v for k, v in (plan.config.widths or {}).items()}}

@@ -30,16 +30,6 @@ def prunable_names(model: nn.Module, include: list[str], exclude: list[str] | No
     return names
 
 
-def configured_prunable_names(model: nn.Module, run_config: dict | None) -> list[str]:
-    """The prunable parameters of a checkpoint, as its run chose them: ``pruning.include``
-    and ``pruning.exclude`` of the run's config (the defaults without one). One rule for
-    every command that reads a checkpoint (`prune`, `info`)."""
-    from fedasr.config import DEFAULT_PRUNABLE
-
-    pruning = (run_config or {}).get("pruning") or {}
-    return prunable_names(model, pruning.get("include", list(DEFAULT_PRUNABLE)), pruning.get("exclude", []))
-
-
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: Masks) -> None:
     params = dict(model.named_parameters())

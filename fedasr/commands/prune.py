@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from fedasr.checkpoint import load_checkpoint, save_checkpoint
-from fedasr.config import DEFAULT_PRUNABLE, PruningSection
+from fedasr.checkpoint import save_checkpoint
+from fedasr.commands import load, prunable_names
+from fedasr.config import PruningSection
 from fedasr.configlib import from_dict
 from fedasr.data.batching import AsrDataset
 from fedasr.data.federation import Federation
@@ -42,16 +43,17 @@ def gradient_report(model: Transducer, names: list[str], fed: Federation, batche
 def prune_checkpoint(path: str | Path, out: str | Path, *, sparsity: float, pattern: str, importance: str,
                      allocation: str, norm: str = "l2", federation: str | Path | None = None,
                      batches: int = 8, seed: int = 0, max_layer_sparsity: float = 0.95) -> dict:
-    model, tok, ckpt = load_checkpoint(path)
-    run_cfg = ckpt.get("config") or {}
-    common = PruningSection(method="federated_pruning", target_sparsity=sparsity,
-                            include=run_cfg.get("pruning", {}).get("include", list(DEFAULT_PRUNABLE)),
-                            exclude=run_cfg.get("pruning", {}).get("exclude", []))
+    ckpt = load(path)
+    model, tok = ckpt.model, ckpt.tokenizer
     if not 0 <= sparsity < 1:
         raise FedasrError(f"--sparsity: must be in [0, 1), got {sparsity}")
     cfg = from_dict(FederatedPruningConfig, {"pattern": pattern, "importance": importance, "norm": norm,
                                              "allocation": allocation, "refine": False,
                                              "max_layer_sparsity": max(max_layer_sparsity, sparsity)}, "")
+    # the method prunes exactly the checkpoint's prunable tensors: their names are the globs
+    # (a parameter name has no glob character, so each matches itself only)
+    common = PruningSection(method="federated_pruning", target_sparsity=sparsity, include=prunable_names(ckpt),
+                            exclude=[])
     method = FederatedPruning(cfg, common, model, total_rounds=1, seed=seed)
     grads = None
     if importance == "gradient":
@@ -62,9 +64,9 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, sparsity: float, patt
             raise FedasrError(f"{path}: the checkpoint's tokenizer differs from {fed.root}/tokenizer.model")
         grads = gradient_report(model, method.names, fed, batches, seed)
     weights = {n: p.detach() for n, p in model.named_parameters()}
-    masks = method.compute(1, weights, dict(ckpt["masks"]), grads)
+    masks = method.compute(1, weights, ckpt.masks, grads)
     apply_masks(model, masks)
-    config = dict(run_cfg)
+    config = dict(ckpt.config)
     config["pruned_from"] = str(path)
     config["oneshot_pruning"] = {"sparsity": sparsity, "pattern": pattern, "importance": importance,
                                  "allocation": allocation, "norm": norm, "seed": seed}

@@ -1,17 +1,12 @@
-"""`fedasr info`: what a checkpoint holds — per-layer shape, sparsity and nonzeros;
-parameter, byte (dense and sparse-encoded) and FLOP totals."""
+"""Inference FLOPs of a model (dense, and scaled by each weight's share of nonzeros):
+what `fedasr info` reports and the compaction benchmark compares."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedasr import codec
-from fedasr.checkpoint import load_checkpoint
 from fedasr.model.transducer import Transducer
-from fedasr.prune.masks import configured_prunable_names, sparsity_report
 
 
 def _lstm_flops(model: Transducer, tokens: int) -> int:
@@ -89,28 +84,3 @@ def count_flops(model: Transducer, seconds: float = 10.0, tokens: int = 30) -> d
     nonzero = enc_sparse + j_sparse * points + p_sparse
     return {"seconds": seconds, "tokens": tokens, "flops": int(dense), "flops_nonzero": int(nonzero),
             "encoder_flops": int(enc_dense), "encoder_flops_nonzero": int(enc_sparse)}
-
-
-def checkpoint_info(path: str | Path, seconds: float = 10.0) -> dict:
-    model, tok, ckpt = load_checkpoint(path)
-    state = model.state_dict()
-    names = configured_prunable_names(model, ckpt.get("config"))
-    rep = sparsity_report(state, names)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    layers = [{"name": n, "shape": list(p.shape), "numel": p.numel(), "nonzeros": int((p != 0).sum()),
-               "sparsity": float((p == 0).float().mean()), "prunable": n in names}
-              for n, p in params.items() if p.dim() >= 2]
-    masks = dict(ckpt["masks"])
-    return {
-        "checkpoint": str(path),
-        "parameters": sum(p.numel() for p in params.values()),
-        "nonzeros": sum(int((p != 0).sum()) for p in params.values()),
-        "prunable": rep["prunable"],
-        "prunable_fraction": rep["prunable_fraction"],
-        "sparsity": rep["sparsity"],
-        "masked_tensors": len(masks),
-        "dense_bytes": len(codec.encode(params)),
-        "sparse_bytes": len(codec.encode(params, masks)),
-        **count_flops(model, seconds),
-        "layers": layers,
-    }

@@ -1,0 +1,57 @@
+"""`fedasr eval`: a run's checkpoint -> RUN_DIR/results.json and RUN_DIR/decode/*.tsv (the
+decoding and scoring are :mod:`fedasr.evaluate`, which the runner's dev evaluation uses too)."""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from fedasr.commands import load
+from fedasr.config import resolve_device
+from fedasr.data.federation import Federation
+from fedasr.errors import FedasrError
+from fedasr.evaluate import evaluate, speaker_client_map
+from fedasr.fsutil import atomic_write_text
+from fedasr.rundir import RunDir
+
+
+def evaluate_run(run_dir, *, checkpoint=None, splits: list[str] | None = None, beam: int = 1,
+                 federation=None, max_duration: float = 120.0, device: str = "auto",
+                 progress: Callable[[str, int], Callable[[int], None]] | None = None,
+                 max_symbols_per_frame: int = 3) -> tuple[dict, list[str], str]:
+    """`fedasr eval`: decode ``splits`` (default: the federation's test splits) with the run's
+    latest checkpoint (or ``checkpoint``), write RUN_DIR/results.json (merged with earlier
+    splits) and RUN_DIR/decode/SPLIT-beamN.tsv. ``progress(split, n_utts)`` returns a
+    per-batch callback. Greedy search emits up to ``max_symbols_per_frame`` symbols a frame
+    (sherpa-onnx's greedy search: 1). Returns (results, splits, checkpoint path)."""
+    rd = RunDir(run_dir)
+    raw = rd.read_config()
+    fed = Federation(federation or raw["federation"])
+    ckpt_path = checkpoint or rd.latest()
+    if ckpt_path is None:
+        raise FedasrError(f"{run_dir}: no checkpoint yet (train first, or pass --checkpoint)")
+    if beam < 1:
+        raise FedasrError("--beam: must be at least 1")
+    if max_symbols_per_frame < 1:
+        raise FedasrError("--max-symbols-per-frame: must be at least 1")
+    ckpt = load(ckpt_path)
+    model, tok = ckpt.model, ckpt.tokenizer
+    model.to(resolve_device(device))
+    if tok.proto != fed.tokenizer.proto:
+        raise FedasrError(f"{ckpt_path}: the checkpoint's tokenizer differs from {fed.root}/tokenizer.model")
+    splits = list(splits or []) or [s for s, m in fed.eval_splits.items() if m["role"] == "test"]
+    spk2client = speaker_client_map(fed.meta["clients"])
+    results = rd.results()
+    for s in splits:
+        cuts = fed.split_cuts(s)
+        res, decoded = evaluate(model, cuts, tok, fed.cmvn, beam=beam, max_duration=max_duration,
+                                speaker_to_client=spk2client, progress=progress(s, len(cuts)) if progress else None,
+                                max_symbols_per_frame=max_symbols_per_frame)
+        res["checkpoint"] = str(ckpt_path)
+        if beam == 1:
+            res["max_symbols_per_frame"] = max_symbols_per_frame
+        results[s] = res
+        lines = "".join(f"{d.id}\t{d.ref}\t{d.hyp}\n" for d in decoded)
+        atomic_write_text(rd.root / "decode" / f"{s}-beam{beam}.tsv", "id\tref\thyp\n" + lines)
+    atomic_write_text(rd.results_path, json.dumps(results, indent=2))
+    return results, splits, str(ckpt_path)

@@ -1,0 +1,29 @@
+"""`fedasr export CKPT --out DIR`: a checkpoint -> the ONNX directory :func:`fedasr.export.export_model`
+writes, with the normalisation statistics of its run's federation."""
+
+from __future__ import annotations
+
+from fedasr.commands import load
+from fedasr.data.federation import Federation
+from fedasr.errors import FedasrError
+from fedasr.export import export_model
+
+
+def export_checkpoint(path, out, federation=None, int8: bool = False) -> dict:
+    """`fedasr export CKPT --out DIR`: the normalisation statistics come from the run's
+    federation (the checkpoint's config) or ``federation``."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise FedasrError("fedasr export: needs the export extra (pip install 'fedasr[export]': onnx, "
+                          "onnxruntime)") from None
+    ckpt = load(path)
+    model, tok = ckpt.model, ckpt.tokenizer
+    fed_dir = federation or ckpt.config.get("federation")
+    if fed_dir is None:
+        raise FedasrError(f"{path}: the checkpoint names no federation (for the normalisation); pass --federation")
+    fed = Federation(fed_dir)
+    if fed.tokenizer.proto != tok.proto:
+        raise FedasrError(f"{path}: the checkpoint's tokenizer differs from {fed.root}/tokenizer.model")
+    return export_model(model, tok, fed.cmvn, out, source=str(path), int8=int8)
