@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_batch, tiny_model
 from fedasr import codec
 from fedasr.config import load_config
-from fedasr.methods import make_method
+from fedasr.methods import make_method, method_config
 from fedasr.methods.base import ClientHooks, Instructions, MethodUpdate, PruningMethod, Report, RoundContext, registry
 from fedasr.trainer import train_step
 
@@ -213,7 +213,7 @@ def test_every_registered_method_honours_the_hook_contract(name):
     model = tiny_model()
     method = make_method(cfg.pruning, model, ROUNDS, cfg.seed)
     assert isinstance(method, PruningMethod) and method.name == name
-    assert isinstance(type(method).whole_unit_masks(cfg.pruning.block(name)), (str, type(None)))
+    assert isinstance(type(method).whole_unit_masks(method_config(cfg.pruning)), (str, type(None)))
     params = dict(model.named_parameters())
     assert method.names and set(method.names) <= set(params)
     masks = method.init(Server(model, {}).ctx(1))

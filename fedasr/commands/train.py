@@ -72,7 +72,8 @@ def _train_flower(federation, config, out, overrides, centralized, resume, init_
     from fedasr.config import load_config, parse_config
     from fedasr.data.federation import Federation
     from fedasr.fl.flower.launch import run_flower
-    from fedasr.fl.runner import model_config
+    from fedasr.fl.client import model_config
+    from fedasr.methods import validate
     from fedasr.rundir import RunDir
 
     if centralized:
@@ -94,7 +95,8 @@ def _train_flower(federation, config, out, overrides, centralized, resume, init_
             raise FedasrError("--federation and --out are required (or --resume RUN_DIR)")
         cfg = load_config(config, list(overrides))
         fed = Federation(federation)
-        model_config(cfg, fed.tokenizer.vocab_size)  # a bad model config fails here, not in the ServerApp
+        validate(cfg)  # a bad method block or model config fails here, not in the ServerApp
+        model_config(cfg, fed.tokenizer.vocab_size)
         if init_from is not None:
             from fedasr.checkpoint import read_checkpoint
 

@@ -37,6 +37,7 @@ from fedasr.fl.messages import derive_seed
 from fedasr.fl.round import Events, LocalTransport, NoEvents, Transport, run_round
 from fedasr.fl.server import Server, TooFewClients
 from fedasr.fsutil import atomic_write_text, file_sha256
+from fedasr.methods import resolved_pruning, validate
 from fedasr.model.transducer import ModelConfig, Transducer
 from fedasr.rundir import RunDir
 from fedasr.trainer import transducer_loss
@@ -63,6 +64,7 @@ class Runner:
         self.engine = engine  # recorded in config.yaml
         self.fed = fed
         self.cfg = cfg
+        validate(cfg)  # the pruning method's config block, before anything is written
         self.centralized = centralized
         if data not in ("clients", "server"):
             raise FedasrError(f"--data: unknown {data!r} (clients, server)")
@@ -130,7 +132,8 @@ class Runner:
     # ---------------------------------------------------------------- state
     def config_dict(self) -> dict:
         return {"federation": str(self.fed.root.resolve()), "mode": "centralized" if self.centralized else "federated",
-                "data": self.data, "engine": self.engine, **self.cfg.to_dict()}
+                "data": self.data, "engine": self.engine, **self.cfg.to_dict(),
+                "pruning": resolved_pruning(self.cfg.pruning)}
 
     def state(self) -> dict:
         return {"round": self.round, "history": self.history, "torch_rng": torch.get_rng_state(),
@@ -161,10 +164,7 @@ class Runner:
         torch.set_rng_state(st["torch_rng"])
 
     def start(self, overwrite: bool = False, init_from: str | Path | None = None) -> None:
-        root = self.run.root
-        if root.exists() and any(root.iterdir()) and not overwrite:
-            raise FedasrError(f"{root}: run directory exists (use --resume to continue it or --overwrite)")
-        if overwrite and self.run.ckpt_dir.exists():
+        if self.run.claim(overwrite) and self.run.ckpt_dir.exists():
             for p in self.run.ckpt_dir.iterdir():
                 p.unlink()
         self.run.ckpt_dir.mkdir(parents=True, exist_ok=True)
