@@ -269,9 +269,6 @@ class RunConfig:
     def validate(self, prefix: str) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise FedasrError(f"device: unknown {self.device!r} (auto, cpu, cuda, cuda:N)")
-        if self.pruning.method == "fedtiny" and self.model.overrides.get("conv_norm") == "layernorm":
-            raise FedasrError("pruning.method: fedtiny needs model.overrides.conv_norm: batchnorm "
-                              "(its mask selection recomputes BatchNorm statistics)")
 
 
 def resolve_device(name: str):

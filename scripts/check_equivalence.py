@@ -11,6 +11,9 @@ training-state tensor, and the metrics rows without their timings.
     python scripts/check_equivalence.py --out /tmp/eq_after           # on the new tree
     python scripts/check_equivalence.py --compare /tmp/eq_before/digest.json /tmp/eq_after/digest.json
 
+A control that the comparison can fail: ``--configs dense_fedavg --engines embedded --set
+fl.server_lr=0.999`` gives a digest that differs in weights and metrics.
+
 ``--federation`` reuses a federation; without it a small synthetic one is built in OUT
 (the tests' corpus: 4 speakers x 12 utterances, 2 server speakers). ``bytes_up`` may
 differ by a few bytes between runs: a reply carries the client's own timing as text.
@@ -136,6 +139,8 @@ def main() -> None:
     ap.add_argument("--federation", type=Path)
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--set", action="append", default=[], help="a setting added to every configuration "
+                    "(e.g. a deliberate change, to see the comparison fail)")
     ap.add_argument("--compare", nargs=2, type=Path)
     a = ap.parse_args()
     if a.compare:
@@ -149,7 +154,7 @@ def main() -> None:
         for engine in a.engines.split(","):
             run = a.out / f"{name}-{engine}"
             print(f"training {run.name} ...", flush=True)
-            train(fed, run, engine, CONFIGS[name])
+            train(fed, run, engine, CONFIGS[name] + a.set)
             digest[run.name] = digest_run(run)
     (a.out / "digest.json").write_text(json.dumps(digest, indent=1, sort_keys=True))
     print(f"wrote {a.out / 'digest.json'}")

@@ -63,6 +63,7 @@ def validate(cfg) -> None:
     """Check what a run config asks of the pruning methods (the method blocks, and the
     settings other sections need from the method); one-line errors naming the field."""
     block = method_config(cfg.pruning)
+    registry()[cfg.pruning.method].check_run(cfg)
     if cfg.fl.client_model == "compact":
         why = registry()[cfg.pruning.method].whole_unit_masks(block)
         if why is not None:

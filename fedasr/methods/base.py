@@ -2,8 +2,9 @@
 
 A method is a subclass of :class:`PruningMethod` decorated with :func:`register`, imported
 in ``fedasr/methods/__init__.py`` (that import is its registration line). It is selected
-by ``pruning.method: NAME`` and configured by ``pruning.NAME: {...}``, parsed into its
-``Config`` dataclass (``validate(prefix)`` and, optionally, ``check_common(pruning,
+by ``pruning.method: NAME`` and configured by ``pruning.NAME: {...}``, which the method
+layer (:func:`fedasr.methods.method_blocks`; the config parser keeps it raw) parses into the
+method's ``Config`` dataclass (``validate(prefix)`` and, optionally, ``check_common(pruning,
 prefix)`` raise a one-line FedasrError naming the field); the common keys
 (``target_sparsity``, ``include``, ``exclude``) live in ``pruning`` itself. The engine
 builds one instance on the server and one in every client worker
@@ -40,8 +41,10 @@ A federated round (:func:`fedasr.fl.round.run_round`) calls the hooks in this or
   tensors: a top-K report travels as K indices + K values) and counted as bytes.
 - ``state_dict``/``load_state_dict`` hold every piece of state between rounds (schedules,
   candidate pools, last reports), so a resumed run is bit-identical.
-- ``whole_unit_masks(cfg)`` says why the masks are never whole units (then
-  ``fl.client_model: compact`` is refused), or None.
+- ``check_run(run)`` checks what the method needs of the rest of the run config (FedTiny:
+  BatchNorm in the conv modules); ``whole_unit_masks(cfg)`` says why the masks are never
+  whole units (then ``fl.client_model: compact`` is refused), or None. Both run in
+  :func:`fedasr.methods.validate`, before anything is written.
 - ``tests/test_method_contract.py`` runs every registered method through these hooks.
 """
 
@@ -185,6 +188,11 @@ class PruningMethod:
         self.total_rounds = total_rounds
         self.seed = seed
         self.names = prunable_names(model, common.include, common.exclude)  # reported even when dense
+
+    @classmethod
+    def check_run(cls, run) -> None:
+        """What this method needs of the rest of the run config ``run`` (e.g. of the model):
+        raise a one-line FedasrError naming the field; called by :func:`fedasr.methods.validate`."""
 
     @classmethod
     def whole_unit_masks(cls, cfg) -> str | None:

@@ -184,6 +184,12 @@ class FedTiny(PruningMethod):
     Config = FedTinyConfig
 
     @classmethod
+    def check_run(cls, run) -> None:
+        if run.model.overrides.get("conv_norm") == "layernorm":
+            raise FedasrError("pruning.method: fedtiny needs model.overrides.conv_norm: batchnorm "
+                              "(its mask selection recomputes BatchNorm statistics)")
+
+    @classmethod
     def whole_unit_masks(cls, cfg: FedTinyConfig) -> str | None:
         return "FedTiny's masks are unstructured"
 
