@@ -20,7 +20,7 @@ import torch
 from lhotse import CutSet
 
 from fedasr.aggregate import is_bn_stat
-from fedasr.config import RunConfig
+from fedasr.config import RunConfig, parse_config, resolve_device
 from fedasr.data.batching import AsrDataset
 from fedasr.data.features import GlobalCMVN, SpecAugment
 from fedasr.data.federation import Federation
@@ -136,8 +136,6 @@ class ClientWorker:
     def for_run(cls, config: dict, federation: str, cache_clients: int = 0) -> "ClientWorker":
         """A remote engine's worker for the run config ``config`` (the server's resolved
         run config) and the federation directory ``federation`` (its own copy)."""
-        from fedasr.config import parse_config, resolve_device
-
         cfg = parse_config(config)
         fed = Federation(federation)
         with torch.random.fork_rng():  # the server's seed sequence is not this worker's

@@ -153,10 +153,6 @@ class MeanAggregator:
     def weight(self) -> float:
         return self.mean.weight
 
-    @property
-    def count(self) -> int:
-        return self.mean.count
-
     def add(self, report: Report, weight: float) -> None:
         self.mean.add(report.tensors, weight)  # (validated first: a rejected report adds nothing)
 
