@@ -42,6 +42,9 @@ class TrainSection:
     momentum: float = 0.9  # sgd: heavy-ball momentum (0: plain SGD)
     weight_decay: float = 1e-6
     warmup_steps: int = 100
+    # a run started with --init-from continues at its checkpoint's schedule position (the
+    # learning rate the recipe asks for: past the warm-up); true: warm up again from step 0
+    warmup_on_init: bool = False
     lr_schedule: str = "noam"  # noam (warm-up then 1/sqrt decay) | constant (after warm-up) | eden
     lr_decay_steps: int = 1000  # eden: steps where the decay sets in
     grad_clip: float = 5.0

@@ -119,3 +119,45 @@ def test_init_from_a_checkpoint_written_before_a_model_field_existed(server_fede
     run = Runner(tmp_path / "run", fed, cfg("fl.rounds=1"))
     run.start(init_from=tmp_path / "old.pt")
     assert all(torch.equal(v, seed.model.state_dict()[k]) for k, v in run.model.state_dict().items())
+
+
+def _first_round_steps(fed, c, tmp_path, name, init_from):
+    """The global steps (learning-rate schedule positions) the clients of round 1 start at."""
+    from fedasr.fl.client import train_client
+
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append(kw["global_step"])
+        return train_client(*args, **kw)
+
+    run = Runner(tmp_path / name, fed, c, client_fn=spy)
+    run.start(init_from=init_from)
+    run.run_rounds()
+    return seen
+
+
+def test_a_run_from_a_checkpoint_continues_its_learning_rate_schedule(server_federation, tmp_path):
+    """From a seed trained 2 x 3 steps with a 5-step warm-up, the clients of round 1 start at
+    schedule position 6 (past the warm-up: the recipe's learning rate), not at 0 (1/5 of it);
+    restarting the warm-up is the explicit setting train.warmup_on_init."""
+    from fedasr.trainer import lr_at
+
+    fed = Federation(server_federation)
+    seed = Runner(tmp_path / "seed", fed, cfg("fl.rounds=2", "fl.local_steps=3", "fl.clients_per_round=1"),
+                  centralized=True, data="server")
+    seed.start()
+    seed.run_rounds()
+    assert seed.lr_step == 6
+    c = cfg("fl.rounds=1", "train.lr_schedule=constant")
+    steps = _first_round_steps(fed, c, tmp_path, "continue", seed.run.latest())
+    assert steps == [6, 6]
+    assert lr_at(c.train, steps[0]) == c.train.lr
+    rewarm = cfg("fl.rounds=1", "train.lr_schedule=constant", "train.warmup_on_init=true")
+    assert _first_round_steps(fed, rewarm, tmp_path, "rewarm", seed.run.latest()) == [0, 0]
+    assert lr_at(rewarm.train, 0) == rewarm.train.lr / 5
+    # a checkpoint without a schedule position (a one-shot pruned one): the end of the warm-up
+    pruned = torch.load(seed.run.latest(), weights_only=True)
+    pruned["state"] = {}
+    torch.save(pruned, tmp_path / "pruned.pt")
+    assert _first_round_steps(fed, c, tmp_path, "nostate", tmp_path / "pruned.pt") == [5, 5]

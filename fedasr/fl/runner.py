@@ -179,6 +179,11 @@ class Runner:
             load_weights(self.model, ckpt["model"], init_from)
             init_masks = ckpt["masks"]
         self.server.start(init_masks)
+        if init_from is not None and not self.cfg.train.warmup_on_init:
+            # continue the checkpoint's learning-rate schedule (without one recorded, e.g. a
+            # one-shot pruned checkpoint: from the end of the warm-up)
+            st = ckpt["state"].get("server", {})
+            self.server.lr_step = int(st.get("lr_step", self.cfg.train.warmup_steps))
         cfg = self.config_dict()
         if init_from is not None:
             cfg["init_from"] = str(init_from)
