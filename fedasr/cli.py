@@ -254,7 +254,10 @@ def eval_(
     federation: Optional[Path] = typer.Option(None, help="Federation directory [default: the run's]."),
     max_duration: float = typer.Option(120.0, help="Seconds of audio per decoding batch."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    max_symbols_per_frame: int = typer.Option(3, help="Greedy search: symbols a frame at most (1 = sherpa-onnx's)."),
+    max_symbols_per_frame: int = typer.Option(1, help="Greedy search: symbols a frame at most (1: sherpa-onnx's "
+                                              "greedy search, the deployed decoding)."),
+    unrestricted: int = typer.Option(3, help="Also score greedy search with up to this many symbols a frame, shown "
+                                     "beside where it differs (0: off)."),
 ) -> None:
     """Decode test splits and report WER/CER (per split and per client) into RUN_DIR/results.json."""
     from fedasr.commands.evaluate import evaluate_run
@@ -267,16 +270,22 @@ def eval_(
 
         results, splits, ckpt_path = evaluate_run(run, checkpoint=checkpoint, splits=split, beam=beam,
                                                   federation=federation, max_duration=max_duration, device=device,
-                                                  progress=progress, max_symbols_per_frame=max_symbols_per_frame)
+                                                  progress=progress, max_symbols_per_frame=max_symbols_per_frame,
+                                                  unrestricted=unrestricted)
     results_path = RunDir(run).results_path
-    table = Table(title=f"WER — {ckpt_path}")
-    for col in ("split", "utts", "WER", "CER", "sub", "del", "ins", "RTF", "clients"):
+    table = Table(title=f"WER — {ckpt_path}", caption=results[splits[0]]["decoding"] if splits else None)
+    alt = next((results[s]["unrestricted"]["decoding"] for s in splits if "unrestricted" in results[s]), None)
+    cols = ["split", "utts", "WER", "CER", "sub", "del", "ins", "RTF", "clients"] + ([f"WER, {alt}"] if alt else [])
+    for col in cols:
         table.add_column(col, justify="right" if col != "split" else "left")
     for s in splits:
         r = results[s]
-        table.add_row(s, str(r["utterances"]), f"{100 * r['wer']:.2f}%", f"{100 * r['cer']:.2f}%",
-                      str(r["substitutions"]), str(r["deletions"]), str(r["insertions"]), f"{r['rtf']:.3f}",
-                      str(len(r.get("per_client", {}))))
+        row = [s, str(r["utterances"]), f"{100 * r['wer']:.2f}%", f"{100 * r['cer']:.2f}%",
+               str(r["substitutions"]), str(r["deletions"]), str(r["insertions"]), f"{r['rtf']:.3f}",
+               str(len(r.get("per_client", {})))]
+        if alt:
+            row.append(f"{100 * r['unrestricted']['wer']:.2f}%" if "unrestricted" in r else "(same)")
+        table.add_row(*row)
     console.print(table)
     console.print(f"results: {results_path}")
 

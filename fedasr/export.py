@@ -122,9 +122,10 @@ def _quantize_int8(src: Path, dst: Path) -> None:
     _add_metadata(dst, meta)
 
 
-def export_model(model, tokenizer, cmvn, out: str | Path, source: str = "", int8: bool = False) -> dict:
+def export_model(model, tokenizer, cmvn, out: str | Path, source: str = "", int8: bool = False,
+                 extra: dict | None = None) -> dict:
     """Write the three ONNX models (and with ``int8`` their quantised copies), tokens.txt and
-    config.json to ``out`` (atomically)."""
+    config.json to ``out`` (atomically); ``extra``: further entries of config.json."""
     import onnx  # noqa: F401 - the export extra; fail early with a clear message below
 
     model = model.eval()
@@ -182,7 +183,11 @@ def export_model(model, tokenizer, cmvn, out: str | Path, source: str = "", int8
                 "features": {"type": "Kaldi-compatible log-mel fbank (lhotse Fbank = kaldi-native-fbank)",
                              **FEATURES, "normalisation": "global mean/std, inside encoder.onnx"},
                 "sherpa_onnx": sherpa, "int8": int8,
-                "parameters": model.num_parameters(), "opset": OPSET}
+                "parameters": model.num_parameters(), "opset": OPSET,
+                # the decoding `fedasr eval` reports by default is the one this export runs
+                "decoding": {"sherpa_onnx": "greedy_search", "max_symbols_per_frame": 1,
+                             "fedasr_eval": "fedasr eval --max-symbols-per-frame 1 (the default)"},
+                **(extra or {})}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
     return meta
 
@@ -229,7 +234,7 @@ class OnnxTransducer:
         out, h, c = self.decoder.run(None, {"y": np.array([[token]], np.int64), "h": h, "c": c})
         return (h, c), out
 
-    def greedy(self, enc: np.ndarray, max_symbols_per_frame: int = 3, chunk: int = 32) -> list[int]:
+    def greedy(self, enc: np.ndarray, max_symbols_per_frame: int = 1, chunk: int = 32) -> list[int]:
         """Greedy search over one utterance's encoder output (T', J), as `fedasr eval`.
 
         The joiner runs on up to ``chunk`` frames at once with the current predictor output:

@@ -180,6 +180,13 @@ def test_sherpa_onnx_decodes_an_export_as_fedasr_eval_does(federation, tmp_path,
     r = run_cli("export", run.checkpoint(1), "--out", tmp_path / "onnx", "--int8")
     assert r.returncode == 0, r.stderr
     d = tmp_path / "onnx"
+    import json
+
+    conf = json.loads((d / "config.json").read_text())  # the WER measured on this checkpoint, and how
+    assert conf["decoding"]["sherpa_onnx"] == "greedy_search" and conf["decoding"]["max_symbols_per_frame"] == 1
+    assert set(conf["measured"]) == {"dev", "test-clean"}
+    assert conf["measured"]["dev"]["decoding"] == "greedy search, 1 symbol per frame"
+    assert conf["measured"]["dev"]["wer"] == json.loads((run.root / "results.json").read_text())["dev"]["wer"]
     assert all((d / f"{n}.int8.onnx").is_file() for n in ("encoder", "decoder", "joiner"))
     rec = so.OfflineRecognizer.from_transducer(encoder=str(d / "encoder.onnx"), decoder=str(d / "decoder.onnx"),
                                                joiner=str(d / "joiner.onnx"), tokens=str(d / "tokens.txt"),
