@@ -451,7 +451,8 @@ def _report(sweep_dir: Path) -> None:
                 "model MB", "comm MB"):
         table.add_column(col, justify="left" if col == "scheme" else "right")
     for r in rows:
-        table.add_row(r["scheme"] + (" (server data only)" if r.get("server_only") else ""),
+        table.add_row(r["scheme"] + (f" ({r['reference']})" if r.get("reference") and r["scheme"] != r["reference"]
+                                     else ""),
                       r.get("knob") or f"{r['sparsity']:.2f}", f"{100 * r['achieved_sparsity']:.1f}%",
                       *[f"{100 * r[f'wer_{s}']:.2f}%" if f"wer_{s}" in r else "-" for s in splits],
                       f"{r['nonzero_params']:,}", f"{r['num_params']:,}", f"{r['model_bytes'] / 1e6:.2f}",

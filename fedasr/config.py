@@ -118,6 +118,7 @@ AGGREGATIONS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedlamb")
 SERVER_LR_SCHEDULES = ("constant", "cosine", "step")
 WEIGHTINGS = ("examples", "processed", "uniform")
 CLIENT_MODELS = ("masked", "compact", "auto")
+CENTRALIZED_OPTIMIZERS = ("persistent", "per_round")
 # fl.server_lr when the recipe gives none. FedAvg/FedAvgM: 1.0 is plain averaging (FedAvgM's
 # effective step is 1/(1-momentum) times larger). FedAdam/FedYogi normalise each weight's
 # step to ~server_lr, so 1.0 would move every weight by ~1 in round one; Reddi et al. (2021)
@@ -158,6 +159,10 @@ class FLSection:
     # with zeros) | compact (the physically smaller dense model; masks of another kind are an
     # error) | auto (compact where the masks allow, masked otherwise)
     client_model: str = "masked"
+    # a centralized run (--centralized): one optimizer kept across rounds (persistent), or a
+    # fresh one every round as federated clients start theirs (per_round: the server-only
+    # baseline compared like for like)
+    centralized_optimizer: str = "persistent"
 
     def validate(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""
@@ -190,6 +195,9 @@ class FLSection:
             raise FedasrError(f"{p}server_lr_step_rounds: must be at least 1")
         if not 0 < self.server_lr_gamma <= 1:
             raise FedasrError(f"{p}server_lr_gamma: must be in (0, 1]")
+        if self.centralized_optimizer not in CENTRALIZED_OPTIMIZERS:
+            raise FedasrError(f"{p}centralized_optimizer: unknown {self.centralized_optimizer!r} "
+                              f"({', '.join(CENTRALIZED_OPTIMIZERS)})")
         if self.client_model not in CLIENT_MODELS:
             raise FedasrError(f"{p}client_model: unknown {self.client_model!r} ({', '.join(CLIENT_MODELS)})")
 

@@ -94,7 +94,7 @@ class RoundInfo:
         losses = self.losses
         row = {"clients": self.clients, "dropped": self.dropped, "examples": self.examples,
                "processed": self.processed, "client_time": self.client_time, "client_times": self.client_times,
-               "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
+               "bytes_down": self.bytes_down, "bytes_up": self.bytes_up, "steps": self.steps,
                "train_loss": sum(losses) / len(losses) if losses else None}
         row.update(self.metrics)
         return row
