@@ -219,7 +219,7 @@ class FLSection:
 
 
 DEFAULT_PRUNABLE = ["encoder.layers.*", "predictor.lstm.*", "predictor.conv.*", "joiner.*"]
-COMMON_PRUNING_KEYS = ("method", "target_sparsity", "include", "exclude")
+COMMON_PRUNING_KEYS = ("method", "target_sparsity", "include", "exclude", "recalibrate_bn")
 
 
 @dataclass
@@ -236,6 +236,9 @@ class PruningSection:
     target_sparsity: float = 0.5  # share of the prunable weights that are zero at the end
     include: list = field(default_factory=lambda: list(DEFAULT_PRUNABLE))  # name globs (>= 2-D tensors)
     exclude: list = field(default_factory=list)
+    # after every change of the masks the server recomputes the BatchNorm statistics of the
+    # served model on this many batches of its own data (0: off; they stay the clients' pooled ones)
+    recalibrate_bn: int = 0
     blocks: dict = field(default_factory=dict)  # method name -> its settings, raw (as the recipe gives them)
 
     @classmethod
@@ -249,6 +252,8 @@ class PruningSection:
         obj = cls(**common, blocks=blocks)
         if not 0.0 <= obj.target_sparsity < 1.0:
             raise FedasrError(f"{p}target_sparsity: must be in [0, 1), got {obj.target_sparsity}")
+        if obj.recalibrate_bn < 0:
+            raise FedasrError(f"{p}recalibrate_bn: must be >= 0 (batches; 0: off), got {obj.recalibrate_bn}")
         return obj
 
     def to_dict(self) -> dict:

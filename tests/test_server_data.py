@@ -161,3 +161,54 @@ def test_a_run_from_a_checkpoint_continues_its_learning_rate_schedule(server_fed
     pruned["state"] = {}
     torch.save(pruned, tmp_path / "pruned.pt")
     assert _first_round_steps(fed, c, tmp_path, "nostate", tmp_path / "pruned.pt") == [5, 5]
+
+
+def test_batchnorm_recalibrated_on_the_server_data_after_a_mask_change(server_federation, federation, tmp_path):
+    """pruning.recalibrate_bn: after each change of the masks the global BatchNorm statistics
+    are those of the served (masked) model on N batches of the server's data; rounds whose
+    masks do not change keep the clients' pooled statistics."""
+    import itertools
+
+    import pytest
+
+    from fedasr.data.batching import AsrDataset
+    from fedasr.errors import FedasrError
+    from fedasr.fl.messages import derive_seed
+    from fedasr.model.transducer import Transducer
+    from fedasr.trainer import recalibrate_batchnorm
+
+    fed = Federation(server_federation)
+    fp = ["pruning.method=federated_pruning", "pruning.target_sparsity=0.5",
+          "pruning.federated_pruning.schedule=cubic", "pruning.federated_pruning.start_round=1",
+          "pruning.federated_pruning.end_round=2", "pruning.federated_pruning.refine_until=2"]
+    c = cfg("fl.rounds=3", "pruning.recalibrate_bn=2", *fp)
+    rows, after_round1 = [], {}
+
+    class Spy(StopAfterRound):
+        def round_end(self, row):
+            rows.append((row["round"], row.get("bn_recalibrated_on")))
+            if row["round"] == 1:
+                after_round1.update(served=run.server.served_state())
+
+    run = Runner(tmp_path / "r", fed, c, events=Spy(99))
+    run.start()
+    run.run_rounds()
+    # the masks change after round 1 (cubic step 2 of 2), then stay: recalibrated after round 1 only
+    assert [(r, n is not None) for r, n in rows] == [(1, True), (2, False), (3, False)]
+    # ... to the served model's statistics on the round's draw of the server's data, recomputed here
+    served = Transducer(run.model.cfg)
+    served.load_state_dict(after_round1["served"])
+    ds = AsrDataset(fed.server_cuts(), fed.tokenizer, fed.cmvn)
+    batches = ds.batches(c.train.max_duration, seed=derive_seed(c.seed, 1, 7), shuffle=True, num_buckets=1)
+    stats = {k: v.clone() for k, v in served.state_dict().items() if "running_" in k}
+    assert recalibrate_batchnorm(served, itertools.islice(batches, 2)) == rows[0][1] > 0
+    mine = {k: v for k, v in served.state_dict().items() if "running_" in k}
+    assert all(torch.allclose(mine[k], stats[k], atol=1e-6) for k in mine)
+    # without it they are the clients' pooled statistics, which differ
+    plain = Runner(tmp_path / "plain", fed, cfg("fl.rounds=1", *fp))
+    plain.start()
+    plain.run_rounds()
+    assert any(not torch.allclose(plain.server.served_state()[k], mine[k], atol=1e-3) for k in mine)
+    # a federation without server data: a one-line config error
+    with pytest.raises(FedasrError, match="pruning.recalibrate_bn: .* holds no server data"):
+        Runner(tmp_path / "x", Federation(federation), c)

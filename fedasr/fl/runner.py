@@ -18,6 +18,7 @@ uninterrupted run. See :mod:`fedasr.rundir` for the run directory.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 import yaml
 from lhotse import CutSet
 
+from fedasr.aggregate import is_bn_stat
 from fedasr.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from fedasr.config import RunConfig, parse_config, resolve_device
 from fedasr.data.federation import Federation
@@ -40,7 +42,7 @@ from fedasr.fsutil import atomic_write_text, file_sha256
 from fedasr.methods import resolved_pruning, validate
 from fedasr.model.transducer import ModelConfig, Transducer
 from fedasr.rundir import RunDir
-from fedasr.trainer import transducer_loss
+from fedasr.trainer import recalibrate_batchnorm, transducer_loss
 
 
 def dev_subset(cuts: CutSet, cap: int | None) -> CutSet:
@@ -88,10 +90,16 @@ class Runner:
         reachable = self.transport.connect(fed.client_ids)  # (the centralized baseline samples none)
         self.server = Server(cfg, model, fed.client_ids, centralized=centralized, reachable=reachable,
                              tokenizer_sha=hashlib.sha256(self.tokenizer.proto).hexdigest())
+        if cfg.pruning.recalibrate_bn > 0:
+            if not fed.has_server_data:
+                raise FedasrError(f"pruning.recalibrate_bn: {fed.root} holds no server data to recompute BatchNorm "
+                                  "statistics on (shard with --server-split, or set it to 0)")
+            self.server.recalibrate = self.recalibrate_batchnorm
         # the prunable weights of the starting architecture: sparsity is measured against them
         # (a compacted model has fewer)
         self.base_sizes = {n: p.numel() for n, p in model.named_parameters() if n in self.server.method.names}
         self.round = 0
+        self._server_data = None  # (pruning.recalibrate_bn)
         self.history: list[dict] = []
         dev_splits = [s for s, m in fed.eval_splits.items() if m["role"] == "dev"]
         self.dev_cuts = dev_subset(fed.split_cuts(dev_splits[0]), cfg.eval.dev_max_utterances) if dev_splits else None
@@ -219,6 +227,24 @@ class Runner:
                 "nonzero_params": sum(int((p != 0).sum()) for p in params.values()),
                 "num_params": sum(p.numel() for p in params.values()),
                 "layer_sparsity": {n: round(1 - nonzero[n] / self.base_sizes[n], 5) for n in self.base_sizes}}
+
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, rnd: int, served: dict[str, torch.Tensor]) -> tuple[dict, int]:
+        """BatchNorm statistics of the served model recomputed on ``pruning.recalibrate_bn``
+        batches of the server's own data (a seeded draw per round), in the worker's model;
+        returns them (by state-dict name) and the utterances seen."""
+        if self._server_data is None:
+            self._server_data = make_dataset(self.fed.server_cuts(), self.tokenizer, self.fed.cmvn, self.cfg)
+            self._server_data.spec_augment = None
+        self.worker.ensure_architecture(self.server.arch())
+        model = self.worker.model
+        model.load_state_dict(served)
+        batches = self._server_data.batches(self.cfg.train.max_duration, seed=derive_seed(self.cfg.seed, rnd, 7),
+                                            shuffle=True, num_buckets=1)
+        seen = recalibrate_batchnorm(model, itertools.islice(batches, self.cfg.pruning.recalibrate_bn))
+        state = model.state_dict()
+        model.train()
+        return {k: state[k].detach().cpu().clone() for k in state if is_bn_stat(k)}, seen
 
     @torch.no_grad()
     def dev_eval(self) -> dict:

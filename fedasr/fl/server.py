@@ -140,6 +140,9 @@ class Server:
         self.method = make_method(cfg.pruning, model, cfg.fl.rounds, cfg.seed)
         self.masks: Masks = {}
         self.lr_step = 0
+        # (rnd, served state) -> new BatchNorm statistics, after a change of the masks
+        # (pruning.recalibrate_bn; the runner provides it: it holds the server's data)
+        self.recalibrate = None
 
     # ---------------------------------------------------------------- state
     def weights(self) -> dict[str, torch.Tensor]:
@@ -163,6 +166,12 @@ class Server:
     def start(self, init_masks: Masks | None = None) -> None:
         ctx = RoundContext(1, self.cfg.fl.rounds, self.weights(), dict(init_masks or {}))
         self.masks = self.method.init(ctx)
+        if self.recalibrate is not None and self.masks:  # the first masks are a change too
+            stats, _ = self.recalibrate(0, self.served_state())
+            state = self.model.state_dict()
+            with torch.no_grad():
+                for k, v in stats.items():
+                    state[k].copy_(v)
 
     def state_dict(self) -> dict:
         dense = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k in self.masks}
@@ -325,14 +334,16 @@ class Server:
                                 f"(fl.min_clients={needed}); first failure: "
                                 f"{info.dropped[0]['reason'] if info.dropped else 'none'}")
         if ex.kind == PHASE:
-            self._apply(self.method.end_phase(ex.phase, self.ctx(ex.rnd), ex.reports), info)
+            self._apply(self.method.end_phase(ex.phase, self.ctx(ex.rnd), ex.reports), info, ex.rnd)
             return
         self.server_opt.step(self.model.state_dict(), ex.updates.result(), self.masks, rnd=ex.rnd)
         self.lr_step += max(info.steps) if info.steps else 0
-        self._apply(self.method.update(self.ctx(ex.rnd), ex.reports), info)
+        self._apply(self.method.update(self.ctx(ex.rnd), ex.reports), info, ex.rnd)
 
     @torch.no_grad()
-    def _apply(self, upd: MethodUpdate, info: RoundInfo) -> None:
+    def _apply(self, upd: MethodUpdate, info: RoundInfo, rnd: int) -> None:
+        changed = upd.masks.keys() != self.masks.keys() or any(
+            not torch.equal(m, self.masks[k]) for k, m in upd.masks.items())
         self.masks = upd.masks
         state = self.model.state_dict()
         for name, pos in upd.reset.items():
@@ -342,6 +353,12 @@ class Server:
         if upd.keep:
             self.compact(upd.keep)
             info.metrics["widths"] = dict(self.model.cfg.widths or {})
+        if self.recalibrate is not None and (changed or upd.keep) and self.masks:
+            stats, seen = self.recalibrate(rnd, self.served_state())
+            state = self.model.state_dict()
+            for k, v in stats.items():
+                state[k].copy_(v)
+            info.metrics["bn_recalibrated_on"] = seen
 
     @torch.no_grad()
     def compact(self, keep: dict[str, torch.Tensor]) -> None:
