@@ -295,7 +295,7 @@ def prune(
     checkpoint: Path = typer.Argument(..., help="Checkpoint to prune (e.g. RUN_DIR/checkpoints/round_0020.pt)."),
     out: Path = typer.Option(..., help="Pruned checkpoint to write."),
     sparsity: float = typer.Option(..., help="Target share of prunable weights set to zero, in [0, 1)."),
-    pattern: str = typer.Option("unstructured", help="unstructured, row, column, half_row, half_column, unit."),
+    pattern: str = typer.Option("unstructured", help="unstructured, row, column, half_row, half_column, coherent_column, unit."),
     importance: str = typer.Option("magnitude", help="magnitude, gradient (needs --federation), random."),
     allocation: str = typer.Option("uniform", help="uniform, global, adaptive."),
     norm: str = typer.Option("l2", help="Group norm for magnitude importance: l1 or l2."),

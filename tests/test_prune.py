@@ -169,6 +169,34 @@ def test_gradual_schedule_first_mask_step_is_a_small_fraction():
     assert [round(sparsity_at(lin, 0.5, r, 20), 9) for r in range(1, 11)] == [round(0.05 * k, 9) for k in range(1, 11)]
 
 
+def test_coherent_column_prunes_the_same_residual_features_in_every_reader():
+    """coherent_column: the matrices reading the residual stream drop the same input features
+    (a narrower residual stream); every other matrix prunes its own columns."""
+    from fedasr.model.groups import RESIDUAL_READERS
+
+    m = model()
+    w = weights(m)
+    pr = pruner(m, pattern="coherent_column", allocation="uniform", target_sparsity=0.5)
+    masks = pr.compute(1, w, {})
+    readers = [n for n in pr.names if RESIDUAL_READERS.match(n)]
+    assert len(readers) == 6 * m.cfg.num_layers + 1
+    cols = {n: masks[n].reshape(masks[n].shape[0], masks[n].shape[1], -1).all(0).all(-1) for n in readers}
+    first = cols[readers[0]]
+    assert all(torch.equal(c, first) for c in cols.values())  # one feature mask
+    for n in readers:  # whole columns
+        full = masks[n].reshape(masks[n].shape[0], masks[n].shape[1], -1)
+        assert torch.equal(full, first.view(1, -1, 1).expand_as(full))
+    assert int((~first).sum()) == m.cfg.d_model // 2  # uniform: half the features
+    others = [n for n in pr.names if n not in readers and w[n].dim() >= 2 and w[n].shape[1] > 1]
+    assert any(not torch.equal(masks[others[0]].reshape(w[others[0]].shape[0], w[others[0]].shape[1], -1).all(0).all(-1),
+                               masks[o].reshape(w[o].shape[0], w[o].shape[1], -1).all(0).all(-1))
+               for o in others[1:] if w[o].shape[1] == w[others[0]].shape[1])
+    # against plain column: there each reader drops its own features
+    plain = pruner(m, pattern="column", allocation="uniform", target_sparsity=0.5).compute(1, w, {})
+    plain_cols = [plain[n].reshape(plain[n].shape[0], plain[n].shape[1], -1).all(0).all(-1) for n in readers]
+    assert any(not torch.equal(c, plain_cols[0]) for c in plain_cols[1:])
+
+
 def test_masks_are_frozen_after_refine_until():
     """Refinement recomputes the masks every round until ``refine_until``; after it the masks
     never change, whatever the weights do."""

@@ -27,7 +27,7 @@ from fedasr.prune.masks import Masks
 from fedasr.prune.patterns import Layer, tensor_layers, unit_layers
 from fedasr.prune.schedule import sparsity_at
 
-PATTERNS = ("unstructured", "row", "column", "half_row", "half_column", "unit")
+PATTERNS = ("unstructured", "row", "column", "half_row", "half_column", "coherent_column", "unit")
 IMPORTANCES = ("magnitude", "gradient", "random")
 SCHEDULES = ("constant", "step", "cubic")
 ALLOCATIONS = ("uniform", "global", "adaptive")
