@@ -345,12 +345,15 @@ def export(
     federation: Optional[Path] = typer.Option(None, help="Federation whose normalisation statistics go into the "
                                               "encoder [default: the checkpoint's run's]."),
     int8: bool = typer.Option(False, "--int8", help="Also write dynamically int8-quantised *.int8.onnx models."),
+    int8_scheme: str = typer.Option("u8u8", help="--int8: u8u8 (uint8 weights: accurate on every CPU), u8s8-7bit "
+                                    "(7-bit int8 weights) or u8s8 (int8 weights: saturates on x86 CPUs "
+                                    "without VNNI)."),
 ) -> None:
     """Export to ONNX (encoder, predictor, joiner; dynamic batch and length axes) for onnxruntime
     and sherpa-onnx (stateless predictor)."""
     from fedasr.commands.export import export_checkpoint
 
-    meta = export_checkpoint(checkpoint, out, federation, int8=int8)
+    meta = export_checkpoint(checkpoint, out, federation, int8=int8, int8_scheme=int8_scheme)
     console.print(f"exported {checkpoint} -> {out}: encoder.onnx, decoder.onnx ({meta['predictor']}), joiner.onnx"
                   f"{' (+ *.int8.onnx)' if int8 else ''}, tokens.txt, config.json; {meta['parameters']:,} parameters"
                   f"{'' if meta['sherpa_onnx'] else '; sherpa-onnx needs model.predictor=stateless'}")
