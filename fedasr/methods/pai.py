@@ -1,0 +1,196 @@
+"""Pruning at initialisation: SNIP (Lee et al., ICLR 2019, "SNIP: Single-shot Network Pruning
+based on Connection Sensitivity") and SynFlow (Tanaka et al., NeurIPS 2020, "Pruning neural
+networks without any data by iteratively conserving synaptic flow") as pruning methods.
+
+The server scores every prunable weight once, before round 1, on the model it starts from
+(initial, or the seed of ``--init-from``), keeps the ``round((1 - s) N)`` best over all
+prunable tensors together (one global ranking, as both papers do), and the federation then
+trains with that mask fixed. A pruned ``--init-from`` checkpoint keeps its own masks.
+
+- ``snip``: score |w ⊙ g| with g the gradient of the RNN-T loss summed over ``batches`` of
+  the server's own data (the federation's ``--server-split``), on the dense model in
+  evaluation mode (BatchNorm uses its running statistics, no dropout).
+- ``synflow``: data-free. The model is linearised — a float64 copy with every parameter and
+  BatchNorm statistic replaced by its absolute value — and fed all-ones features
+  (1 x 64 frames) with a fixed target (4 tokens of id 1, or 2 when 1 is the blank); R is the
+  sum of every output of the model (joint logits, and the CTC and simple-loss heads when it
+  has them), the score |w ⊙ ∂R/∂w|. Over ``iterations`` rounds the kept share follows the
+  exponential schedule d^(k/K); each round rescores with the mask so far applied and keeps
+  the best ``round(d^(k/K) N)`` of the weights still alive.
+
+Where this departs from the papers: SynFlow's synaptic-flow conservation holds for
+networks of positively homogeneous layers; the Conformer has LayerNorm, softmax attention,
+GLU and Swish gates and a tanh joiner, which the linearisation leaves in place (evaluation
+mode), so R is a positive flow through the real architecture rather than a path norm.
+Both keep at least one weight of every prunable tensor (its best), so neither can remove a
+tensor entirely (SNIP's pure global ranking could). SNIP scores the RNN-T loss alone (no
+auxiliary CTC or simple loss): the prunable tensors all lie on its path.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from fedasr.errors import FedasrError
+from fedasr.methods.base import MethodUpdate, PruningMethod, RoundContext, register, require_server_batches
+from fedasr.prune.allocation import keep_top
+from fedasr.prune.masks import Masks, apply_masks
+
+SYNFLOW_FRAMES = 64
+SYNFLOW_TOKENS = 4
+
+
+def needs_target(pruning, prefix: str) -> None:
+    if pruning.target_sparsity <= 0:
+        raise FedasrError(f"{prefix}: needs pruning.target_sparsity > 0")
+
+
+@dataclass
+class PruneAtInitConfig:
+    # no prunable tensor is pruned beyond this (1.0: the papers' pure global ranking; a
+    # tensor still keeps its best weight)
+    max_layer_sparsity: float = 1.0
+
+    def validate(self, prefix: str) -> None:
+        p = f"{prefix}." if prefix else ""
+        if not 0 < self.max_layer_sparsity <= 1:
+            raise FedasrError(f"{p}max_layer_sparsity: must be in (0, 1]")
+
+    def check_common(self, pruning, prefix: str) -> None:
+        needs_target(pruning, prefix)
+        if pruning.target_sparsity > self.max_layer_sparsity:
+            raise FedasrError(f"{prefix}.max_layer_sparsity: {self.max_layer_sparsity} is below "
+                              f"pruning.target_sparsity {pruning.target_sparsity}")
+
+
+@dataclass
+class SnipConfig(PruneAtInitConfig):
+    batches: int = 4  # server batches the gradient is summed over
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if self.batches < 1:
+            raise FedasrError(f"{prefix}{'.' if prefix else ''}batches: must be at least 1")
+
+
+@dataclass
+class SynFlowConfig(PruneAtInitConfig):
+    iterations: int = 100  # scoring rounds of the exponential schedule (the paper's 100)
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if self.iterations < 1:
+            raise FedasrError(f"{prefix}{'.' if prefix else ''}iterations: must be at least 1")
+
+
+def gradient_sums(model: nn.Module, names: list[str], masks: Masks, batches: Iterable,
+                  square: bool = False) -> dict[str, torch.Tensor]:
+    """Σ over ``batches`` of the RNN-T loss' gradient (``square``: of its square) at every
+    weight of ``names`` (float64), on a copy of ``model`` with ``masks`` applied, in
+    evaluation mode; pruned positions get their gradient too. The model is not changed."""
+    from fedasr.trainer import transducer_loss
+
+    net = copy.deepcopy(model)
+    apply_masks(net, masks)
+    net.eval()
+    params = dict(net.named_parameters())
+    sums = {n: torch.zeros(params[n].shape, dtype=torch.float64) for n in names}
+    seen = 0
+    with torch.enable_grad():
+        for batch in batches:
+            net.zero_grad(set_to_none=True)
+            loss, _ = transducer_loss(net, batch)
+            loss.backward()
+            for n in names:
+                g = params[n].grad
+                if g is not None:
+                    g = g.detach().double().cpu()
+                    sums[n] += g * g if square else g
+            seen += 1
+    if not seen:
+        raise FedasrError("pruning: the server's data gave no batch to score the weights on")
+    return sums
+
+
+def synflow_scores(model: nn.Module, names: list[str], masks: Masks) -> dict[str, torch.Tensor]:
+    """|w ⊙ ∂R/∂w| (float64) of the linearised ``model`` with ``masks`` applied (see the
+    module docstring); the model is not changed."""
+    net = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        for t in itertools.chain(net.parameters(), net.buffers()):
+            if t.is_floating_point():
+                t.abs_()
+    apply_masks(net, masks)
+    cfg = net.cfg
+    token = 1 if net.blank_id != 1 else 2
+    feats = torch.ones(1, SYNFLOW_FRAMES, cfg.num_features, dtype=torch.float64)
+    targets = torch.full((1, SYNFLOW_TOKENS), token, dtype=torch.long)
+    with torch.enable_grad():
+        out = net(feats, torch.tensor([SYNFLOW_FRAMES]), targets, torch.tensor([SYNFLOW_TOKENS]))
+        heads = (out.logits, out.ctc_logits, out.simple_am, out.simple_lm)
+        sum(h.sum() for h in heads if h is not None).backward()
+    params = dict(net.named_parameters())
+    return {n: (params[n].detach() * params[n].grad).abs() if params[n].grad is not None
+            else torch.zeros_like(params[n].detach()) for n in names}
+
+
+class PruneAtInit(PruningMethod):
+    """Scores once on the server (:meth:`scores`), keeps the global best, trains with the
+    fixed mask."""
+
+    @classmethod
+    def whole_unit_masks(cls, cfg) -> str | None:
+        return f"{cls.name}'s masks are unstructured"
+
+    def n_keep(self, model: nn.Module) -> int:
+        sizes = {n: p.numel() for n, p in model.named_parameters()}
+        return round((1.0 - self.common.target_sparsity) * sum(sizes[n] for n in self.names))
+
+    def init(self, ctx: RoundContext) -> Masks:
+        if ctx.masks:  # a pruned --init-from checkpoint: its masks
+            return ctx.masks
+        return self.prune(ctx)
+
+    def prune(self, ctx: RoundContext) -> Masks:
+        raise NotImplementedError
+
+    def update(self, ctx: RoundContext, aggregator) -> MethodUpdate:
+        return MethodUpdate(ctx.masks)
+
+
+@register
+class Snip(PruneAtInit):
+    name = "snip"
+    Config = SnipConfig
+    needs_server_data = True
+
+    def prune(self, ctx: RoundContext) -> Masks:
+        batches = itertools.islice(require_server_batches(ctx, self.name)(), self.cfg.batches)
+        grads = gradient_sums(ctx.model, self.names, {}, batches)
+        params = dict(ctx.model.named_parameters())
+        scores = {n: (params[n].detach().double() * grads[n]).abs() for n in self.names}
+        return keep_top(scores, self.n_keep(ctx.model), max_layer=self.cfg.max_layer_sparsity)
+
+
+@register
+class SynFlow(PruneAtInit):
+    name = "synflow"
+    Config = SynFlowConfig
+
+    def prune(self, ctx: RoundContext) -> Masks:
+        total = self.n_keep(ctx.model)
+        n_all = sum(p.numel() for n, p in ctx.model.named_parameters() if n in self.names)
+        density = total / n_all
+        masks: Masks = {}
+        k_max = self.cfg.iterations
+        for k in range(1, k_max + 1):
+            scores = synflow_scores(ctx.model, self.names, masks)
+            n_k = total if k == k_max else round(n_all * density ** (k / k_max))
+            masks = keep_top(scores, n_k, {n: ~m for n, m in masks.items()}, self.cfg.max_layer_sparsity)
+        return masks
