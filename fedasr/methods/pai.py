@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -89,13 +89,19 @@ class SynFlowConfig(PruneAtInitConfig):
             raise FedasrError(f"{prefix}{'.' if prefix else ''}iterations: must be at least 1")
 
 
-def gradient_sums(model: nn.Module, names: list[str], masks: Masks, batches: Iterable,
-                  square: bool = False) -> dict[str, torch.Tensor]:
-    """Σ over ``batches`` of the RNN-T loss' gradient (``square``: of its square) at every
-    weight of ``names`` (float64), on a copy of ``model`` with ``masks`` applied, in
-    evaluation mode; pruned positions get their gradient too. The model is not changed."""
+def rnnt_loss(model: nn.Module, batch) -> torch.Tensor:
+    """The RNN-T loss of ``batch`` (no auxiliary loss): what the server's data is scored on."""
     from fedasr.trainer import transducer_loss
 
+    return transducer_loss(model, batch)[0]
+
+
+def gradient_sums(model: nn.Module, names: list[str], masks: Masks, batches: Iterable, square: bool = False,
+                  loss: Callable = rnnt_loss) -> dict[str, torch.Tensor]:
+    """Σ over ``batches`` of the gradient of ``loss(model, batch)`` (``square``: of its
+    square) at every weight of ``names`` (float64), on a copy of ``model`` with ``masks``
+    applied, in evaluation mode; pruned positions get their gradient too. The model is not
+    changed."""
     net = copy.deepcopy(model)
     apply_masks(net, masks)
     net.eval()
@@ -105,8 +111,7 @@ def gradient_sums(model: nn.Module, names: list[str], masks: Masks, batches: Ite
     with torch.enable_grad():
         for batch in batches:
             net.zero_grad(set_to_none=True)
-            loss, _ = transducer_loss(net, batch)
-            loss.backward()
+            loss(net, batch).backward()
             for n in names:
                 g = params[n].grad
                 if g is not None:
@@ -118,26 +123,55 @@ def gradient_sums(model: nn.Module, names: list[str], masks: Masks, batches: Ite
     return sums
 
 
-def synflow_scores(model: nn.Module, names: list[str], masks: Masks) -> dict[str, torch.Tensor]:
-    """|w ⊙ ∂R/∂w| (float64) of the linearised ``model`` with ``masks`` applied (see the
-    module docstring); the model is not changed."""
+def snip_scores(model: nn.Module, names: list[str], batches: Iterable,
+                loss: Callable = rnnt_loss) -> dict[str, torch.Tensor]:
+    """SNIP's connection sensitivity |w ⊙ g|, g = Σ over ``batches`` of ∂loss/∂w (float64)."""
+    grads = gradient_sums(model, names, {}, batches, loss=loss)
+    params = dict(model.named_parameters())
+    return {n: (params[n].detach().double() * grads[n]).abs() for n in names}
+
+
+def transducer_flow(net: nn.Module) -> torch.Tensor:
+    """SynFlow's R of a linearised Transducer: the sum of every output on all-ones features
+    (1 x ``SYNFLOW_FRAMES``) and a fixed target (``SYNFLOW_TOKENS`` of one non-blank id)."""
+    token = 1 if net.blank_id != 1 else 2
+    feats = torch.ones(1, SYNFLOW_FRAMES, net.cfg.num_features, dtype=torch.float64)
+    targets = torch.full((1, SYNFLOW_TOKENS), token, dtype=torch.long)
+    out = net(feats, torch.tensor([SYNFLOW_FRAMES]), targets, torch.tensor([SYNFLOW_TOKENS]))
+    return sum(h.sum() for h in (out.logits, out.ctc_logits, out.simple_am, out.simple_lm) if h is not None)
+
+
+def synflow_scores(model: nn.Module, names: list[str], masks: Masks,
+                   flow: Callable = transducer_flow) -> dict[str, torch.Tensor]:
+    """|w ⊙ ∂R/∂w| (float64) with R = ``flow(net)`` of the linearised ``model`` (a float64
+    copy in evaluation mode, every parameter and buffer by its absolute value) with ``masks``
+    applied; the model is not changed."""
     net = copy.deepcopy(model).double().eval()
     with torch.no_grad():
         for t in itertools.chain(net.parameters(), net.buffers()):
             if t.is_floating_point():
                 t.abs_()
     apply_masks(net, masks)
-    cfg = net.cfg
-    token = 1 if net.blank_id != 1 else 2
-    feats = torch.ones(1, SYNFLOW_FRAMES, cfg.num_features, dtype=torch.float64)
-    targets = torch.full((1, SYNFLOW_TOKENS), token, dtype=torch.long)
     with torch.enable_grad():
-        out = net(feats, torch.tensor([SYNFLOW_FRAMES]), targets, torch.tensor([SYNFLOW_TOKENS]))
-        heads = (out.logits, out.ctc_logits, out.simple_am, out.simple_lm)
-        sum(h.sum() for h in heads if h is not None).backward()
+        flow(net).backward()
     params = dict(net.named_parameters())
     return {n: (params[n].detach() * params[n].grad).abs() if params[n].grad is not None
             else torch.zeros_like(params[n].detach()) for n in names}
+
+
+def synflow_masks(model: nn.Module, names: list[str], n_keep: int, iterations: int, max_layer: float = 1.0,
+                  flow: Callable = transducer_flow) -> Masks:
+    """SynFlow's iterative pruning: over ``iterations`` rounds k the kept count follows
+    round(N d^(k/K)) (d = n_keep / N; the last round keeps ``n_keep``), each round rescoring
+    with the mask so far and ranking the weights still alive (:func:`keep_top`)."""
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    n_all = sum(sizes[n] for n in names)
+    masks: Masks = {}
+    for k in range(1, iterations + 1):
+        scores = synflow_scores(model, names, masks, flow)
+        n_k = n_keep if k == iterations else round(n_all * (n_keep / n_all) ** (k / iterations))
+        masks = keep_top(scores, n_k, {n: ~m for n, m in masks.items()}, max_layer)
+    return masks
 
 
 class PruneAtInit(PruningMethod):
@@ -172,9 +206,7 @@ class Snip(PruneAtInit):
 
     def prune(self, ctx: RoundContext) -> Masks:
         batches = itertools.islice(require_server_batches(ctx, self.name)(), self.cfg.batches)
-        grads = gradient_sums(ctx.model, self.names, {}, batches)
-        params = dict(ctx.model.named_parameters())
-        scores = {n: (params[n].detach().double() * grads[n]).abs() for n in self.names}
+        scores = snip_scores(ctx.model, self.names, batches)
         return keep_top(scores, self.n_keep(ctx.model), max_layer=self.cfg.max_layer_sparsity)
 
 
@@ -184,13 +216,5 @@ class SynFlow(PruneAtInit):
     Config = SynFlowConfig
 
     def prune(self, ctx: RoundContext) -> Masks:
-        total = self.n_keep(ctx.model)
-        n_all = sum(p.numel() for n, p in ctx.model.named_parameters() if n in self.names)
-        density = total / n_all
-        masks: Masks = {}
-        k_max = self.cfg.iterations
-        for k in range(1, k_max + 1):
-            scores = synflow_scores(ctx.model, self.names, masks)
-            n_k = total if k == k_max else round(n_all * density ** (k / k_max))
-            masks = keep_top(scores, n_k, {n: ~m for n, m in masks.items()}, self.cfg.max_layer_sparsity)
-        return masks
+        return synflow_masks(ctx.model, self.names, self.n_keep(ctx.model), self.cfg.iterations,
+                             self.cfg.max_layer_sparsity)

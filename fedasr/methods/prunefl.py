@@ -4,10 +4,11 @@ on Edge Devices") as a pruning method.
 1. **Initial pruning on the server's data** (before round 1; the federation's
    ``--server-split``): from the dense model, reconfigurations (below) are repeated until
    the target number of weights ``n = round((1 - s) N)`` is reached; each may remove at most
-   ``max_decrease`` of every tensor's kept weights, so from a dense start this takes
-   ⌈log(1 - s) / log(1 - max_decrease)⌉ of them (7 at s = 0.9 and the paper's 0.3); the last
-   one admits weights by their squared-gradient importance, summed over ``init_batches``
-   batches of the server's data.
+   ``max_decrease`` of every tensor's kept weights, so from a dense start this takes about
+   ⌈log(1 - s) / log(1 - max_decrease)⌉ of them (7 at s = 0.9 and the paper's 0.3). Above the
+   target nothing is admitted (the smallest-magnitude weights leave); the first
+   reconfiguration whose stayers are fewer than n admits the candidates by their squared
+   gradient summed over ``init_batches`` batches of the server's data, which ends it.
 2. **Adaptive pruning during the rounds.** Every ``reconfig_every`` rounds the clients
    report, per prunable weight, the sum over their local steps of the squared gradient
    (taken before masking, so pruned weights have one too: a dense tensor per prunable
@@ -158,33 +159,28 @@ class PruneFL(PruningMethod):
     def whole_unit_masks(cls, cfg: PruneFLConfig) -> str | None:
         return "PruneFL's masks are unstructured"
 
-    def reconfigure(self, masks: Masks, weights: dict[str, torch.Tensor], importance, decrease: float) -> Masks:
-        stay = stayers(masks, weights, decrease)
-        if sum(int(m.sum()) for m in stay.values()) >= self.n_keep:
-            return stay  # (above the target: only the initial pruning)
-        imp = importance(masks) if callable(importance) else importance
-        return admit(stay, imp, self.n_keep, self.cost, self.cfg.time_constant, self.cfg.density == "adaptive")
+    def admit(self, stay: Masks, importance: dict[str, torch.Tensor]) -> Masks:
+        return admit(stay, importance, self.n_keep, self.cost, self.cfg.time_constant, self.cfg.density == "adaptive")
 
     # ---------------------------------------------------------------- server
     def init(self, ctx: RoundContext) -> Masks:
         if ctx.masks:  # a pruned --init-from checkpoint: its masks
             return ctx.masks
         batches = require_server_batches(ctx, self.name)
-
-        def importance(masks: Masks) -> dict[str, torch.Tensor]:
-            data = itertools.islice(batches(), self.cfg.init_batches)
-            return gradient_sums(ctx.model, self.names, masks, data, square=True)
-
         masks = {n: torch.ones(ctx.weights[n].shape, dtype=torch.bool) for n in self.names}
         kept = sum(m.numel() for m in masks.values())
-        while kept > self.n_keep:
-            masks = self.reconfigure(masks, ctx.weights, importance, self.cfg.max_decrease)
-            now = sum(int(m.sum()) for m in masks.values())
-            if now == kept:
+        while True:  # reconfigurations down to the target; the last one admits by importance
+            stay = stayers(masks, ctx.weights, self.cfg.max_decrease)
+            staying = sum(int(m.sum()) for m in stay.values())
+            if staying < self.n_keep:
+                data = itertools.islice(batches(), self.cfg.init_batches)
+                return self.admit(stay, gradient_sums(ctx.model, self.names, masks, data, square=True))
+            if staying == kept:
+                if kept == self.n_keep:
+                    return masks  # (at the target, and max_decrease removes nothing more)
                 raise FedasrError(f"pruning.prunefl.max_decrease: {self.cfg.max_decrease} removes no weight "
                                   f"of any tensor, so the target sparsity is never reached")
-            kept = now
-        return masks
+            masks, kept = stay, staying
 
     def reconfiguring(self, rnd: int) -> bool:
         return rnd % self.cfg.reconfig_every == 0 and rnd < self.total_rounds
@@ -200,7 +196,7 @@ class PruneFL(PruningMethod):
         importance = aggregator.result()
         if not self.reconfiguring(ctx.rnd) or not importance:
             return MethodUpdate(ctx.masks)
-        masks = self.reconfigure(ctx.masks, ctx.weights, importance, self.decrease_at(ctx.rnd))
+        masks = self.admit(stayers(ctx.masks, ctx.weights, self.decrease_at(ctx.rnd)), importance)
         return MethodUpdate(masks, metrics={
             "regrown": sum(int((masks[n] & ~m).sum()) for n, m in ctx.masks.items()),
             "removed": sum(int((m & ~masks[n]).sum()) for n, m in ctx.masks.items())})
