@@ -135,7 +135,7 @@ def test_sweep_rejects_bad_recipe(federation, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "s" / "runs").exists()
 
 
-@pytest.mark.parametrize("recipe", ["recipes/ci.yaml", "recipes/ci_structured.yaml",
+@pytest.mark.parametrize("recipe", ["recipes/ci.yaml", "recipes/ci_structured.yaml", "recipes/ci_baselines.yaml",
                                     "recipes/librispeech/federated_pruning.yaml",
                                     "recipes/librispeech100/federated_pruning.yaml"])
 def test_recipes_parse_and_build_the_model(recipe):

@@ -10,31 +10,45 @@ trains with that mask fixed. A pruned ``--init-from`` checkpoint keeps its own m
 - ``snip``: score |w ⊙ g| with g the gradient of the RNN-T loss summed over ``batches`` of
   the server's own data (the federation's ``--server-split``), on the dense model in
   evaluation mode (BatchNorm uses its running statistics, no dropout).
-- ``synflow``: data-free. The model is linearised — a float64 copy with every parameter and
-  BatchNorm statistic replaced by its absolute value — and fed all-ones features
-  (1 x 64 frames) with a fixed target (4 tokens of id 1, or 2 when 1 is the blank); R is the
-  sum of every output of the model (joint logits, and the CTC and simple-loss heads when it
-  has them), the score |w ⊙ ∂R/∂w|. Over ``iterations`` rounds the kept share follows the
-  exponential schedule d^(k/K); each round rescores with the mask so far applied and keeps
-  the best ``round(d^(k/K) N)`` of the weights still alive.
+- ``synflow``: data-free, on a linearised float64 copy of the model (:func:`linearised`):
+  every parameter by its absolute value, every normalisation (LayerNorm, BatchNorm) reduced
+  to its affine part, ReLU/SiLU/tanh replaced by the identity, GLU by the sum of its halves,
+  attention by uniform weights over the keys. All-ones features (1 x 64 frames) go through
+  the encoder and a fixed target (4 tokens of id 1, or 2 when 1 is the blank) through the
+  predictor; each branch's projection into the joiner is divided by its own total (a
+  constant), and R is the sum of the joint logits; the score is |w ⊙ ∂R/∂w|. Over
+  ``iterations`` rounds the kept share follows the exponential schedule d^(k/K); each round
+  rescores with the mask so far applied and keeps the best ``round(d^(k/K) N)`` of the
+  weights still alive.
 
-Where this departs from the papers: SynFlow's synaptic-flow conservation holds for
-networks of positively homogeneous layers; the Conformer has LayerNorm, softmax attention,
-GLU and Swish gates and a tanh joiner, which the linearisation leaves in place (evaluation
-mode), so R is a positive flow through the real architecture rather than a path norm.
-Both keep at least one weight of every prunable tensor (its best), so neither can remove a
-tensor entirely (SNIP's pure global ranking could). SNIP scores the RNN-T loss alone (no
-auxiliary CTC or simple loss): the prunable tensors all lie on its path.
+Where this departs from the papers: SynFlow's conservation of synaptic flow holds for
+networks of positively homogeneous layers; applied literally to the Conformer-Transducer
+(only weights by absolute value) it collapses the encoder — LayerNorm renormalises the flow
+away and the joiner's tanh saturates, so at 70% sparsity the encoder's feed-forward layers
+kept 0.0% of their weights on the ci model. The linearisation above restores the
+conservation (every encoder tensor then carries about the same flow), and the branch
+normalisation keeps the shallow predictor from being pruned away by the deep encoder's far
+larger flow (10^30 x on the ci model). What it cannot give is flow to the attention's
+queries and keys: with the all-ones input every frame is the same, so the attention weights
+do not matter and q_proj/k_proj score 0 — they keep only their floor unless
+``max_layer_sparsity`` reserves more. LSTM cells are left as they are (their gates
+saturate: an LSTM predictor gets less flow than the stateless one). Both methods keep at
+least one weight of every prunable tensor (its best; ``max_layer_sparsity`` below 1
+reserves ``ceil((1 - max) size)``), so neither removes a tensor entirely (SNIP's pure
+global ranking could). SNIP scores the RNN-T loss alone (no auxiliary CTC or simple loss):
+the prunable tensors all lie on its path.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedasr.errors import FedasrError
@@ -132,28 +146,89 @@ def snip_scores(model: nn.Module, names: list[str], batches: Iterable,
 
 
 def transducer_flow(net: nn.Module) -> torch.Tensor:
-    """SynFlow's R of a linearised Transducer: the sum of every output on all-ones features
-    (1 x ``SYNFLOW_FRAMES``) and a fixed target (``SYNFLOW_TOKENS`` of one non-blank id)."""
+    """SynFlow's R of a linearised Transducer: all-ones features (1 x ``SYNFLOW_FRAMES``)
+    through the encoder and a fixed target (``SYNFLOW_TOKENS`` of one non-blank id) through
+    the predictor; each branch's projection into the joiner is divided by its own total (a
+    constant), so that the deep encoder and the shallow predictor bring the same flow to the
+    joint, and R is the sum of the joint logits (the auxiliary heads are not on the decoding
+    path and carry no flow)."""
     token = 1 if net.blank_id != 1 else 2
     feats = torch.ones(1, SYNFLOW_FRAMES, net.cfg.num_features, dtype=torch.float64)
     targets = torch.full((1, SYNFLOW_TOKENS), token, dtype=torch.long)
-    out = net(feats, torch.tensor([SYNFLOW_FRAMES]), targets, torch.tensor([SYNFLOW_TOKENS]))
-    return sum(h.sum() for h in (out.logits, out.ctc_logits, out.simple_am, out.simple_lm) if h is not None)
+    enc, _ = net.encode(feats, torch.tensor([SYNFLOW_FRAMES]))
+    pred = net.predictor.forward_with_sos(targets)
+    enc_p, pred_p = net.joiner.project_encoder(enc), net.joiner.project_predictor(pred)
+    # each branch sums to 1 over the (T', U + 1) grid of the joint
+    enc_p = enc_p / (enc_p.sum().detach().clamp(min=1e-300) * pred_p.shape[1])
+    pred_p = pred_p / (pred_p.sum().detach().clamp(min=1e-300) * enc_p.shape[1])
+    return net.joiner.joint(enc_p[:, :, None, :], pred_p[:, None, :, :]).sum()
+
+
+def _affine(module: nn.Module, args, out) -> torch.Tensor:
+    """A normalisation's output reduced to its affine part (a forward hook)."""
+    x = args[0]
+    w = module.weight if module.weight is not None else torch.ones_like(x[0, ..., 0] if x.dim() < 3 else x[0, :, 0])
+    b = module.bias if module.bias is not None else torch.zeros_like(w)
+    if isinstance(module, nn.LayerNorm):
+        return x * w + b
+    shape = (1, -1) + (1,) * (x.dim() - 2)  # channels on dim 1: BatchNorm, ChannelLayerNorm
+    return x * w.view(shape) + b.view(shape)
+
+
+@contextmanager
+def linearised(net: nn.Module):
+    """``net``'s forward linearised for SynFlow: every normalisation (LayerNorm, BatchNorm,
+    the conv module's ChannelLayerNorm) reduced to its affine part, and the activations
+    (ReLU, SiLU, GELU, tanh) replaced by the identity, GLU by the sum of its two halves and
+    attention by uniform weights over the keys, so that a positive input flows through
+    positive weights without saturating (tanh, gates, softmax) or being renormalised away
+    (norms). LSTM cells stay as they are."""
+    from fedasr.model.conformer import ChannelLayerNorm
+
+    norms = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, ChannelLayerNorm)
+    handles = [m.register_forward_hook(_affine) for m in net.modules() if isinstance(m, norms)]
+    identity = (lambda x, *a, **k: x)  # noqa: E731
+
+    def glu(x, dim=-1):
+        a, b = x.chunk(2, dim)
+        return a + b
+
+    def attention(q, k, v, attn_mask=None, **kw):  # uniform weights over the keys a query sees
+        if attn_mask is None:
+            return v.mean(-2, keepdim=True).expand(*v.shape[:-2], q.shape[-2], v.shape[-1])
+        weights = attn_mask.to(v.dtype).expand(*q.shape[:-1], k.shape[-2])
+        return (weights / weights.sum(-1, keepdim=True)) @ v
+
+    patched = [(F, "relu", identity), (F, "silu", identity), (F, "gelu", identity), (F, "tanh", identity),
+               (F, "glu", glu), (F, "scaled_dot_product_attention", attention), (torch, "relu", identity),
+               (torch, "tanh", identity)]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patched]
+    try:
+        for obj, name, fn in patched:
+            setattr(obj, name, fn)
+        yield net
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+        for h in handles:
+            h.remove()
 
 
 def synflow_scores(model: nn.Module, names: list[str], masks: Masks,
                    flow: Callable = transducer_flow) -> dict[str, torch.Tensor]:
     """|w ⊙ ∂R/∂w| (float64) with R = ``flow(net)`` of the linearised ``model`` (a float64
-    copy in evaluation mode, every parameter and buffer by its absolute value) with ``masks``
-    applied; the model is not changed."""
+    copy in evaluation mode, every parameter by its absolute value, :func:`linearised`) with
+    ``masks`` applied; the model is not changed."""
     net = copy.deepcopy(model).double().eval()
     with torch.no_grad():
-        for t in itertools.chain(net.parameters(), net.buffers()):
-            if t.is_floating_point():
-                t.abs_()
+        for t in net.parameters():
+            t.abs_()
     apply_masks(net, masks)
-    with torch.enable_grad():
-        flow(net).backward()
+    with torch.enable_grad(), linearised(net):
+        r = flow(net)
+        if not bool(torch.isfinite(r)):
+            raise FedasrError("pruning.synflow: the linearised flow R overflows float64 on this model")
+        r.backward()
     params = dict(net.named_parameters())
     return {n: (params[n].detach() * params[n].grad).abs() if params[n].grad is not None
             else torch.zeros_like(params[n].detach()) for n in names}

@@ -15,6 +15,11 @@
 
 Every allocation rounds to whole groups and then caps: no layer is pruned beyond
 ``max_layer_sparsity``, and no layer loses all its groups (a module never disappears).
+
+For the methods that keep an exact number of single weights (FedDST, PruneFL, SNIP,
+SynFlow): :func:`layer_counts` (per-tensor counts, ``uniform`` or Erdős–Rényi-Kernel),
+:func:`top_positions` (a ranking with deterministic ties) and :func:`keep_top` (one global
+ranking with per-tensor floors).
 """
 
 from __future__ import annotations
