@@ -28,7 +28,7 @@ away and the joiner's tanh saturates, so at 70% sparsity the encoder's feed-forw
 kept 0.0% of their weights on the ci model. The linearisation above restores the
 conservation (every encoder tensor then carries about the same flow), and the branch
 normalisation keeps the shallow predictor from being pruned away by the deep encoder's far
-larger flow (10^30 x on the ci model). What it cannot give is flow to the attention's
+larger flow (10^30 x on the ci model; docs/methods.md has the numbers). What it cannot give is flow to the attention's
 queries and keys: with the all-ones input every frame is the same, so the attention weights
 do not matter and q_proj/k_proj score 0 — they keep only their floor unless
 ``max_layer_sparsity`` reserves more. LSTM cells are left as they are (their gates
@@ -167,12 +167,13 @@ def transducer_flow(net: nn.Module) -> torch.Tensor:
 def _affine(module: nn.Module, args, out) -> torch.Tensor:
     """A normalisation's output reduced to its affine part (a forward hook)."""
     x = args[0]
-    w = module.weight if module.weight is not None else torch.ones_like(x[0, ..., 0] if x.dim() < 3 else x[0, :, 0])
-    b = module.bias if module.bias is not None else torch.zeros_like(w)
-    if isinstance(module, nn.LayerNorm):
-        return x * w + b
-    shape = (1, -1) + (1,) * (x.dim() - 2)  # channels on dim 1: BatchNorm, ChannelLayerNorm
-    return x * w.view(shape) + b.view(shape)
+    # LayerNorm: over the trailing dims; BatchNorm and ChannelLayerNorm: channels on dim 1
+    shape = None if isinstance(module, nn.LayerNorm) else (1, -1) + (1,) * (x.dim() - 2)
+    if module.weight is not None:
+        x = x * (module.weight if shape is None else module.weight.view(shape))
+    if module.bias is not None:
+        x = x + (module.bias if shape is None else module.bias.view(shape))
+    return x
 
 
 @contextmanager
@@ -199,6 +200,8 @@ def linearised(net: nn.Module):
         weights = attn_mask.to(v.dtype).expand(*q.shape[:-1], k.shape[-2])
         return (weights / weights.sum(-1, keepdim=True)) @ v
 
+    # (the functions are swapped process-wide while the flow is computed: the server does
+    # nothing else meanwhile)
     patched = [(F, "relu", identity), (F, "silu", identity), (F, "gelu", identity), (F, "tanh", identity),
                (F, "glu", glu), (F, "scaled_dot_product_attention", attention), (torch, "relu", identity),
                (torch, "tanh", identity)]
