@@ -222,8 +222,9 @@ def test_the_method_layer_resolves_the_method_blocks():
     assert full["fedtiny"] == dataclasses.asdict(block) and full["target_sparsity"] == cfg.pruning.target_sparsity
     assert method_blocks(parse_config({"pruning": full}).pruning) == method_blocks(cfg.pruning)
     for setting, msg in [("pruning.bogus.x=1", "pruning.bogus: unknown key (known: method, target_sparsity, include, "
-                                               "exclude, asp, federated_pruning, fedtiny)"),
-                         ("pruning.method=magic", "pruning.method: unknown 'magic' (asp, federated_pruning, fedtiny, none)"),
+                                               "exclude, asp, feddst, federated_pruning, fedtiny, prunefl, snip, synflow)"),
+                         ("pruning.method=magic", "pruning.method: unknown 'magic' (asp, feddst, federated_pruning, "
+                                                  "fedtiny, none, prunefl, snip, synflow)"),
                          ("pruning.fedtiny.candidates=0", "pruning.fedtiny.candidates/phase_batches/update_every: must be"),
                          ("pruning.fedtiny=5", "pruning.fedtiny: expected a mapping of fedtiny's settings, got 5")]:
         bad = load_config(None, [setting])  # the parser keeps the block as given ...
