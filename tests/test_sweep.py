@@ -175,7 +175,7 @@ def test_sweep_rejects_bad_recipe(federation, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "s" / "runs").exists()
 
 
-@pytest.mark.parametrize("recipe", ["recipes/ci.yaml", "recipes/ci_structured.yaml",
+@pytest.mark.parametrize("recipe", ["recipes/ci.yaml", "recipes/ci_structured.yaml", "recipes/ci_baselines.yaml",
                                     "recipes/librispeech/federated_pruning.yaml",
                                     "recipes/librispeech100/federated_pruning.yaml"])
 def test_recipes_parse_and_build_the_model(recipe):
@@ -262,8 +262,9 @@ def test_the_method_layer_resolves_the_method_blocks():
     assert full["fedtiny"] == dataclasses.asdict(block) and full["target_sparsity"] == cfg.pruning.target_sparsity
     assert method_blocks(parse_config({"pruning": full}).pruning) == method_blocks(cfg.pruning)
     for setting, msg in [("pruning.bogus.x=1", "pruning.bogus: unknown key (known: method, target_sparsity, include, "
-                                               "exclude, asp, federated_pruning, fedtiny)"),
-                         ("pruning.method=magic", "pruning.method: unknown 'magic' (asp, federated_pruning, fedtiny, none)"),
+                                               "exclude, asp, feddst, federated_pruning, fedtiny, prunefl, snip, synflow)"),
+                         ("pruning.method=magic", "pruning.method: unknown 'magic' (asp, feddst, federated_pruning, "
+                                                  "fedtiny, none, prunefl, snip, synflow)"),
                          ("pruning.fedtiny.candidates=0", "pruning.fedtiny.candidates/phase_batches/update_every: must be"),
                          ("pruning.fedtiny=5", "pruning.fedtiny: expected a mapping of fedtiny's settings, got 5")]:
         bad = load_config(None, [setting])  # the parser keeps the block as given ...

@@ -204,7 +204,8 @@ class ClientWorker:
             extra = self._persistent_parts(data)
         res = self.train_fn(h["client"], self.model, msg.weights, data, self.cfg, seed=int(h["seed"]),
                             global_step=int(h["global_step"]), hooks=hooks, num_steps=self.num_steps, **extra)
-        return encode_up(res.update, msg.masks, hooks.report(),
+        report = hooks.report()
+        return encode_up(res.update, hooks.upload_masks(), report,
                          {"kind": TRAIN, "num_examples": res.num_examples, "metrics": res.metrics,
                           "client_seconds": time.perf_counter() - t0})
 

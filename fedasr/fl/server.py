@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -124,8 +125,10 @@ class Server:
     them); ``reachable``: those an engine can serve, sampled from (default: all)."""
 
     def __init__(self, cfg: RunConfig, model: torch.nn.Module, clients: list[str], *, centralized: bool = False,
-                 tokenizer_sha: str | None = None, reachable: list[str] | None = None):
+                 tokenizer_sha: str | None = None, reachable: list[str] | None = None,
+                 server_batches: Callable[[], Iterable] | None = None):
         self.cfg = cfg
+        self.server_batches = server_batches  # the server's own data (methods read it), or None
         self.model = model  # on the CPU
         self.client_index = {c: i for i, c in enumerate(sorted(clients))}  # a client's seed index: fixed
         self.clients = sorted(reachable if reachable is not None else clients)  # those sampled from
@@ -149,7 +152,7 @@ class Server:
         return dict(self.model.state_dict())
 
     def ctx(self, rnd: int) -> RoundContext:
-        return RoundContext(rnd, self.cfg.fl.rounds, self.weights(), self.masks, self.model)
+        return RoundContext(rnd, self.cfg.fl.rounds, self.weights(), self.masks, self.model, self.server_batches)
 
     def arch(self) -> dict:
         return self.model.cfg.to_dict()
@@ -164,7 +167,8 @@ class Server:
         return out
 
     def start(self, init_masks: Masks | None = None) -> None:
-        ctx = RoundContext(1, self.cfg.fl.rounds, self.weights(), dict(init_masks or {}))
+        ctx = RoundContext(1, self.cfg.fl.rounds, self.weights(), dict(init_masks or {}), self.model,
+                           self.server_batches)
         self.masks = self.method.init(ctx)
         if self.recalibrate is not None and self.masks:  # the first masks are a change too
             stats, _ = self.recalibrate(0, self.served_state())
@@ -326,7 +330,8 @@ class Server:
     def finish(self, ex: Exchange, info: RoundInfo) -> None:
         """After every reply of the exchange: a phase ends with the method's decision on it
         (e.g. FedTiny's candidate); training with the server optimiser's step on the dense
-        weights (pruned positions frozen), then the method's update: the next masks."""
+        weights (pruned positions frozen) with the averaged update as the method has it
+        applied, then the method's update: the next masks."""
         needed = 1 if self.centralized else self.cfg.fl.min_clients
         if ex.count < needed:
             where = f" in phase {ex.phase!r}" if ex.kind == PHASE else ""
@@ -336,7 +341,8 @@ class Server:
         if ex.kind == PHASE:
             self._apply(self.method.end_phase(ex.phase, self.ctx(ex.rnd), ex.reports), info, ex.rnd)
             return
-        self.server_opt.step(self.model.state_dict(), ex.updates.result(), self.masks, rnd=ex.rnd)
+        mean = self.method.aggregate_update(self.ctx(ex.rnd), ex.reports, ex.updates.result())
+        self.server_opt.step(self.model.state_dict(), mean, self.masks, rnd=ex.rnd)
         self.lr_step += max(info.steps) if info.steps else 0
         self._apply(self.method.update(self.ctx(ex.rnd), ex.reports), info, ex.rnd)
 
