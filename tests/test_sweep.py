@@ -262,7 +262,7 @@ def test_the_method_layer_resolves_the_method_blocks():
     assert full["fedtiny"] == dataclasses.asdict(block) and full["target_sparsity"] == cfg.pruning.target_sparsity
     assert method_blocks(parse_config({"pruning": full}).pruning) == method_blocks(cfg.pruning)
     for setting, msg in [("pruning.bogus.x=1", "pruning.bogus: unknown key (known: method, target_sparsity, include, "
-                                               "exclude, asp, feddst, federated_pruning, fedtiny, prunefl, snip, synflow)"),
+                                               "exclude, recalibrate_bn, asp, feddst, federated_pruning, fedtiny, prunefl, snip, synflow)"),
                          ("pruning.method=magic", "pruning.method: unknown 'magic' (asp, feddst, federated_pruning, "
                                                   "fedtiny, none, prunefl, snip, synflow)"),
                          ("pruning.fedtiny.candidates=0", "pruning.fedtiny.candidates/phase_batches/update_every: must be"),
