@@ -17,6 +17,7 @@ import pytest
 import soundfile as sf
 from lhotse import AudioSource, CutSet, MonoCut, MultiCut, Recording, RecordingSet, SupervisionSegment, SupervisionSet
 from lhotse.kaldi import load_kaldi_data_dir
+from lhotse.utils import fastcopy
 
 from conftest import FAST, run_cli, sets, tiny_model
 from fedasr.data.federation import Federation, ShardOptions, shard
@@ -174,6 +175,41 @@ def test_a_kaldi_import_directory_and_the_options_of_shard(own_corpora, tmp_path
     assert not (tmp_path / "fed2").exists()
 
 
+def test_kaldi_pipes_and_a_wrong_declared_rate(own_corpora, tmp_path):
+    """wav.scp pipes are run (as lhotse runs them), and a rate given wrongly to the Kaldi import
+    (16000 for 8 kHz audio) is corrected to the audio's header: the features are the 8 kHz audio's."""
+    kaldi = tmp_path / "kaldi"
+    kaldi.mkdir()
+    lines = (own_corpora / "kaldi" / "wav.scp").read_text().splitlines()[:3]
+    (kaldi / "wav.scp").write_text("".join(f"{u} cat {p} |\n" for u, p in (line.split() for line in lines)))
+    ids = [line.split()[0] for line in lines]
+    for name in ("text", "utt2spk"):
+        keep = [line for line in (own_corpora / "kaldi" / name).read_text().splitlines() if line.split()[0] in ids]
+        (kaldi / name).write_text("\n".join(keep) + "\n")
+    # lhotse reads pipes' durations from reco2dur (or with kaldi_native_io installed)
+    (kaldi / "reco2dur").write_text("".join(f"{u} {sf.info(p).duration}\n" for u, p in (line.split() for line in lines)))
+    recordings, supervisions, _ = load_kaldi_data_dir(kaldi, sampling_rate=16000)
+    assert recordings[ids[0]].sources[0].type == "command"
+    write(kaldi, recordings, supervisions)
+    meta = shard_manifests(tmp_path / "fed", {"train": str(kaldi)}, vocab_size=None)
+    audio = meta["source"]["splits"]["train"]
+    assert audio["sample_rates"] == {8000: 3} and audio["manifest_corrected"] == 3
+    fed = Federation(tmp_path / "fed")
+    ex = fbank_extractor()
+    for cut in (c for n in fed.client_ids for c in fed.client_cuts(n)):
+        want = ex.extract(sf.read(own_corpora / "kaldi" / "wav" / f"{cut.id}.wav", dtype="float32")[0], 8000)
+        got = cut.load_features()
+        assert got.shape == want.shape and np.abs(got - want).max() < 1 / 32
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    recordings, supervisions, _ = load_kaldi_data_dir(kaldi, sampling_rate=8000)
+    recordings = RecordingSet.from_recordings(fastcopy(r, sources=[fastcopy(r.sources[0], source="false")])
+                                              if r.id == ids[0] else r for r in recordings)
+    write(bad, recordings, supervisions)
+    with pytest.raises(FedasrError, match=rf"{bad}/supervisions.jsonl.gz: {ids[0]}: audio command false failed"):
+        shard_manifests(tmp_path / "fed2", {"train": str(bad)}, vocab_size=None)
+
+
 def stereo_manifest(corpus: Path, root: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     """One 16 kHz stereo file, two utterances' audio on its channels, with three supervisions:
     both channels (downmix), the right channel alone, and (Kaldi-style, declared mono) the file."""
@@ -265,6 +301,9 @@ def break_manifest(corpus: Path, root: Path, how: str) -> tuple[dict, dict, str]
     elif how == "unknown_recording":
         sups[0] = SupervisionSegment(**{**sups[0].to_dict(), "recording_id": "nope"})
         expect = where + f"recording nope is not in {root / 'recordings.jsonl.gz'}"
+    elif how == "duplicate_id":
+        sups[1] = SupervisionSegment(**{**sups[1].to_dict(), "id": first})
+        expect = where + "duplicate supervision id"
     elif how == "unknown_split":
         return {"train": write(root, recs, sups), "extra": str(root)}, kw, \
             "--manifests: split 'extra' has no role"
@@ -295,7 +334,7 @@ def meta_first(manifests: dict) -> str:
 
 
 BAD_ENTRIES = ["missing_audio", "empty_text", "no_words", "undecodable", "no_speaker", "outside_audio",
-               "unknown_recording"]
+               "unknown_recording", "duplicate_id"]
 
 
 @pytest.mark.parametrize("how", BAD_ENTRIES + ["unknown_split", "split_without_manifests", "chapter_needed",
@@ -368,7 +407,6 @@ def test_librispeech_transcripts_are_left_as_they_are(corpus):
 def test_eval_scores_normalised_references(federation):
     """The references eval scores are normalised like the transcripts shard stored."""
     from fedasr.evaluate import decode_cuts
-    from lhotse.utils import fastcopy
 
     fed = Federation(federation)
     cuts = fed.split_cuts("test-clean").subset(first=2)

@@ -12,8 +12,8 @@ Two producers of lhotse CutSets feed ``fedasr shard``:
     ``cuts.jsonl[.gz]`` (``lhotse kaldi import``'s output), ``recordings.jsonl[.gz]`` +
     ``supervisions.jsonl[.gz]``.
 
-A manifest becomes one cut per supervision (``trim_to_supervisions``), named by the
-supervision id. Then :func:`prepare` runs on every source alike:
+A manifest becomes one cut per supervision (what lhotse's ``trim_to_supervisions`` makes,
+channels included), named by the supervision id. Then :func:`prepare` runs on every source alike:
 
 - the transcript is normalised (:func:`fedasr.data.tokenizer.normalize_transcript`); one
   with no words left is an error;
@@ -22,8 +22,8 @@ supervision id. Then :func:`prepare` runs on every source alike:
 - every audio file must exist and decode, with samples. For a single-file recording the
   file's own header is the truth: a manifest that declares another sample rate, channel
   count or length (``lhotse kaldi import`` takes one rate for the whole directory) is
-  corrected to it, and counted. Other sources (``command`` pipes, URLs, in-memory audio)
-  are decoded once to check them;
+  corrected to it, and counted. A ``command`` source (a Kaldi pipe) is run and in-memory
+  audio read the same way; a URL is decoded once to check it, its declared rate trusted;
 - an utterance must lie within its audio (lhotse's duration tolerance);
 - channels: a cut on one channel of a multi-channel recording (a supervision with
   ``channel=1``) uses that channel; a cut on several channels, or a file with more
@@ -38,7 +38,9 @@ utterance (or, for the LibriSpeech layout, the file); it is an error unless
 
 from __future__ import annotations
 
+import io
 import os
+import subprocess
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ from typing import Callable
 
 import soundfile as sf
 from lhotse import AudioSource, CutSet, MonoCut, MultiCut, Recording, RecordingSet, SupervisionSet, load_manifest
+from lhotse.audio.backend import info as lhotse_info
 from lhotse.audio.utils import get_audio_duration_mismatch_tolerance
 from lhotse.utils import fastcopy
 
@@ -64,12 +67,12 @@ def parse_manifest_args(items: list[str]) -> dict[str, str]:
     """``["train=a.jsonl.gz", ...]`` -> ``{"train": "a.jsonl.gz"}``."""
     out: dict[str, str] = {}
     for item in items:
-        split, sep, spec = item.partition("=")
-        if not sep or not split.strip() or not spec.strip():
+        split, sep, spec = (x.strip() for x in item.partition("="))
+        if not sep or not split or not spec:
             raise FedasrError(f"--manifests: expected SPLIT=PATH, got {item!r}")
         if split in out:
             raise FedasrError(f"--manifests: split {split!r} given twice")
-        out[split.strip()] = spec.strip()
+        out[split] = spec
     return out
 
 
@@ -210,43 +213,72 @@ def _absolute(source: AudioSource) -> AudioSource:
     return fastcopy(source, source=os.path.abspath(source.source)) if source.type == "file" else source
 
 
-def _probe(path: str) -> sf._SoundFileInfo:
-    if not Path(path).is_file():
-        raise _Bad(f"audio file{_FILE} does not exist")
+@dataclass(frozen=True)
+class _Info:
+    samplerate: int
+    channels: int
+    frames: int
+
+
+def _info(what) -> _Info:
+    """Rate, channels and length from the header (soundfile; lhotse's backends for other formats)."""
     try:
-        info = sf.info(path)
+        i = sf.info(what)
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError
-        raise _Bad(f"undecodable audio{_FILE} ({first_line(e, 120)})") from None
-    if info.frames <= 0:
+        try:
+            if isinstance(what, io.BytesIO):
+                what.seek(0)
+            i = lhotse_info(what)
+        except Exception:
+            raise _Bad(f"undecodable audio{_FILE} ({first_line(e, 120)})") from None
+    if i.frames <= 0:
         raise _Bad(f"audio{_FILE} has no samples")
-    return info
+    return _Info(int(i.samplerate), int(i.channels), int(i.frames))
+
+
+def _source_info(src: AudioSource) -> _Info | None:
+    """The audio of one source as its own header tells it; None where it cannot be read
+    without decoding it (a URL, a Shar placeholder)."""
+    if src.type == "file":
+        if not Path(src.source).is_file():
+            raise _Bad(f"audio file{_FILE} does not exist")
+        return _info(src.source)
+    if src.type == "command":  # a Kaldi pipe ("flac -c -d -s X.flac |"), which lhotse runs likewise
+        proc = subprocess.run(src.source, shell=True, capture_output=True)
+        if proc.returncode != 0 or not proc.stdout:
+            err = proc.stderr.decode(errors="replace").strip().splitlines()
+            raise _Bad(f"audio command{_FILE} failed ({(err[0] if err else f'exit {proc.returncode}')[:120]})")
+        return _info(io.BytesIO(proc.stdout))
+    if src.type == "memory":
+        return _info(io.BytesIO(src.source))
+    return None
 
 
 def _check_recording(rec: Recording) -> _Checked:
-    files = [s for s in rec.sources if s.type == "file"]
+    sources = [_absolute(s) for s in rec.sources]
+    infos = []
+    for s in sources:
+        try:
+            infos.append(_source_info(s))
+        except _Bad as e:
+            name = s.source if s.type in ("file", "command") else f"(in-memory audio of recording {rec.id})"
+            return _Checked(reason=str(e), file=name)
     try:
-        if len(files) != len(rec.sources):  # a command pipe, URL, memory: decode it once
+        if None in infos:  # a URL: decode it once, and trust its declared rate
             try:
                 audio = rec.load_audio()
             except Exception as e:
                 raise _Bad(f"undecodable audio of recording {rec.id} ({first_line(e, 120)})") from None
             if audio.shape[-1] == 0:
                 raise _Bad(f"recording {rec.id} has no samples")
-            return _Checked(fastcopy(rec, sources=[_absolute(s) for s in rec.sources]))
-        sources = [_absolute(s) for s in rec.sources]
-        infos = []
-        for s in sources:
-            try:
-                infos.append(_probe(s.source))
-            except _Bad as e:
-                return _Checked(reason=str(e), file=s.source)
+            return _Checked(fastcopy(rec, sources=sources))
         if len(sources) == 1:
             info, src = infos[0], sources[0]
             declared = (rec.sampling_rate, len(src.channels), rec.num_samples)
             if declared == (info.samplerate, info.channels, info.frames):
                 return _Checked(fastcopy(rec, sources=sources))
             if rec.transforms and rec.sampling_rate != info.samplerate:
-                raise _Bad(f"recording {rec.id} declares {rec.sampling_rate} Hz but {src.source} is "
+                raise _Bad(f"recording {rec.id} declares {rec.sampling_rate} Hz but its audio is "
                            f"{info.samplerate} Hz, and it has transforms: fix the manifest")
             channels = list(range(info.channels))
             fixed = Recording(id=rec.id, sources=[fastcopy(src, channels=channels)], sampling_rate=info.samplerate,
