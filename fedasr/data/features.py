@@ -23,8 +23,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -93,6 +95,24 @@ def fbank_extractor() -> ModelFbank:
     return ModelFbank(FbankConfig(**FBANK_OPTIONS))
 
 
+class _QuietAudioErrors(logging.Filter):
+    """lhotse logs (several lines) each cut whose audio fails to load and drops it; fedasr
+    reports the cut itself, in one line (:func:`compute_features`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Suppressed AudioLoadingError" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_audio_errors():
+    root, quiet = logging.getLogger(), _QuietAudioErrors()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def compute_features(cuts: CutSet, fed_dir: Path, name: str, jobs: int = 1) -> CutSet:
     """Compute and store fbank for ``cuts`` under ``fed_dir/feats/name``.
 
@@ -106,18 +126,18 @@ def compute_features(cuts: CutSet, fed_dir: Path, name: str, jobs: int = 1) -> C
     if num_jobs > 1:
         torch.set_num_threads(1)  # lhotse: worker processes with several threads each can hang
     try:
-        with_feats = cuts.compute_and_store_features(
-            extractor=fbank_extractor(),
-            storage_path=feats_dir / name,
-            num_jobs=num_jobs,
-            storage_type=LilcomChunkyWriter,
-            progress_bar=False,
-        )
+        with _quiet_audio_errors():
+            with_feats = cuts.compute_and_store_features(
+                extractor=fbank_extractor(),
+                storage_path=feats_dir / name,
+                num_jobs=num_jobs,
+                storage_type=LilcomChunkyWriter,
+                progress_bar=False,
+            ).to_eager()
     except Exception as e:  # name the audio file when decoding fails midway
         raise FedasrError(f"feature extraction failed for split/client {name!r}: {str(e).splitlines()[0][:200]}") from None
     finally:
         torch.set_num_threads(threads)
-    with_feats = with_feats.to_eager()
     lost = sorted(set(cuts.ids) - set(with_feats.ids))
     if lost:  # lhotse drops a cut whose audio fails to load (a file corrupt past its header)
         src = cuts[lost[0]].recording.sources[0].source if cuts[lost[0]].recording else "?"
