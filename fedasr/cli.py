@@ -74,9 +74,11 @@ def synth(
     jobs: int = typer.Option(default_jobs(), help="Parallel TTS processes."),
     overwrite: bool = typer.Option(False, help="Replace an existing OUT/LibriSpeech."),
 ) -> None:
-    """Generate a synthetic LibriSpeech-layout corpus with text-to-speech (espeak-ng/flite)."""
+    """Generate a synthetic LibriSpeech-layout corpus with text-to-speech (espeak-ng/flite; needs the Debian
+    packages espeak-ng and sox, flite optional)."""
     from fedasr.data import synth as S
 
+    S.require_tools()
     t0 = time.time()
     plan = S.plan_corpus(speakers, utterances_per_speaker, seed, domain, test_other_speakers,
                          dev_per_speaker, test_per_speaker, chapters_per_speaker, server_speakers)
@@ -99,7 +101,11 @@ def synth(
 
 @app.command()
 def shard(
-    corpus: Path = typer.Option(..., help="LibriSpeech root (the directory holding the split folders)."),
+    corpus: Optional[Path] = typer.Option(None, help="LibriSpeech-layout root (the directory holding the split "
+                                          "folders); the splits that --manifests does not name come from here."),
+    manifests: list[str] = typer.Option([], "--manifests", help="SPLIT=PATH (repeatable): lhotse manifests of a "
+                                        "split: a CutSet file, RECORDINGS,SUPERVISIONS, or a directory of them "
+                                        "(docs/data.md). Any sample rate and channel count."),
     out: Path = typer.Option(..., help="Federation directory to create."),
     train_split: list[str] = typer.Option(..., "--train-split", help="Training split (repeatable)."),
     dev_split: list[str] = typer.Option([], "--dev-split", help="Dev split (repeatable)."),
@@ -120,16 +126,18 @@ def shard(
     jobs: int = typer.Option(default_jobs(), help="Parallel workers for scanning and features."),
     overwrite: bool = typer.Option(False, help="Replace an existing federation directory."),
 ) -> None:
-    """Shard a LibriSpeech-layout corpus into federated pseudo-clients (+ tokenizer, features)."""
+    """Shard a corpus (LibriSpeech layout or lhotse manifests) into federated pseudo-clients (+ tokenizer, features)."""
     from fedasr.data.federation import ShardOptions
     from fedasr.data.federation import shard as do_shard
+    from fedasr.data.sources import parse_manifest_args
 
     t0 = time.time()
     opts = ShardOptions(corpus=corpus, train_splits=list(train_split), dev_splits=list(dev_split),
                         test_splits=list(test_split), server_splits=list(server_split), out=out, scheme=by, num_clients=num_clients,
                         alpha=alpha, min_utterances=min_utterances, max_clients=max_clients, seed=seed,
                         vocab_size=vocab_size, tokenizer_type=tokenizer_type, tokenizer=tokenizer,
-                        skip_invalid=skip_invalid, jobs=jobs, overwrite=overwrite)
+                        skip_invalid=skip_invalid, jobs=jobs, overwrite=overwrite,
+                        manifests=parse_manifest_args(manifests))
     with err_console.status("sharding") as status:
         meta = do_shard(opts, log=lambda s: status.update(s))
     s = meta["summary"]
@@ -150,6 +158,13 @@ def shard(
     for split, e in meta["eval"].items():
         table.add_row(f"{e['role']}: {split}", str(e["utterances"]), "", "", "", f"{e['hours']:.3f} h")
     console.print(table)
+    resampled = {s: a["sample_rates"] for s, a in meta["source"]["splits"].items() if a["resampled_to_16k"]}
+    if resampled:
+        console.print("resampled to 16 kHz: " + "; ".join(
+            f"{s} ({', '.join(f'{n} at {r} Hz' for r, n in rates.items())})" for s, rates in resampled.items()))
+    downmixed = {s: a["downmixed"] for s, a in meta["source"]["splits"].items() if a["downmixed"]}
+    if downmixed:
+        console.print("downmixed to mono: " + ", ".join(f"{s} ({n})" for s, n in downmixed.items()))
     if meta["dropped"]:
         console.print(f"[yellow]dropped {len(meta['dropped'])} invalid utterances (see federation.yaml)")
     if meta["excluded_clients"]:

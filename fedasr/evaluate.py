@@ -1,7 +1,9 @@
 """Decoding and WER: per split, and per client where clients have their own test data.
 
 WER/CER come from jiwer over the whole split (errors summed over utterances, divided
-by reference words/characters), with substitutions, deletions and insertions.
+by reference words/characters), with substitutions, deletions and insertions. References
+are normalised with :func:`~fedasr.data.tokenizer.normalize_transcript`, the function
+``fedasr shard`` applied to the transcripts the tokenizer and the model were trained on.
 
 The default decoding is the one a sherpa-onnx deployment runs: greedy search with at most
 one symbol per frame (``max_symbols_per_frame=1``; modified beam search is one symbol per
@@ -23,7 +25,7 @@ from lhotse import CutSet
 
 from fedasr.data.batching import AsrDataset
 from fedasr.data.features import GlobalCMVN
-from fedasr.data.tokenizer import Tokenizer
+from fedasr.data.tokenizer import Tokenizer, normalize_transcript
 from fedasr.model.decode import beam_search, greedy_search
 from fedasr.model.transducer import Transducer
 
@@ -81,7 +83,7 @@ def decode_cuts(model: Transducer, cuts: CutSet, tokenizer: Tokenizer, cmvn: Glo
                        greedy_search(model, enc, enc_lens, max_symbols_per_frame=unrestricted)]
             t0 += time.perf_counter() - t_alt  # (not part of the timed decoding)
             for cid, ref, hyp, h_alt in zip(batch.ids, batch.texts, hyps, alt):
-                out[cid] = Decoded(cid, "", ref, tokenizer.decode(hyp), h_alt)
+                out[cid] = Decoded(cid, "", normalize_transcript(ref), tokenizer.decode(hyp), h_alt)
             if progress:
                 progress(len(batch))
     finally:
