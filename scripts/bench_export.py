@@ -1,15 +1,21 @@
 #!/usr/bin/env python
-"""A `fedasr export` in sherpa-onnx, fp32 against `--int8`, measured in one run.
+"""A `fedasr export` in sherpa-onnx, fp32 against `--int8` (each quantisation scheme),
+measured in one run.
 
 For a checkpoint (a stateless-predictor model, e.g. the ci recipe's dense run): the export's
 size on disk, WER through sherpa-onnx (its own kaldi-native-fbank front end from the
-waveform, greedy search) for the fp32 and int8 models beside `fedasr eval`'s greedy search
-(PyTorch, stored features; with 1 and 3 symbols a frame), the share of utterances whose
-hypotheses equal eval's, and the real-time factor of sherpa-onnx decoding with one thread:
-fp32 and int8 interleaved, the median of ``--repeat`` passes over the split's first
-``--speed-utts`` utterances, one stream at a time.
+waveform, greedy search) for the fp32 model and the int8 models of every ``--scheme``
+beside `fedasr eval`'s greedy search (PyTorch, stored features; with 1 and 3 symbols a
+frame), the share of utterances whose hypotheses equal eval's, and the real-time factor of
+sherpa-onnx decoding with one thread: the models interleaved, the median of ``--repeat``
+passes over the split's first ``--speed-utts`` utterances, one stream at a time.
 
-    python scripts/bench_export.py CKPT [--federation FED_DIR] [--split test-clean] [--repeat 9]
+``--emulate-cpu MODEL`` also decodes with sherpa-onnx under ``qemu-x86_64 -cpu MODEL``
+(e.g. Haswell: AVX2, no AVX-512, no VNNI), where onnxruntime picks that CPU's int8
+kernels: what a deployment on such a machine gets (WER only: emulated time means nothing).
+
+    python scripts/bench_export.py CKPT [--federation FED_DIR] [--split test-clean] [--repeat 9] \
+        [--scheme u8u8 --scheme u8s8-7bit --scheme u8s8] [--emulate-cpu Haswell]
 """
 
 from __future__ import annotations
@@ -30,6 +36,37 @@ def recognizer(d: Path, suffix: str):
         decoding_method="greedy_search")
 
 
+_EMULATED = """
+import json, sys, numpy as np, sherpa_onnx
+d, suffix, waves = sys.argv[1], sys.argv[2], np.load(sys.argv[3], allow_pickle=True)
+rec = sherpa_onnx.OfflineRecognizer.from_transducer(
+    encoder=f"{d}/encoder{suffix}.onnx", decoder=f"{d}/decoder{suffix}.onnx", joiner=f"{d}/joiner{suffix}.onnx",
+    tokens=f"{d}/tokens.txt", num_threads=1, feature_dim=80, decoding_method="greedy_search")
+out = []
+for w in waves:
+    s = rec.create_stream(); s.accept_waveform(16000, w); rec.decode_stream(s); out.append(" ".join(s.result.text.split()))
+print(json.dumps(out))
+"""
+
+
+def decode_emulated(cpu: str, d: Path, suffix: str, waves: list, tmp: Path) -> list[str]:
+    """sherpa-onnx decoding under ``qemu-x86_64 -cpu CPU`` (its onnxruntime sees that CPU)."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    arr = np.empty(len(waves), dtype=object)
+    arr[:] = waves
+    np.save(tmp / "waves.npy", arr, allow_pickle=True)
+    r = subprocess.run(["qemu-x86_64", "-cpu", cpu, sys.executable, "-c", _EMULATED, str(d), suffix,
+                        str(tmp / "waves.npy")], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"emulated decoding failed: {r.stderr.strip().splitlines()[-1:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def decode(rec, waves: list) -> list[str]:
     out = []
     for w in waves:
@@ -47,6 +84,8 @@ def main() -> None:
     ap.add_argument("--split", action="append", default=None)
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--speed-utts", type=int, default=30)
+    ap.add_argument("--scheme", action="append", default=None, help="int8 scheme(s) [default: all]")
+    ap.add_argument("--emulate-cpu", default=None, help="also decode under qemu-x86_64 -cpu MODEL (e.g. Haswell)")
     args = ap.parse_args()
 
     import torch
@@ -55,19 +94,27 @@ def main() -> None:
     from fedasr.data.federation import Federation
     from fedasr.evaluate import decode_cuts, score
     from fedasr.commands.export import export_checkpoint
+    from fedasr.export import INT8_SCHEMES
 
     torch.set_num_threads(1)
     model, tok, ckpt = load_checkpoint(args.checkpoint)
     fed = Federation(args.federation or ckpt["config"]["federation"])
+    schemes = args.scheme or list(INT8_SCHEMES)
     with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
-        meta = export_checkpoint(args.checkpoint, d, args.federation, int8=True)
-        assert meta["sherpa_onnx"], "sherpa-onnx needs a stateless predictor"
-        size = {s: sum((d / f"{n}{s}.onnx").stat().st_size for n in ("encoder", "decoder", "joiner"))
-                for s in ("", ".int8")}
-        recs = {"fp32": recognizer(d, ""), "int8": recognizer(d, ".int8")}
-        print(f"export size: fp32 {size[''] / 1e6:.2f} MB, int8 {size['.int8'] / 1e6:.2f} MB "
-              f"({size[''] / size['.int8']:.2f}x smaller); {meta['parameters']:,} parameters")
+        tmp = Path(tmp)
+        dirs, recs, suffix = {}, {}, {}
+        for scheme in schemes:
+            d = dirs[scheme] = tmp / scheme
+            meta = export_checkpoint(args.checkpoint, d, args.federation, int8=True, int8_scheme=scheme)
+            assert meta["sherpa_onnx"], "sherpa-onnx needs a stateless predictor"
+            if not recs:
+                recs["fp32"], dirs["fp32"], suffix["fp32"] = recognizer(d, ""), d, ""
+            recs[f"int8 {scheme}"], dirs[f"int8 {scheme}"], suffix[f"int8 {scheme}"] = recognizer(d, ".int8"), d, ".int8"
+        for name, d in dirs.items():
+            if name in recs:
+                size = sum((d / f"{n}{suffix[name]}.onnx").stat().st_size for n in ("encoder", "decoder", "joiner"))
+                print(f"export size, {name}: {size / 1e6:.2f} MB")
+        print(f"{meta['parameters']:,} parameters")
         for split in args.split or ["test-clean", "test-other"]:
             cuts = fed.split_cuts(split)
             refs = [c.supervisions[0].text for c in cuts]
@@ -79,11 +126,14 @@ def main() -> None:
                 refs = [x.ref for x in dec]
             for name, rec in recs.items():
                 row[f"sherpa {name}"] = decode(rec, waves)
+                if args.emulate_cpu:
+                    row[f"sherpa {name} @{args.emulate_cpu}"] = decode_emulated(args.emulate_cpu, dirs[name],
+                                                                               suffix[name], waves, tmp)
             print(f"\n{split} ({len(cuts)} utts): WER, and utterances identical to `fedasr eval "
                   f"--max-symbols-per-frame 1`")
             for name, hyps in row.items():
                 same = sum(a == b for a, b in zip(hyps, row["eval m1"]))
-                print(f"  {name:<12} WER {100 * score(refs, hyps)['wer']:6.2f}%   identical {same}/{len(cuts)}")
+                print(f"  {name:<30} WER {100 * score(refs, hyps)['wer']:6.2f}%   identical {same}/{len(cuts)}")
         # speed: interleaved passes, one thread, one stream at a time
         cuts = list(fed.split_cuts((args.split or ["test-clean"])[0]))[: args.speed_utts]
         waves = [c.load_audio()[0] for c in cuts]
@@ -95,8 +145,8 @@ def main() -> None:
                 decode(rec, waves)
                 times[name].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) / audio for k, v in times.items()}
-        print(f"\nsherpa-onnx RTF, 1 thread, {len(cuts)} utts ({audio:.0f} s), median of {args.repeat}: "
-              f"fp32 {med['fp32']:.4f}, int8 {med['int8']:.4f} ({med['fp32'] / med['int8']:.2f}x faster)")
+        print(f"\nsherpa-onnx RTF, 1 thread, {len(cuts)} utts ({audio:.0f} s), median of {args.repeat}: " +
+              ", ".join(f"{k} {v:.4f} ({med['fp32'] / v:.2f}x fp32's speed)" for k, v in med.items()))
 
 
 if __name__ == "__main__":
