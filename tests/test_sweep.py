@@ -63,15 +63,21 @@ def test_reduced_ci_sweep_and_report(server_federation, tmp_path):
     assert seed_run.read_config()["data"] == "server" and len(seed_run.metrics()) == 1
     seed_ckpt = seed_run.latest()
     seed_sha = file_sha256(seed_ckpt)
+    server_only_steps, budgets = [], set()
     for f in sorted((out / "runs").glob("**/sweep.json")):
         conf = RunDir(f.parent).read_config()
         if f.parent.parent.name == "server-only":  # one-shot prune of the seed, then server data
             assert conf["data"] == "server" and conf["mode"] == "centralized"
             assert conf["init_from"] == str(f.parent / "pruned.pt")
             assert read_checkpoint(f.parent / "pruned.pt")["config"]["pruned_from"] == str(seed_ckpt)
+            server_only_steps.append(RunDir(f.parent).metrics()[-1]["lr_step"])  # the steps it took
         else:
             assert conf["mode"] == "federated" and conf["init_from"] == str(seed_ckpt)
             assert conf["init_from_sha256"] == seed_sha
+            budgets.add(conf["fl"]["rounds"] * conf["fl"]["clients_per_round"] * conf["fl"]["local_steps"])
+    # the server-only baseline took as many steps as each federated run's clients together (REDUCED:
+    # 2 rounds x 2 clients x 2 local steps)
+    assert budgets == {2 * 2 * 2} and server_only_steps == [8]
     png = (out / "wer_vs_sparsity.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     # re-running skips the finished runs (the seed too: trained once); report alone works too
@@ -98,9 +104,6 @@ def test_seed_and_server_only_plans_and_errors(tmp_path, federation):
         ("dense", 0.0, True, False), ("fp", 0.5, True, False), ("so", 0.5, True, True)]
     so = runs[-1]
     assert so.prune["pattern"] == "row" and so.prune["sparsity"] == 0.5 and "--centralized" in so.train_args
-    # a server-only run takes as many steps as a federated run's clients together
-    c = load_config(None, [])
-    assert c.fl.rounds * c.fl.clients_per_round * c.fl.local_steps > 0
     for bad, msg in [
         ({"seed_model": {"steps": 5, "rounds": 2}}, "seed_model.steps: 5 is not a multiple of seed_model.rounds"),
         ({"seed_model": {"steps": 0}, "sweep": {"schemes": [{"name": "so", "server_only": True, "pruning": fp}]}},
