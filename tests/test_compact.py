@@ -1,6 +1,7 @@
 """Compaction (every unit family, outputs unchanged), `fedasr compact`/`eval`/`info`,
 Automatic Structured Pruning (band rule, shrinking mid-run, resume) and ONNX export."""
 
+import copy
 import json
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from conftest import FAST, MICRO_MODEL, interrupted_then_resumed, run_cli, sets, tiny_batch, tiny_model
+from nearties import f32_tol, greedy_trace, has_near_tie, near_tie_or_same, torch_joint
 from fedasr.checkpoint import load_checkpoint
 from fedasr.config import load_config
 from fedasr.data.federation import Federation
@@ -211,12 +213,29 @@ def test_compact_eval_info_and_export_through_the_cli(federation, tmp_path):
     masked = sum(int((~m).sum()) for m in big_ckpt["masks"].values())
     assert masked > 0 and not small_ckpt["masks"]
     assert big_model.num_parameters() - small_model.num_parameters() == masked  # exactly the pruned units go
-    # the same WER and hypotheses from the compacted checkpoint
+    # the same function: in float64 the compacted model's logits are the masked one's, along
+    # the masked model's greedy path (one symbol a frame) on every test-clean utterance
+    fed = Federation(federation)
+    cuts = list(fed.split_cuts("test-clean"))
+    big64, small64 = copy.deepcopy(big_model).double().eval(), copy.deepcopy(small_model).double().eval()
+    traces = {}
+    for c in cuts:
+        feats = fed.cmvn.apply(torch.from_numpy(c.load_features()).float())
+        joint, frames = torch_joint(big64, feats)
+        traces[c.id] = greedy_trace(joint, frames, big_model.blank_id, big_model.cfg.pred_context)
+        small_joint = torch_joint(small64, feats)[0]
+        assert max(float(np.abs(small_joint(t, ctx) - logits).max())
+                   for t, (ctx, _, logits) in enumerate(traces[c.id])) <= 1e-10, c.id
+    # so `fedasr eval` gives both the same hypotheses, but where float32 rounding may break a near tie
+    hyps = {}
     for c in (ckpt, small):
-        r = run_cli("eval", "--run", run, "--checkpoint", c, "--split", "test-clean")
+        r = run_cli("eval", "--run", run, "--checkpoint", c, "--split", "test-clean", "--max-symbols-per-frame", "1")
         assert r.returncode == 0, r.stderr
-        (run / f"hyp-{c.name}").write_text((run / "decode" / "test-clean-beam1.tsv").read_text())
-    assert (run / f"hyp-{ckpt.name}").read_text() == (run / "hyp-small.pt").read_text()
+        tsv = (run / "decode" / "test-clean-beam1.tsv").read_text().splitlines()[1:]
+        hyps[c.name] = {line.split("\t")[0]: line.split("\t")[2] for line in tsv}
+    assert set(hyps[ckpt.name]) == set(traces)
+    for cid, trace in traces.items():
+        assert hyps[ckpt.name][cid] == hyps[small.name][cid] or has_near_tie(trace, 2 * f32_tol(trace)), cid
     r = run_cli("info", small, "--json", tmp_path / "info.json")
     assert r.returncode == 0 and json.loads((tmp_path / "info.json").read_text())["parameters"] == \
         small_model.num_parameters()
@@ -226,19 +245,18 @@ def test_compact_eval_info_and_export_through_the_cli(federation, tmp_path):
     r = run_cli("compact", tmp_path / "col.pt", "--out", tmp_path / "x.pt")
     assert r.returncode != 0 and "not in whole units" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.pt").exists()
-    # ONNX: onnxruntime decodes a few utterances to the hypotheses of `fedasr eval`
+    # ONNX: onnxruntime decodes the compacted model as the float64 trace, but for a near tie
     pytest.importorskip("onnxruntime")
     from fedasr.export import OnnxTransducer
 
     r = run_cli("export", small, "--out", tmp_path / "onnx")
     assert r.returncode == 0, r.stderr
     onnx = OnnxTransducer(tmp_path / "onnx")
-    fed = Federation(federation)
-    hyps = {line.split("\t")[0]: line.split("\t")[2] for line in
-            (run / "hyp-small.pt").read_text().splitlines()[1:]}
-    cuts = fed.split_cuts("test-clean")
-    for c in list(cuts)[:6]:
-        assert fed.tokenizer.decode(onnx.decode(c.load_features())) == hyps[c.id], c.id
+    for c in cuts:
+        raw = c.load_features()
+        enc = onnx.encode(raw[None], np.array([len(raw)]))[0][0]
+        trace = traces[c.id]
+        assert near_tie_or_same(trace, onnx.greedy(enc, 1), big_model.blank_id, 2 * f32_tol(trace)), c.id
 
 
 def test_centralized_asp_keeps_its_batch_stream_and_resumes_exactly(federation, tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import run_cli, tiny_model
+from nearties import f32_tol, greedy_trace, near_tie_or_same, onnx_joint, torch_joint
 from fedasr.data.features import GlobalCMVN, fbank_extractor
 from fedasr.data.tokenizer import train_tokenizer
 from fedasr.evaluate import score
@@ -133,14 +134,6 @@ def test_export_writes_sherpa_metadata_and_int8_copies(tmp_path):
 
 
 # ------------------------------------------------------------------ a trained export, decoded by three engines
-# float32 rounds to 2^-24 of a value; through two Conformer layers, the predictor and the joiner
-# the logits of an fp32 engine are off by a few of their ulps (measured: 4-6 ulps of the largest
-# logit, for PyTorch and for onnxruntime, against float64). F32_TOL is 512 ulps (2^-15 of the
-# largest logit): room for other kernels (AVX2, AVX-512, ARM) and still far below any error of
-# an export (a feature, a normalisation or a context off).
-F32_TOL = 2.0 ** -15
-
-
 @pytest.fixture(scope="module")
 def trained(federation, tmp_path_factory, single_thread):
     """A briefly trained stateless checkpoint (on the dev split, which it is decoded on with
@@ -166,66 +159,6 @@ def trained(federation, tmp_path_factory, single_thread):
     assert r.returncode == 0, r.stderr
     cuts = [c for split in ("dev", "test-clean") for c in fed.split_cuts(split)]
     return SimpleNamespace(fed=fed, model=model.eval(), onnx=tmp / "onnx", cuts=cuts)
-
-
-def _greedy_trace(joint, frames: int, blank: int, context: int) -> list[tuple[tuple, int, np.ndarray]]:
-    """Greedy search with one symbol a frame (sherpa-onnx's, and `--max-symbols-per-frame 1`),
-    frame by frame: each frame's (context, decision, logits). ``joint(t, ctx)``: the logits at
-    frame ``t`` after the last ``context`` symbols ``ctx`` (blanks before the first)."""
-    ctx, steps = (blank,) * context, []
-    for t in range(frames):
-        logits = np.asarray(joint(t, ctx), dtype=np.float64)
-        k = int(logits.argmax())
-        steps.append((ctx, k, logits))
-        if k != blank:
-            ctx = ctx[1:] + (k,)
-    return steps
-
-
-def _margin(logits: np.ndarray) -> float:
-    top = np.sort(logits)[-2:]
-    return float(top[1] - top[0])
-
-
-def _near_tie_or_same(ref: list[tuple[tuple, int, np.ndarray]], tokens: list[int], blank: int, tol: float) -> bool:
-    """``tokens`` (another engine's greedy hypothesis) are the reference trace's, or part from
-    them after a decision the reference takes by a margin of at most ``tol`` (a near tie, where
-    an engine within ``tol / 2`` of the reference logits may go either way): one no later than
-    the reference's emission of the first symbol that differs (an engine that took every
-    decision before it as the reference did emitted the same symbols before it)."""
-    emitted = [t for t, (_, k, _) in enumerate(ref) if k != blank]
-    ours = [ref[t][1] for t in emitted]
-    if tokens == ours:
-        return True
-    i = next((i for i, (a, b) in enumerate(zip(tokens, ours)) if a != b), min(len(tokens), len(ours)))
-    last = emitted[i] if i < len(emitted) else len(ref) - 1
-    return min(_margin(ref[t][2]) for t in range(last + 1)) <= tol
-
-
-def _torch_joint(model, feats: torch.Tensor):
-    """``joint(t, ctx)`` of a PyTorch model (in its dtype) on normalised features."""
-    from fedasr.export import _StatelessDecoder
-
-    dec = _StatelessDecoder(model)
-    with torch.no_grad():
-        enc, _ = model.encode(feats[None].to(next(model.parameters()).dtype), torch.tensor([len(feats)]))
-        enc = model.joiner.project_encoder(enc[0])
-
-    def joint(t, ctx):
-        with torch.no_grad():
-            return model.joiner.joint(enc[t:t + 1], dec(torch.tensor([ctx])))[0].numpy()
-
-    return joint, enc.shape[0]
-
-
-def _onnx_joint(onnx, enc: np.ndarray):
-    """``joint(t, ctx)`` of an export in onnxruntime on its encoder output ``enc`` (T', J)."""
-
-    def joint(t, ctx):
-        dec = onnx.decoder.run(None, {"y": np.array([ctx], dtype=np.int64)})[0]
-        return onnx.joiner.run(None, {"encoder_out": enc[t:t + 1], "decoder_out": dec})[0][0]
-
-    return joint
 
 
 def _sherpa(d, suffix: str = ""):
@@ -280,23 +213,23 @@ def test_sherpa_onnx_and_onnxruntime_decode_an_export_as_fedasr_does(trained):
     for c, theirs in zip(cuts, sherpa):
         raw = c.load_features()
         feats = fed.cmvn.apply(torch.from_numpy(raw).float())
-        ref_joint, frames = _torch_joint(exact, feats)
-        ref = _greedy_trace(ref_joint, frames, blank, context)
-        tol = F32_TOL * max(float(np.abs(logits).max()) for _, _, logits in ref)
+        ref_joint, frames = torch_joint(exact, feats)
+        ref = greedy_trace(ref_joint, frames, blank, context)
+        tol = f32_tol(ref)
         # float32 PyTorch and onnxruntime: their logits along the reference's path
         enc = onnx.encode(raw[None], np.array([len(raw)]))[0][0]
-        for joint in (_torch_joint(model, feats)[0], _onnx_joint(onnx, enc)):
+        for joint in (torch_joint(model, feats)[0], onnx_joint(onnx, enc)):
             err = max(float(np.abs(joint(t, ctx) - logits).max()) for t, (ctx, _, logits) in enumerate(ref))
             assert err <= tol, (c.id, err, tol)  # (measured: 4-6 ulps, a hundredth of tol)
         # and their greedy searches
-        assert _near_tie_or_same(ref, ours[c.id], blank, 2 * tol), (c.id, "fedasr's greedy_search")
-        assert _near_tie_or_same(ref, onnx.greedy(enc, 1), blank, 2 * tol), (c.id, "OnnxTransducer.greedy")
+        assert near_tie_or_same(ref, ours[c.id], blank, 2 * tol), (c.id, "fedasr's greedy_search")
+        assert near_tie_or_same(ref, onnx.greedy(enc, 1), blank, 2 * tol), (c.id, "OnnxTransducer.greedy")
         # sherpa-onnx: held to the float64 model on its own front end's features
         knf = _sherpa_fbank(c.load_audio()[0])
-        knf_joint, knf_frames = _torch_joint(exact, fed.cmvn.apply(torch.from_numpy(knf).float()))
-        knf_ref = _greedy_trace(knf_joint, knf_frames, blank, context)
-        knf_tol = F32_TOL * max(float(np.abs(logits).max()) for _, _, logits in knf_ref)
-        assert _near_tie_or_same(knf_ref, theirs, blank, 2 * knf_tol), (c.id, "sherpa-onnx")
+        knf_joint, knf_frames = torch_joint(exact, fed.cmvn.apply(torch.from_numpy(knf).float()))
+        knf_ref = greedy_trace(knf_joint, knf_frames, blank, context)
+        knf_tol = f32_tol(knf_ref)
+        assert near_tie_or_same(knf_ref, theirs, blank, 2 * knf_tol), (c.id, "sherpa-onnx")
         best = [k for _, k, _ in ref if k != blank]
         parted += [c.id for toks in (ours[c.id], onnx.greedy(enc, 1)) if toks != best]
         parted += [c.id] if theirs != [k for _, k, _ in knf_ref if k != blank] else []
