@@ -11,8 +11,7 @@ made in a separate environment with a matching pair (CPU is enough; the CUDA whe
     PYTHONPATH=$PWD /tmp/ta-venv/bin/python scripts/make_torchaudio_fixtures.py   # from the repo root
 
 The inputs, the weights and the copy into torchaudio are the tests' own (``ta_inputs`` of
-tests/test_loss.py; ``ta_conformer_model``, ``ta_conformer_input``, ``copy_into_torchaudio``
-of tests/test_model.py), imported from there. It writes ``tests/fixtures/torchaudio_rnnt.pt``
+tests/test_loss.py; ``torchaudio_conformer_run`` of tests/test_model.py), imported from there. It writes ``tests/fixtures/torchaudio_rnnt.pt``
 and ``tests/fixtures/torchaudio_conformer.pt`` (``torch.save`` of plain tensors, strings
 and dicts; the tests load them with ``weights_only=True``), about 290 KB together:
 
@@ -66,17 +65,9 @@ def make_conformer() -> dict:
     test_layer_matches_torchaudio_conformer runs it."""
     import torchaudio
     import torchaudio.models as ta_models
-    from test_model import TA_CONFORMER, copy_into_torchaudio, ta_conformer_input, ta_conformer_model
+    from test_model import torchaudio_conformer_run
 
-    model = ta_conformer_model()
-    c = TA_CONFORMER
-    ref = ta_models.Conformer(input_dim=c["d_model"], num_heads=c["num_heads"], ffn_dim=c["ffn_dim"],
-                              num_layers=c["num_layers"], depthwise_conv_kernel_size=c["conv_kernel"],
-                              dropout=0.0).eval()
-    copy_into_torchaudio(model, ref)
-    x, lengths = ta_conformer_input()
-    with torch.no_grad():
-        expected, _ = ref(x, lengths)
+    model, x, lengths, expected = torchaudio_conformer_run(ta_models)
     layers = {k: v.clone() for k, v in model.encoder.layers.state_dict().items()}
     return {"torch": str(torch.__version__), "torchaudio": str(torchaudio.__version__), "layers": layers, "x": x,
             "lengths": lengths, "expected": expected}

@@ -324,8 +324,9 @@ def run_layers(model: Transducer, x: torch.Tensor, lengths: torch.Tensor) -> tor
     return h
 
 
-def test_layer_matches_torchaudio_conformer():
-    ta_models = pytest.importorskip("torchaudio.models")
+def torchaudio_conformer_run(ta_models):
+    """fedasr's layers (:func:`ta_conformer_model`), their weights copied into torchaudio's
+    Conformer, which runs on :func:`ta_conformer_input`: (model, x, lengths, torchaudio's output)."""
     model = ta_conformer_model()
     c = TA_CONFORMER
     ref = ta_models.Conformer(input_dim=c["d_model"], num_heads=c["num_heads"], ffn_dim=c["ffn_dim"],
@@ -335,6 +336,11 @@ def test_layer_matches_torchaudio_conformer():
     x, lengths = ta_conformer_input()
     with torch.no_grad():
         expected, _ = ref(x, lengths)
+    return model, x, lengths, expected
+
+
+def test_layer_matches_torchaudio_conformer():
+    model, x, lengths, expected = torchaudio_conformer_run(pytest.importorskip("torchaudio.models"))
     torch.testing.assert_close(run_layers(model, x, lengths), expected, atol=1e-5, rtol=1e-5)
 
 
