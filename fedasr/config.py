@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,14 +272,31 @@ class RunConfig:
             raise FedasrError(f"device: unknown {self.device!r} (auto, cpu, cuda, cuda:N)")
 
 
-def resolve_device(name: str):
-    """A torch.device for ``auto``/``cpu``/``cuda[:N]``; asking for CUDA without one is an error."""
+AUTO_CPU_WARNING = ("fedasr: warning: device: auto found no CUDA device; training on the CPU "
+                    "(set device: cuda to require a GPU, device: cpu to silence this)")
+
+
+def resolve_device(name: str, *, warn: bool = False):
+    """A torch.device for ``auto``/``cpu``/``cuda[:N]``; asking for CUDA without one (or for
+    a CUDA index beyond the visible devices) is an error. ``warn``: when ``auto`` falls back
+    to the CPU, say so in one line on stderr (a training run that silently ends up on the CPU
+    takes weeks instead of hours)."""
     import torch  # here, not at the top: parsing a config does not import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FedasrError(f"device: {name} requested but no CUDA device is available")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if warn:
+            print(AUTO_CPU_WARNING, file=sys.stderr, flush=True)
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise FedasrError(f"device: {name} requested but no CUDA device is available")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise FedasrError(f"device: {name} requested but only {torch.cuda.device_count()} CUDA device(s) "
+                              "are visible (CUDA_VISIBLE_DEVICES?)")
+        return dev
     return torch.device(name)
 
 

@@ -23,7 +23,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 # what config.yaml records about the run beside its RunConfig
-RUN_KEYS = ("federation", "mode", "data", "engine", "init_from", "init_from_sha256")
+RUN_KEYS = ("federation", "mode", "data", "engine", "device_resolved", "init_from", "init_from_sha256")
 
 
 @dataclass

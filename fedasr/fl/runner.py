@@ -34,7 +34,8 @@ from fedasr.errors import FedasrError
 from fedasr.evaluate import evaluate
 from fedasr.fl.client import ClientWorker, make_dataset, model_config, train_client
 from fedasr.fl.messages import derive_seed
-from fedasr.fl.round import Events, LocalTransport, NoEvents, Transport, run_round
+from fedasr.fl.round import (DEVICE_FAULT, DeviceFault, Events, LocalTransport, NoEvents, Transport, is_device_fault,
+                             run_round)
 from fedasr.fl.server import Server, TooFewClients
 from fedasr.fsutil import atomic_write_text, file_sha256
 from fedasr.methods import resolved_pruning, validate
@@ -77,7 +78,7 @@ class Runner:
         self.tokenizer = fed.tokenizer
         mcfg = model_config(cfg, self.tokenizer.vocab_size)
         torch.manual_seed(derive_seed(cfg.seed, 0))
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, warn=True)  # auto on a machine without CUDA: one line
         model = Transducer(mcfg)  # the global model: on the CPU (server side)
         local = Transducer(mcfg).to(self.device)  # the client worker's model; dev evaluation
         fl = cfg.fl
@@ -132,7 +133,7 @@ class Runner:
     # ---------------------------------------------------------------- state
     def config_dict(self) -> dict:
         return {"federation": str(self.fed.root.resolve()), "mode": "centralized" if self.centralized else "federated",
-                "data": self.data, "engine": self.engine, **self.cfg.to_dict(),
+                "data": self.data, "engine": self.engine, "device_resolved": str(self.device), **self.cfg.to_dict(),
                 "pruning": resolved_pruning(self.cfg.pruning)}
 
     def state(self) -> dict:
@@ -240,14 +241,21 @@ class Runner:
             t0 = time.perf_counter()
             try:
                 row = run_round(self.server, self.transport, rnd, self.events)
+                row = {"round": rnd, **row, **self.sparsity_metrics()}
+                if self.cfg.eval.due(rnd, fl.rounds):
+                    t_eval = time.perf_counter()
+                    row.update(self.dev_eval())
+                    row["eval_time"] = time.perf_counter() - t_eval
             except TooFewClients as e:
-                last = self.run.latest()
-                raise FedasrError(f"{e}; last good checkpoint: {last if last else 'none'}") from None
-            row = {"round": rnd, **row, **self.sparsity_metrics()}
-            if self.cfg.eval.due(rnd, fl.rounds):
-                t_eval = time.perf_counter()
-                row.update(self.dev_eval())
-                row["eval_time"] = time.perf_counter() - t_eval
+                raise FedasrError(f"{e}; last good checkpoint: {self._last_good()}") from None
+            except DeviceFault as e:
+                raise FedasrError(f"round {rnd}: {e.client}: {_one_line(e.reason)}; the run stops "
+                                  f"({DEVICE_FAULT_HINT}); last good checkpoint: {self._last_good()}") from None
+            except RuntimeError as e:  # the server side's own work (dev evaluation) on the device
+                if not is_device_fault(e):
+                    raise
+                raise FedasrError(f"round {rnd}: {DEVICE_FAULT}{_one_line(f'{type(e).__name__}: {e}')}; the run "
+                                  f"stops ({DEVICE_FAULT_HINT}); last good checkpoint: {self._last_good()}") from None
             row["round_time"] = time.perf_counter() - t0
             row["lr_step"] = self.lr_step
             self.round = rnd
@@ -255,3 +263,15 @@ class Runner:
             self.save()
             self.events.round_end(row)
         return self.history
+
+    def _last_good(self) -> str:
+        last = self.run.latest()
+        return str(last) if last else "none"
+
+
+DEVICE_FAULT_HINT = ("out of memory: lower train.max_duration / train.max_batch or use a larger device; "
+                     "a CUDA error: see the traceback with CUDA_LAUNCH_BLOCKING=1; resume with --resume")
+
+
+def _one_line(text: str) -> str:
+    return text.splitlines()[0][:300] if text else ""

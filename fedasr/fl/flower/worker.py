@@ -48,22 +48,29 @@ class Worker:
 
     def serve(self, sock: socket.socket) -> None:
         from fedasr.errors import FedasrError
+        from fedasr.fl.round import fault_reason, is_device_fault
 
         while True:
             try:
                 key, header, payload = recv_frames(sock, 3)
             except (ChannelClosed, OSError):
                 return
+            fatal = False
             try:
                 reply = [b"ok", self._client(key).handle(header, payload)]
             except FedasrError as e:
                 reply = [b"error", str(e).encode()]
             except Exception as e:  # noqa: BLE001 - reported to the server as this client's failure
                 traceback.print_exc()
-                reply = [b"error", f"{type(e).__name__}: {e}".splitlines()[0].encode()]
+                # a device fault (out of memory, CUDA error) is marked so that the server stops
+                # the run; this process exits after replying (its CUDA context may be unusable)
+                fatal = is_device_fault(e)
+                reply = [b"error", fault_reason(e).encode()]
             try:
                 send_frames(sock, *reply)
             except OSError:
+                return
+            if fatal:
                 return
             trim_heap()  # batch shapes vary per client: glibc would keep the peak
 

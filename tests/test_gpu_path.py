@@ -1,0 +1,89 @@
+"""The GPU path, checked on the CPU: device choice, device faults that stop a run, host
+syncs of the training step, bf16, the prefetching loader (no GPU on the build machines:
+everything here runs on the CPU, with fakes where a CUDA failure is needed)."""
+
+import pytest
+import torch
+
+from conftest import FAST
+from fedasr.config import load_config, resolve_device
+from fedasr.data.federation import Federation
+from fedasr.errors import FedasrError
+from fedasr.fl.client import train_client
+from fedasr.fl.round import DeviceFault, LocalTransport, device_fault_text, fault_reason
+from fedasr.fl.runner import Runner
+from fedasr.rundir import RunDir
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA device")
+
+
+@no_cuda
+def test_auto_warns_in_one_line_when_it_picks_the_cpu_and_cuda_is_an_error(capfd):
+    assert resolve_device("auto") == torch.device("cpu") and capfd.readouterr().err == ""
+    assert resolve_device("auto", warn=True) == torch.device("cpu")
+    err = capfd.readouterr().err
+    assert len(err.splitlines()) == 1 and "no CUDA device" in err and "training on the CPU" in err
+    with pytest.raises(FedasrError, match="device: cuda:1 requested but no CUDA device is available"):
+        resolve_device("cuda:1")
+    assert load_config("recipes/librispeech100/federated_pruning.yaml").device == "cuda"
+    assert load_config("recipes/librispeech/federated_pruning.yaml").device == "cuda"
+
+
+class _Raising:
+    def __init__(self, exc):
+        self.exc, self.calls = exc, 0
+
+    def handle(self, header, payload):
+        self.calls += 1
+        raise self.exc
+
+
+def test_device_faults_stop_and_client_faults_drop():
+    """An ordinary error drops the client; out of memory and CUDA errors (a device-side
+    assert: AcceleratorError on torch >= 2.8, else a RuntimeError with CUDA's text) stop the
+    round at that client, in the embedded engine and from a remote client's reason."""
+    headers = {"a": b"", "b": b""}
+    w = _Raising(RuntimeError("client crashed"))
+    assert LocalTransport(w).exchange(1, "train", ["a", "b"], b"", headers) == {
+        "a": (None, "RuntimeError: client crashed"), "b": (None, "RuntimeError: client crashed")}
+    faults = [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+              RuntimeError("CUDA error: device-side assert triggered\nCUDA kernel errors might be ...")]
+    if hasattr(torch, "AcceleratorError"):
+        faults.append(torch.AcceleratorError("CUDA error: device-side assert triggered"))
+    for exc in faults:
+        w = _Raising(exc)
+        with pytest.raises(DeviceFault) as ei:
+            LocalTransport(w).exchange(1, "train", ["a", "b"], b"", headers)
+        assert w.calls == 1 and ei.value.client == "a" and ei.value.reason.startswith("device fault: ")
+        assert "\n" not in ei.value.reason and device_fault_text(fault_reason(exc))
+    # a Flower client's reason (a plain flower-supernode: the exception's class and text)
+    assert device_fault_text("FlowerError 300: <class 'torch.OutOfMemoryError'>:<'CUDA out of memory.'>")
+    assert not device_fault_text("FlowerError 300: <class 'ValueError'>:<'bad shape'>")
+
+
+def test_out_of_memory_stops_the_run_naming_the_last_checkpoint(federation, tmp_path, capfd):
+    """Round 1: one client raises an ordinary RuntimeError and is dropped, the round goes on.
+    Round 2: the first client runs out of memory: the run stops there with one line naming
+    the last good checkpoint, and no further client trains."""
+    calls = []
+
+    def faulty(name, model, state, data, cfg, **kw):
+        calls.append(name)
+        if len(calls) == 1:
+            raise RuntimeError("client crashed")
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+        return train_client(name, model, state, data, cfg, **kw)
+
+    r = Runner(tmp_path / "run", Federation(federation), load_config(None, FAST + ["fl.rounds=2"]), client_fn=faulty)
+    r.start()
+    with pytest.raises(FedasrError) as ei:
+        r.run_rounds()
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith(f"round 2: {calls[2]}: device fault: OutOfMemoryError: CUDA out of memory")
+    assert msg.endswith(str(tmp_path / "run" / "checkpoints" / "round_0001.pt"))
+    assert len(calls) == 3 and r.history[0]["dropped"] == [{"client": calls[0], "reason": "RuntimeError: client crashed"}]
+    assert RunDir(tmp_path / "run").latest().name == "round_0001.pt"
+    if not torch.cuda.is_available():  # auto on this machine: the CPU, said once and recorded
+        assert RunDir(tmp_path / "run").read_config()["device_resolved"] == "cpu"
+        assert capfd.readouterr().err.count("device: auto found no CUDA device") == 1
