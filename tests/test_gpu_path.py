@@ -87,3 +87,65 @@ def test_out_of_memory_stops_the_run_naming_the_last_checkpoint(federation, tmp_
     if not torch.cuda.is_available():  # auto on this machine: the CPU, said once and recorded
         assert RunDir(tmp_path / "run").read_config()["device_resolved"] == "cpu"
         assert capfd.readouterr().err.count("device: auto found no CUDA device") == 1
+
+
+# --------------------------------------------------------------------------- host syncs
+
+
+def test_the_counter_sees_what_makes_the_host_wait():
+    """A control for the counter: reads of device values, boolean indexing and blocking
+    copies count; non-blocking copies and host tensors do not."""
+    from fedasr.hostsync import HostSyncCounter
+
+    w = torch.randn(4, 3)
+    host = torch.tensor([1, 2, 3])
+    with HostSyncCounter() as c:
+        c.on_device([w])
+        assert w.device.type == "cuda" and host.device.type == "cpu"
+        x = w * 2
+        float(x.sum())  # 1
+        bool((x > 0).any())  # 2
+        x[x > 0]  # 3: boolean indexing
+        x.tolist()  # 4
+        host.tolist(), int(host.max())  # host values: free
+        d = host.to(w.device)  # 5: a blocking copy to the device
+        e = host.to(w.device, non_blocking=True)  # a copy, no wait
+        assert c.is_device(d) and c.is_device(e) and not c.is_device(host)
+        torch.arange(3, device=x.device) + 1  # made on the device: free
+    assert c.syncs == 5 and c.copies_to_device == 2
+    assert c.kinds == {"item/int/float/bool": 2, "boolean indexing": 1, "tolist": 1, "blocking copy to the device": 1}
+    assert w.device.type == "cpu"  # the emulation ends with the block
+
+
+@pytest.mark.parametrize("loss", ["full", "pruned"])
+def test_a_training_step_waits_for_the_device_once(loss):
+    """One training step of a masked client (CTC, simple and RNN-T losses, BatchNorm with
+    padding) reads the device once (its loss parts and gradient norm, together) and copies
+    no mask to the device: the masks are moved once, at the first step."""
+    from conftest import tiny_batch, tiny_model
+    from fedasr.hostsync import HostSyncCounter
+    from fedasr.methods.base import ClientHooks
+    from fedasr.prune.masks import prunable_names
+    from fedasr.trainer import make_optimizer, train_step
+
+    model = tiny_model(0, simple_head=True, ctc_head=True).train()
+    cfg = load_config(None, ["train.ctc_weight=0.3", "train.simple_loss_weight=0.5", f"train.loss={loss}",
+                             "train.prune_range=2"]).train
+    names = prunable_names(model, ["*"])
+    g = torch.Generator().manual_seed(0)
+    hooks = ClientHooks({n: torch.rand(p.shape, generator=g) > 0.5 for n, p in model.named_parameters() if n in names})
+    opt = make_optimizer(model, cfg)
+    batches = [tiny_batch([40, 31, 22], [5, 3, 4], seed=i) for i in range(3)]
+    kw = dict(after_backward=hooks.after_backward, after_step=hooks.after_step)
+    with HostSyncCounter() as c:
+        c.on_device(model.parameters(), model.buffers())
+        c.counting = False
+        train_step(model, opt, batches[0], cfg, 0, **kw)
+        c.counting = True
+        for i in (1, 2):
+            _, stats = train_step(model, opt, batches[i], cfg, i, **kw)
+    assert c.kinds == {"tolist": 2}, c.where  # one read a step
+    assert c.copies_to_device / 2 <= 13 < len(hooks.masks)  # the batch and lengths, not one per mask
+    assert set(stats) == {"rnnt", "ctc", "simple", "loss"} and all(isinstance(v, float) for v in stats.values())
+    params = dict(model.named_parameters())
+    assert all(bool((params[n][~m] == 0).all()) for n, m in hooks.masks.items())

@@ -32,11 +32,13 @@ class Batch:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def to(self, device) -> "Batch":
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """The batch on ``device`` (itself when it is there). ``non_blocking``: the host does
+        not wait for the copies (from pinned memory they overlap with the device's work)."""
         if self.feats.device == torch.device(device):
             return self
-        return Batch(self.ids, self.texts, self.feats.to(device), self.feat_lens.to(device),
-                     self.targets.to(device), self.target_lens.to(device))
+        return Batch(self.ids, self.texts, *(t.to(device, non_blocking=non_blocking) for t in
+                                             (self.feats, self.feat_lens, self.targets, self.target_lens)))
 
 
 class AsrDataset:

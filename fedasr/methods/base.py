@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from fedasr.aggregate import WeightedMean
-from fedasr.prune.masks import Masks, apply_masks, mask_gradients, prunable_names
+from fedasr.prune.masks import Masks, apply_masks, mask_gradients, masks_like_parameters, prunable_names
 
 Tensors = dict[str, torch.Tensor]
 
@@ -95,18 +95,27 @@ class MethodUpdate:
 
 class ClientHooks:
     """Client side, inside local training: masks gradients after backward and re-applies
-    the masks after every optimizer step, so pruned weights stay exactly zero."""
+    the masks after every optimizer step, so pruned weights stay exactly zero. The masks
+    are moved to the parameters' device (as multipliers in their dtype) once, at the first
+    step, not copied to the device at every step."""
 
     def __init__(self, masks: Masks):
         self.masks = masks
+        self._on_device: Masks | None = None
+
+    def device_masks(self, model: nn.Module) -> Masks:
+        """The masks as multipliers on the parameters' device (made at the first call)."""
+        if self._on_device is None:
+            self._on_device = masks_like_parameters(model, self.masks)
+        return self._on_device
 
     def after_backward(self, model: nn.Module) -> None:
         if self.masks:
-            mask_gradients(model, self.masks)
+            mask_gradients(model, self.device_masks(model))
 
     def after_step(self, model: nn.Module) -> None:
         if self.masks:
-            apply_masks(model, self.masks)
+            apply_masks(model, self.device_masks(model))
 
     def report(self) -> Report:
         return Report()

@@ -131,9 +131,12 @@ class TopKHooks(GradientMeanHooks):
     def __init__(self, masks: Masks, topk: dict[str, int]):
         super().__init__(masks, topk)
         self.topk = topk
+        self._pruned: Masks | None = None
 
     def contribution(self, name: str, grad: torch.Tensor) -> torch.Tensor:
-        return grad * ~self.masks[name].to(grad.device)  # pruned positions only
+        if self._pruned is None:  # the pruned positions as multipliers on the device, made once
+            self._pruned = {n: (~m).to(device=grad.device, dtype=grad.dtype) for n, m in self.masks.items()}
+        return grad * self._pruned[name]  # pruned positions only
 
     def report(self) -> Report:
         out = {}

@@ -77,10 +77,11 @@ def _validate(
     target_lengths: torch.Tensor,
     blank: int,
     reduction: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, list[int], list[int]]:
     """Check the inputs; return (targets, logit_lengths, target_lengths) as
     int64 on the logits' device, with padded target positions replaced by the
-    blank id, and the non-negative blank id."""
+    blank id, the non-negative blank id, and the lengths as Python lists (read
+    where they were given: on the host, free)."""
     for name, value in (
         ("logits", logits),
         ("targets", targets),
@@ -139,32 +140,27 @@ def _validate(
         raise ValueError(f"rnnt_loss: blank={blank} is out of range for vocabulary size V={V}")
     blank = blank % V
 
-    device = logits.device
-    logit_lengths = logit_lengths.to(device=device, dtype=torch.long)
-    target_lengths = target_lengths.to(device=device, dtype=torch.long)
-    targets = targets.to(device=device, dtype=torch.long)
+    # The checks read the lengths and targets where they are: given on the host (the CPU copy
+    # of a batch, as the trainer passes them) nothing waits for the device; given on the
+    # device, the host waits once for the lengths and once for the target ids.
+    t_lens = logit_lengths.long().tolist()
+    u_lens = target_lengths.long().tolist()
+    if min(t_lens) < 1:
+        raise ValueError(f"rnnt_loss: logit_lengths must be >= 1, got min {min(t_lens)}")
+    if max(t_lens) > T:
+        raise ValueError(f"rnnt_loss: logit_lengths max {max(t_lens)} exceeds logits.shape[1] = {T}")
+    if min(u_lens) < 0:
+        raise ValueError(f"rnnt_loss: target_lengths must be >= 0, got min {min(u_lens)}")
+    if max(u_lens) > U:
+        raise ValueError(f"rnnt_loss: target_lengths max {max(u_lens)} exceeds targets.shape[1] = {U}")
 
-    if int(logit_lengths.min()) < 1:
-        raise ValueError(
-            f"rnnt_loss: logit_lengths must be >= 1, got min {int(logit_lengths.min())}"
-        )
-    if int(logit_lengths.max()) > T:
-        raise ValueError(
-            f"rnnt_loss: logit_lengths max {int(logit_lengths.max())} exceeds logits.shape[1] = {T}"
-        )
-    if int(target_lengths.min()) < 0:
-        raise ValueError(
-            f"rnnt_loss: target_lengths must be >= 0, got min {int(target_lengths.min())}"
-        )
-    if int(target_lengths.max()) > U:
-        raise ValueError(
-            f"rnnt_loss: target_lengths max {int(target_lengths.max())} exceeds targets.shape[1] = {U}"
-        )
-
-    valid = torch.arange(U, device=device).unsqueeze(0) < target_lengths.unsqueeze(1)
-    if U > 0 and bool(valid.any()):
-        used = targets[valid]
-        lo, hi = int(used.min()), int(used.max())
+    targets = targets.long()
+    where = targets.device
+    valid = torch.arange(U, device=where).unsqueeze(0) < target_lengths.to(where).long().unsqueeze(1)
+    if U > 0 and max(u_lens) > 0:
+        big = torch.iinfo(torch.long).max
+        lo, hi = torch.stack([torch.where(valid, targets, big).min(),
+                              torch.where(valid, targets, -big).max()]).tolist()
         if lo < 0 or hi >= V:
             raise ValueError(
                 f"rnnt_loss: target ids must lie in [0, V={V}) within target_lengths, "
@@ -172,7 +168,9 @@ def _validate(
             )
     # Padded target slots may hold anything (-1, V, ...): never gather them.
     targets = torch.where(valid, targets, torch.full_like(targets, blank))
-    return targets, logit_lengths, target_lengths, blank
+    device = logits.device
+    return (targets.to(device, non_blocking=True), logit_lengths.to(device=device, dtype=torch.long, non_blocking=True),
+            target_lengths.to(device=device, dtype=torch.long, non_blocking=True), blank, t_lens, u_lens)
 
 
 def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -304,10 +302,8 @@ class _RNNTLoss(torch.autograd.Function):
     """Per-utterance RNN-T losses ``(B,)``; gradient w.r.t. ``logits`` only."""
 
     @staticmethod
-    def forward(ctx, logits, targets, logit_lengths, target_lengths, blank):  # type: ignore[override]
+    def forward(ctx, logits, targets, logit_lengths, target_lengths, blank, t_lens, u_lens):  # type: ignore[override]
         B = logits.shape[0]
-        t_lens = logit_lengths.tolist()
-        u_lens = target_lengths.tolist()
         u_max = max(u_lens)
 
         # index[b, u] = (blank, targets[b, u]); the emit slot of u = U is a dummy.
@@ -372,7 +368,7 @@ class _RNNTLoss(torch.autograd.Function):
                 else:  # float16/bfloat16: finish in float32, round once
                     sm.mul_(w_sum[b, t0:t1, :ub1]).scatter_add_(-1, idx, w_neg[b, t0:t1, :ub1])
                     out.copy_(sm)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def rnnt_loss(
@@ -406,10 +402,10 @@ def rnnt_loss(
             lengths outside the tensor dimensions, out-of-range target ids or
             blank, or an unknown reduction.
     """
-    targets, logit_lengths, target_lengths, blank = _validate(
+    targets, logit_lengths, target_lengths, blank, t_lens, u_lens = _validate(
         logits, targets, logit_lengths, target_lengths, blank, reduction
     )
-    losses = _RNNTLoss.apply(logits, targets, logit_lengths, target_lengths, blank)
+    losses = _RNNTLoss.apply(logits, targets, logit_lengths, target_lengths, blank, t_lens, u_lens)
     return _reduce(losses, reduction)
 
 
@@ -429,7 +425,7 @@ def rnnt_loss_reference(
     """Straightforward RNN-T loss: full log-softmax, anti-diagonal alpha
     recursion, plain autograd.  Same interface as :func:`rnnt_loss`; slow and
     memory-hungry, meant for tests and benchmarks."""
-    targets, logit_lengths, target_lengths, blank = _validate(
+    targets, logit_lengths, target_lengths, blank, _, _ = _validate(
         logits, targets, logit_lengths, target_lengths, blank, reduction
     )
     B, T, U1, V = logits.shape
@@ -486,7 +482,7 @@ def _simple_lattice(am, lm, targets, logit_lengths, target_lengths, blank, reduc
         raise ValueError(f"rnnt_loss_simple: lm must be (B, U+1, V) = ({B}, U+1, {V}), got {tuple(lm.shape)}")
     U1 = lm.shape[1]
     # validation (shapes, lengths, ids) is that of the full loss on a view of the right shape
-    targets, logit_lengths, target_lengths, blank = _validate(
+    targets, logit_lengths, target_lengths, blank, _, u_lens = _validate(
         am[:, :, None, :].expand(B, T, U1, V),
         targets, logit_lengths, target_lengths, blank, reduction)
     am64, lm64 = am.double(), lm.double()
@@ -502,7 +498,7 @@ def _simple_lattice(am, lm, targets, logit_lengths, target_lengths, blank, reduc
         emit_lp = am_y + lm_y[:, None, :] - norm[:, :, :U]
     blank_lp = blank_lp.clamp(min=LOGP_FLOOR).transpose(1, 2)  # (B, U+1, T)
     emit_lp = emit_lp.clamp(min=LOGP_FLOOR).transpose(1, 2) if U > 0 else None  # (B, U, T)
-    return targets, logit_lengths, target_lengths, blank, blank_lp, emit_lp
+    return targets, logit_lengths, target_lengths, blank, max(u_lens), blank_lp, emit_lp
 
 
 def rnnt_loss_simple(
@@ -531,7 +527,7 @@ def rnnt_loss_simple(
     loss' gradients to choose the pruning ranges (:func:`prune_ranges`).
     """
     B, T, V = am.shape
-    targets, logit_lengths, target_lengths, blank, blank_lp, emit_lp = _simple_lattice(
+    targets, logit_lengths, target_lengths, blank, u_max, blank_lp, emit_lp = _simple_lattice(
         am, lm, targets, logit_lengths, target_lengths, blank, reduction)
     U1 = blank_lp.shape[1]
     # alpha over label positions, closed form along time (see _alpha), with autograd
@@ -553,7 +549,7 @@ def rnnt_loss_simple(
         if U1 > 1:
             e_lp[:, :U1 - 1] = emit_lp.detach()
         occ_blank, occ_emit = _arc_weights(b_lp, e_lp, alpha.detach(), E.detach(), log_p.detach(),
-                                           logit_lengths, target_lengths, int(target_lengths.max()))
+                                           logit_lengths, target_lengths, u_max)
     return loss, occ_blank + occ_emit
 
 
@@ -591,8 +587,8 @@ def prune_ranges(
     B, U1, T = occupation.shape
     device = occupation.device
     S = min(prune_range, U1)
-    t_lens = logit_lengths.to(device=device, dtype=torch.long).view(B, 1)
-    u_lens = target_lengths.to(device=device, dtype=torch.long).view(B, 1)
+    t_lens = logit_lengths.to(device=device, dtype=torch.long, non_blocking=True).view(B, 1)
+    u_lens = target_lengths.to(device=device, dtype=torch.long, non_blocking=True).view(B, 1)
     occ = occupation.detach().double()
     if S < U1:
         # sum of the occupation over the window [k, k + S) for every start k in [0, U + 1 - S]
@@ -630,12 +626,10 @@ class _PrunedRNNTLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, s_begin, logit_lengths, target_lengths, blank):  # type: ignore[override]
+    def forward(ctx, logits, targets, s_begin, logit_lengths, target_lengths, blank, t_lens, u_lens):  # type: ignore[override]
         B, T, S, V = logits.shape
         U = targets.shape[1]
         device = logits.device
-        t_lens = logit_lengths.tolist()
-        u_lens = target_lengths.tolist()
         u_max = max(u_lens)
         cdtype = _compute_dtype(logits.dtype)
 
@@ -675,7 +669,7 @@ class _PrunedRNNTLoss(torch.autograd.Function):
 
         ctx.save_for_backward(logits, index, ranges, band_ok, logit_lengths, target_lengths,
                               blank_lp, emit_lp, alpha, E, log_p)
-        ctx.t_lens = t_lens
+        ctx.t_lens, ctx.u_max = t_lens, u_max
         return (-log_p).to(logits.dtype)
 
     @staticmethod
@@ -686,7 +680,7 @@ class _PrunedRNNTLoss(torch.autograd.Function):
         B, T, S, V = logits.shape
         U = blank_lp.shape[1] - 1
         occ_blank, occ_emit = _arc_weights(
-            blank_lp, emit_lp, alpha, E, log_p, logit_lengths, target_lengths, int(target_lengths.max())
+            blank_lp, emit_lp, alpha, E, log_p, logit_lengths, target_lengths, ctx.u_max
         )
         go = grad_output.to(torch.float64).reshape(B, 1, 1)
         cdtype = _compute_dtype(logits.dtype)
@@ -715,7 +709,7 @@ class _PrunedRNNTLoss(torch.autograd.Function):
                     out.copy_(sm)
             out = grad[b, :tb]
             out.masked_fill_(bad[b, :tb].unsqueeze(2), 0.0)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def rnnt_loss_pruned(
@@ -726,6 +720,7 @@ def rnnt_loss_pruned(
     target_lengths: torch.Tensor,
     blank: int = 0,
     reduction: str = "mean",
+    check_ranges: bool = True,
 ) -> torch.Tensor:
     """RNN-T loss on the joiner's outputs in a band of label positions (k2's
     ``rnnt_loss_pruned``, Kuang et al., Interspeech 2022).
@@ -739,7 +734,9 @@ def rnnt_loss_pruned(
     The loss sums over the alignments that stay inside the band (their nodes and arcs
     read only ``logits``); with ``S >= U + 1`` and ``ranges = 0..U`` that is every
     alignment and the loss and its gradient are those of :func:`rnnt_loss`. Band slots
-    beyond an utterance's lengths are never read (gradient exactly 0).
+    beyond an utterance's lengths are never read (gradient exactly 0). ``check_ranges=False``
+    skips the check of ``ranges`` (which reads them from the device), for bands made by
+    :func:`prune_ranges`.
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 4:
         raise ValueError("rnnt_loss_pruned: logits must be a 4-D (B, T, S, V) tensor")
@@ -753,13 +750,16 @@ def rnnt_loss_pruned(
     if S > U + 1:
         raise ValueError(f"rnnt_loss_pruned: band width S={S} exceeds U + 1 = {U + 1}")
     # validation of targets/lengths/blank: that of the full loss on a view of the right shape
-    targets, logit_lengths, target_lengths, blank = _validate(
+    targets, logit_lengths, target_lengths, blank, t_lens, u_lens = _validate(
         logits[:, :, :1].expand(B, T, U + 1, V), targets, logit_lengths, target_lengths, blank, reduction)
     ranges = ranges.to(device=logits.device, dtype=torch.long)
     s_begin = ranges[:, :, 0]
-    if bool((ranges != s_begin.unsqueeze(2) + torch.arange(S, device=logits.device)).any()) or \
-            int(s_begin.min()) < 0 or int(s_begin.max()) > U + 1 - S:
-        raise ValueError("rnnt_loss_pruned: ranges must be s_begin + (0..S-1) per frame with "
-                         f"0 <= s_begin <= U + 1 - S = {U + 1 - S} (see prune_ranges)")
-    losses = _PrunedRNNTLoss.apply(logits, targets, s_begin.contiguous(), logit_lengths, target_lengths, blank)
+    if check_ranges:  # one read of the device (prune_ranges' bands need no check: check_ranges=False)
+        bad = (ranges != s_begin.unsqueeze(2) + torch.arange(S, device=logits.device)).any() | \
+            (s_begin.min() < 0) | (s_begin.max() > U + 1 - S)
+        if bool(bad):
+            raise ValueError("rnnt_loss_pruned: ranges must be s_begin + (0..S-1) per frame with "
+                             f"0 <= s_begin <= U + 1 - S = {U + 1 - S} (see prune_ranges)")
+    losses = _PrunedRNNTLoss.apply(logits, targets, s_begin.contiguous(), logit_lengths, target_lengths, blank,
+                                   t_lens, u_lens)
     return _reduce(losses, reduction)
