@@ -34,6 +34,9 @@ class ModelSection:
     overrides: dict = field(default_factory=dict)
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass
 class TrainSection:
     """The local trainer, shared by centralized runs and federated clients."""
@@ -58,6 +61,10 @@ class TrainSection:
     prune_range: int = 5
     prune_warmup_steps: int = 0  # pruned: its weight rises linearly from 0.1 to 1 over these steps
     spec_augment: bool = True
+    # fp32 | bf16: the model's forward under bfloat16 autocast (the losses, the RNN-T recursions,
+    # the conv modules' norms and the optimizer stay in float32; evaluation is in float32)
+    precision: str = "fp32"
+    prefetch: int = 2  # batches collated ahead by a background thread (pinned memory on CUDA); 0: none
 
     def validate(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""
@@ -85,6 +92,10 @@ class TrainSection:
         if isinstance(self.prune_warmup_steps, bool) or not isinstance(self.prune_warmup_steps, int) \
                 or self.prune_warmup_steps < 0:
             raise FedasrError(f"{p}prune_warmup_steps: must be an integer >= 0, got {self.prune_warmup_steps!r}")
+        if self.precision not in PRECISIONS:
+            raise FedasrError(f"{p}precision: unknown {self.precision!r} ({', '.join(PRECISIONS)})")
+        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
+            raise FedasrError(f"{p}prefetch: must be an integer >= 0, got {self.prefetch!r}")
         if self.loss == "pruned" and not self.simple_loss_weight > 0:
             raise FedasrError(f"{p}loss: pruned needs {p}simple_loss_weight > 0 "
                               "(the simple loss chooses the pruning ranges)")

@@ -149,3 +149,94 @@ def test_a_training_step_waits_for_the_device_once(loss):
     assert set(stats) == {"rnnt", "ctc", "simple", "loss"} and all(isinstance(v, float) for v in stats.values())
     params = dict(model.named_parameters())
     assert all(bool((params[n][~m] == 0).all()) for n, m in hooks.masks.items())
+
+
+# --------------------------------------------------------------------------- bf16, prefetching, caching
+
+
+@pytest.mark.parametrize("loss", ["full", "pruned"])
+def test_a_bf16_step_runs_on_the_cpu_close_to_fp32(loss):
+    """train.precision: bf16 (autocast on the CPU here): a finite step whose loss parts are
+    within a few percent of fp32's on the same weights and batch, with float32 gradients."""
+    from conftest import tiny_batch, tiny_model
+    from fedasr.trainer import make_optimizer, train_step
+
+    batch = tiny_batch([60, 47, 38], [6, 4, 5], seed=3)
+    stats = {}
+    for precision in ("fp32", "bf16"):
+        model = tiny_model(0, simple_head=True, predictor="stateless").train()
+        cfg = load_config(None, ["train.ctc_weight=0.3", "train.simple_loss_weight=0.5", f"train.loss={loss}",
+                                 "train.prune_range=3", f"train.precision={precision}"]).train
+        _, stats[precision] = train_step(model, make_optimizer(model, cfg), batch, cfg, 0)
+        assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+        assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    for k, v in stats["fp32"].items():
+        assert stats["bf16"][k] == pytest.approx(v, rel=0.03), k
+    assert stats["bf16"] != stats["fp32"]  # it did compute in bfloat16
+    with pytest.raises(FedasrError, match="train.precision: unknown 'fp16'"):
+        load_config(None, ["train.precision=fp16"])
+
+
+def test_prefetch_keeps_the_order_raises_in_place_and_stops_its_thread():
+    import threading
+
+    from fedasr.data.batching import prefetch
+
+    def items(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise ValueError(f"item {i} is bad")
+            yield i
+
+    assert list(prefetch(items(50), 3)) == list(range(50)) == list(prefetch(items(50), 0))
+    assert list(prefetch(items(5), 2, pin=lambda x: -x)) == [0, -1, -2, -3, -4]
+    got = []
+    with pytest.raises(ValueError, match="item 7 is bad"):
+        for x in prefetch(items(10, fail_at=7), 2):
+            got.append(x)
+    assert got == list(range(7))
+    before = threading.active_count()
+    stream = prefetch(items(10**9), 2)
+    assert next(stream) == 0 and threading.active_count() == before + 1
+    stream.close()
+    assert threading.active_count() == before
+
+
+def test_prefetched_batches_are_the_batches(federation):
+    """The training stream with prefetching gives the same batches as without, SpecAugment
+    included, and a resumed stream continues where it was."""
+    from fedasr.fl.client import make_dataset
+    from fedasr.trainer import BatchStream, batch_stream
+
+    fed = Federation(federation)
+    cfg = load_config(None, FAST)
+    data = make_dataset(fed.client_cuts(fed.client_ids[0]), fed.tokenizer, fed.cmvn, cfg)
+
+    def take(stream, n):
+        return [(e, b.ids, b.feats.clone()) for (e, b), _ in zip(stream, range(n))]
+
+    plain = take(batch_stream(data, load_config(None, FAST + ["train.prefetch=0"]).train, seed=5), 12)
+    ahead = take(batch_stream(data, cfg.train, seed=5), 12)
+    assert [(e, ids) for e, ids, _ in plain] == [(e, ids) for e, ids, _ in ahead] and plain[-1][0] >= 1
+    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(plain, ahead))
+    resumed = take(BatchStream(data, cfg.train, seed=5, consumed=7), 5)
+    assert [ids for _, ids, _ in resumed] == [ids for _, ids, _ in plain[7:]]
+
+
+def test_the_embedded_worker_keeps_client_features_within_its_budget(federation):
+    from conftest import tiny_model
+    from fedasr.fl.client import ClientWorker
+
+    fed = Federation(federation)
+    cfg = load_config(None, FAST)
+    w = ClientWorker(cfg, fed, tiny_model(0), cache_clients=10)
+    a, b = fed.client_ids[:2]
+    da = w.dataset(a)
+    list(da.batches(20.0))  # its features are loaded now
+    assert w.dataset(a) is da and w.dataset(b) is not da  # kept between rounds
+    size = sum(t.numel() * t.element_size() for t in da.cache.values())
+    w.cache_bytes = size + 1  # room for one client's features: the least recently served goes
+    db = w.dataset(b)
+    list(db.batches(20.0))
+    w._trim_cache()
+    assert list(w._cache) == [b] and w.dataset(a) is not da

@@ -83,8 +83,11 @@ class Runner:
         local = Transducer(mcfg).to(self.device)  # the client worker's model; dev evaluation
         fl = cfg.fl
         steps = fl.clients_per_round * fl.local_steps if centralized and fl.local_steps is not None else None
+        # the embedded engine's worker keeps the clients' features between rounds (up to
+        # FEDASR_CACHE_MB of them) instead of loading and normalising them again every round
         self.worker = ClientWorker(cfg, fed, local, train_fn=client_fn, persistent=centralized,
-                                   num_steps=steps if centralized else fl.local_steps, data=data)
+                                   num_steps=steps if centralized else fl.local_steps, data=data,
+                                   cache_clients=len(fed.client_ids))
         self.transport: Transport = transport or LocalTransport(self.worker)
         reachable = self.transport.connect(fed.client_ids)  # (the centralized baseline samples none)
         self.server = Server(cfg, model, fed.client_ids, centralized=centralized, reachable=reachable,

@@ -23,6 +23,7 @@ from fedasr.fl.flower.patches import trim_heap
 from fedasr.fl.flower.wire import ChannelClosed, recv_frames, send_frames
 
 CACHE_CLIENTS_ENV = "FEDASR_FLOWER_CACHE_CLIENTS"
+DEVICE_ENV = "FEDASR_DEVICE"  # where this worker trains, instead of the run config's device
 DEFAULT_CACHE_CLIENTS = 8
 
 
@@ -42,7 +43,9 @@ class Worker:
 
             self.client = self.key = None  # the previous run's state goes first
             k = json.loads(key)
-            self.client = ClientWorker.for_run(json.loads(k["config"]), k["federation"], self.cache_clients)
+            # a SuperNode slot's own device (FEDASR_DEVICE, set per slot with its CUDA_VISIBLE_DEVICES)
+            self.client = ClientWorker.for_run(json.loads(k["config"]), k["federation"], self.cache_clients,
+                                               device=os.environ.get(DEVICE_ENV) or None)
             self.key = key
         return self.client
 
