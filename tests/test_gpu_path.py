@@ -240,3 +240,30 @@ def test_the_embedded_worker_keeps_client_features_within_its_budget(federation)
     list(db.batches(20.0))
     w._trim_cache()
     assert list(w._cache) == [b] and w.dataset(a) is not da
+
+
+# --------------------------------------------------------------------------- decoding on the device
+
+
+@pytest.mark.parametrize("predictor", ["lstm", "stateless"])
+def test_decoding_reads_the_device_a_fixed_number_of_times(predictor):
+    """Greedy and beam search on a (emulated) CUDA device: the hypotheses are read back once
+    at the end, however many frames; the same hypotheses as on the CPU."""
+    from conftest import tiny_model
+    from fedasr.hostsync import HostSyncCounter
+    from fedasr.model.decode import beam_search, greedy_search
+
+    model = tiny_model(3, num_layers=1, predictor=predictor, pred_context=3).eval()
+    with torch.no_grad():
+        model.joiner.output.weight.mul_(3.0)
+    counts = {}
+    for T in (6, 30):
+        g = torch.Generator().manual_seed(T)
+        enc, lens = torch.randn(3, T, 16, generator=g), torch.tensor([T, T - 2, 1])
+        want = greedy_search(model, enc, lens), beam_search(model, enc, lens, beam=4)
+        with HostSyncCounter() as c:
+            c.on_device(model.parameters(), model.buffers(), [enc])
+            got = greedy_search(model, enc, lens), beam_search(model, enc, lens, beam=4)
+        assert got == want and any(want[0]) and any(want[1])
+        counts[T] = c.syncs
+    assert counts[6] == counts[30] <= 5, counts
