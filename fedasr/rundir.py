@@ -59,6 +59,17 @@ class RunDir:
             return True
         return False
 
+    def clear_outputs(self, engine: bool = True) -> None:
+        """Remove what a run writes here (config, metrics, checkpoints, results, decodes and,
+        with ``engine``, the Flower engine's files), before starting it again; other files (a
+        sweep's own: its claim, sweep.json, log.txt) stay."""
+        import shutil
+
+        for name in (CONFIG_FILE, METRICS_FILE, RESULTS_FILE):
+            (self.root / name).unlink(missing_ok=True)
+        for name in ("checkpoints", "decode", *(("flower",) if engine else ())):
+            shutil.rmtree(self.root / name, ignore_errors=True)
+
     def checkpoint(self, rnd: int) -> Path:
         return self.ckpt_dir / f"round_{rnd:04d}.pt"
 

@@ -267,3 +267,30 @@ def test_decoding_reads_the_device_a_fixed_number_of_times(predictor):
         assert got == want and any(want[0]) and any(want[1])
         counts[T] = c.syncs
     assert counts[6] == counts[30] <= 5, counts
+
+
+# --------------------------------------------------------------------------- scripts/gpu_check.py
+
+
+def test_gpu_check_runs_cpu_vs_cpu(federation, tmp_path):
+    """scripts/gpu_check.py --device cpu: every check of the GPU run, CPU against CPU (the
+    device paths forced where they differ), small shapes; a table and a JSON file."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
+    r = subprocess.run([sys.executable, str(script), "--device", "cpu", "--federation", str(federation),
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    checks = {c["name"]: c for c in res["checks"]}
+    assert list(checks) == ["device", "losses", "model loss", "masked step", "throughput", "federated", "decoding",
+                            "flower"]
+    assert all(c["ok"] for n, c in checks.items() if n != "flower") and checks["flower"]["ok"] is None
+    assert checks["masked step"]["pruned_nonzero"] == 0
+    assert checks["throughput"]["fp32"]["host_syncs_per_step"] == checks["throughput"]["bf16"]["host_syncs_per_step"] == 1
+    assert checks["federated"]["fedtiny"]["rounds"] == checks["federated"]["federated_pruning"]["rounds"] == 2
+    assert "gpu_check on cpu" in r.stdout

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -157,9 +158,12 @@ class ClientWorker:
         where it trains instead of the config's ``device`` (a SuperNode slot's own GPU)."""
         cfg = parse_config(config)
         fed = Federation(federation)
+        where = resolve_device(device or cfg.device, warn=True)
         with torch.random.fork_rng():  # the server's seed sequence is not this worker's
-            model = Transducer(model_config(cfg, fed.tokenizer.vocab_size)).to(
-                resolve_device(device or cfg.device, warn=True))
+            model = Transducer(model_config(cfg, fed.tokenizer.vocab_size)).to(where)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        print(f"fedasr client worker: training on {where}"
+              + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""), file=sys.stderr, flush=True)
         return cls(cfg, fed, model, cache_clients=cache_clients)
 
     def dataset(self, client: str):

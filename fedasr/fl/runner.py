@@ -168,9 +168,10 @@ class Runner:
         torch.set_rng_state(st["torch_rng"])
 
     def start(self, overwrite: bool = False, init_from: str | Path | None = None) -> None:
-        if self.run.claim(overwrite) and self.run.ckpt_dir.exists():
-            for p in self.run.ckpt_dir.iterdir():
-                p.unlink()
+        if self.run.claim(overwrite):
+            # the old run's checkpoints, metrics, results and decodes (not the engine's own
+            # files: the Flower launcher's logs are there while its ServerApp starts the run)
+            self.run.clear_outputs(engine=False)
         self.run.ckpt_dir.mkdir(parents=True, exist_ok=True)
         init_masks = None
         if init_from is not None:
@@ -192,10 +193,14 @@ class Runner:
 
     @classmethod
     def resume(cls, run_dir: str | Path, events: Events | None = None, federation: str | Path | None = None,
-               **kw) -> "Runner":
+               device: str | None = None, **kw) -> "Runner":
+        """The run in ``run_dir`` from its latest checkpoint; ``device``: instead of its
+        config's (it goes on on another machine, or another GPU)."""
         rd = RunDir(Path(run_dir))
         run, raw = rd.run_config()
         fed = Federation(federation or run["federation"])
+        if device is not None:
+            raw = {**raw, "device": device}
         runner = cls(run_dir, fed, parse_config(raw), centralized=(run.get("mode") == "centralized"), events=events,
                      engine=kw.pop("engine", run.get("engine", "embedded")), data=run.get("data", "clients"), **kw)
         latest = rd.latest()
