@@ -11,6 +11,8 @@ PYTEST_ARGS ?=
 
 .PHONY: install test test-fast demo curve curve-structured system-deps clean
 
+# everything the demo needs, the Debian text-to-speech packages included (`fedasr synth` alone
+# runs them); real data needs only `pip install .[export,flower]` (docs/data.md)
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml scripts/install_system_deps.sh

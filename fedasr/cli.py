@@ -74,9 +74,11 @@ def synth(
     jobs: int = typer.Option(default_jobs(), help="Parallel TTS processes."),
     overwrite: bool = typer.Option(False, help="Replace an existing OUT/LibriSpeech."),
 ) -> None:
-    """Generate a synthetic LibriSpeech-layout corpus with text-to-speech (espeak-ng/flite)."""
+    """Generate a synthetic LibriSpeech-layout corpus with text-to-speech (espeak-ng/flite; needs the Debian
+    packages espeak-ng and sox, flite optional)."""
     from fedasr.data import synth as S
 
+    S.require_tools()
     t0 = time.time()
     plan = S.plan_corpus(speakers, utterances_per_speaker, seed, domain, test_other_speakers,
                          dev_per_speaker, test_per_speaker, chapters_per_speaker, server_speakers)
@@ -99,7 +101,11 @@ def synth(
 
 @app.command()
 def shard(
-    corpus: Path = typer.Option(..., help="LibriSpeech root (the directory holding the split folders)."),
+    corpus: Optional[Path] = typer.Option(None, help="LibriSpeech-layout root (the directory holding the split "
+                                          "folders); the splits that --manifests does not name come from here."),
+    manifests: list[str] = typer.Option([], "--manifests", help="SPLIT=PATH (repeatable): lhotse manifests of a "
+                                        "split: a CutSet file, RECORDINGS,SUPERVISIONS, or a directory of them "
+                                        "(docs/data.md). Any sample rate and channel count."),
     out: Path = typer.Option(..., help="Federation directory to create."),
     train_split: list[str] = typer.Option(..., "--train-split", help="Training split (repeatable)."),
     dev_split: list[str] = typer.Option([], "--dev-split", help="Dev split (repeatable)."),
@@ -120,16 +126,18 @@ def shard(
     jobs: int = typer.Option(default_jobs(), help="Parallel workers for scanning and features."),
     overwrite: bool = typer.Option(False, help="Replace an existing federation directory."),
 ) -> None:
-    """Shard a LibriSpeech-layout corpus into federated pseudo-clients (+ tokenizer, features)."""
+    """Shard a corpus (LibriSpeech layout or lhotse manifests) into federated pseudo-clients (+ tokenizer, features)."""
     from fedasr.data.federation import ShardOptions
     from fedasr.data.federation import shard as do_shard
+    from fedasr.data.sources import parse_manifest_args
 
     t0 = time.time()
     opts = ShardOptions(corpus=corpus, train_splits=list(train_split), dev_splits=list(dev_split),
                         test_splits=list(test_split), server_splits=list(server_split), out=out, scheme=by, num_clients=num_clients,
                         alpha=alpha, min_utterances=min_utterances, max_clients=max_clients, seed=seed,
                         vocab_size=vocab_size, tokenizer_type=tokenizer_type, tokenizer=tokenizer,
-                        skip_invalid=skip_invalid, jobs=jobs, overwrite=overwrite)
+                        skip_invalid=skip_invalid, jobs=jobs, overwrite=overwrite,
+                        manifests=parse_manifest_args(manifests))
     with err_console.status("sharding") as status:
         meta = do_shard(opts, log=lambda s: status.update(s))
     s = meta["summary"]
@@ -150,6 +158,13 @@ def shard(
     for split, e in meta["eval"].items():
         table.add_row(f"{e['role']}: {split}", str(e["utterances"]), "", "", "", f"{e['hours']:.3f} h")
     console.print(table)
+    resampled = {s: a["sample_rates"] for s, a in meta["source"]["splits"].items() if a["resampled_to_16k"]}
+    if resampled:
+        console.print("resampled to 16 kHz: " + "; ".join(
+            f"{s} ({', '.join(f'{n} at {r} Hz' for r, n in rates.items())})" for s, rates in resampled.items()))
+    downmixed = {s: a["downmixed"] for s, a in meta["source"]["splits"].items() if a["downmixed"]}
+    if downmixed:
+        console.print("downmixed to mono: " + ", ".join(f"{s} ({n})" for s, n in downmixed.items()))
     if meta["dropped"]:
         console.print(f"[yellow]dropped {len(meta['dropped'])} invalid utterances (see federation.yaml)")
     if meta["excluded_clients"]:
@@ -261,7 +276,10 @@ def eval_(
     federation: Optional[Path] = typer.Option(None, help="Federation directory [default: the run's]."),
     max_duration: float = typer.Option(120.0, help="Seconds of audio per decoding batch."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    max_symbols_per_frame: int = typer.Option(3, help="Greedy search: symbols a frame at most (1 = sherpa-onnx's)."),
+    max_symbols_per_frame: int = typer.Option(1, help="Greedy search: symbols a frame at most (1: sherpa-onnx's "
+                                              "greedy search, the deployed decoding)."),
+    unrestricted: int = typer.Option(3, help="Also score greedy search with up to this many symbols a frame, shown "
+                                     "beside where it differs (0: off)."),
 ) -> None:
     """Decode test splits and report WER/CER (per split and per client) into RUN_DIR/results.json."""
     from fedasr.commands.evaluate import evaluate_run
@@ -274,16 +292,22 @@ def eval_(
 
         results, splits, ckpt_path = evaluate_run(run, checkpoint=checkpoint, splits=split, beam=beam,
                                                   federation=federation, max_duration=max_duration, device=device,
-                                                  progress=progress, max_symbols_per_frame=max_symbols_per_frame)
+                                                  progress=progress, max_symbols_per_frame=max_symbols_per_frame,
+                                                  unrestricted=unrestricted)
     results_path = RunDir(run).results_path
-    table = Table(title=f"WER — {ckpt_path}")
-    for col in ("split", "utts", "WER", "CER", "sub", "del", "ins", "RTF", "clients"):
+    table = Table(title=f"WER — {ckpt_path}", caption=results[splits[0]]["decoding"] if splits else None)
+    alt = next((results[s]["unrestricted"]["decoding"] for s in splits if "unrestricted" in results[s]), None)
+    cols = ["split", "utts", "WER", "CER", "sub", "del", "ins", "RTF", "clients"] + ([f"WER, {alt}"] if alt else [])
+    for col in cols:
         table.add_column(col, justify="right" if col != "split" else "left")
     for s in splits:
         r = results[s]
-        table.add_row(s, str(r["utterances"]), f"{100 * r['wer']:.2f}%", f"{100 * r['cer']:.2f}%",
-                      str(r["substitutions"]), str(r["deletions"]), str(r["insertions"]), f"{r['rtf']:.3f}",
-                      str(len(r.get("per_client", {}))))
+        row = [s, str(r["utterances"]), f"{100 * r['wer']:.2f}%", f"{100 * r['cer']:.2f}%",
+               str(r["substitutions"]), str(r["deletions"]), str(r["insertions"]), f"{r['rtf']:.3f}",
+               str(len(r.get("per_client", {})))]
+        if alt:
+            row.append(f"{100 * r['unrestricted']['wer']:.2f}%" if "unrestricted" in r else "(same)")
+        table.add_row(*row)
     console.print(table)
     console.print(f"results: {results_path}")
 
@@ -293,7 +317,7 @@ def prune(
     checkpoint: Path = typer.Argument(..., help="Checkpoint to prune (e.g. RUN_DIR/checkpoints/round_0020.pt)."),
     out: Path = typer.Option(..., help="Pruned checkpoint to write."),
     sparsity: float = typer.Option(..., help="Target share of prunable weights set to zero, in [0, 1)."),
-    pattern: str = typer.Option("unstructured", help="unstructured, row, column, half_row, half_column, unit."),
+    pattern: str = typer.Option("unstructured", help="unstructured, row, column, half_row, half_column, coherent_column, unit."),
     importance: str = typer.Option("magnitude", help="magnitude, gradient (needs --federation), random."),
     allocation: str = typer.Option("uniform", help="uniform, global, adaptive."),
     norm: str = typer.Option("l2", help="Group norm for magnitude importance: l1 or l2."),
@@ -343,12 +367,15 @@ def export(
     federation: Optional[Path] = typer.Option(None, help="Federation whose normalisation statistics go into the "
                                               "encoder [default: the checkpoint's run's]."),
     int8: bool = typer.Option(False, "--int8", help="Also write dynamically int8-quantised *.int8.onnx models."),
+    int8_scheme: str = typer.Option("u8u8", help="--int8: u8u8 (uint8 weights: accurate on every CPU), u8s8-7bit "
+                                    "(7-bit int8 weights) or u8s8 (int8 weights: saturates on x86 CPUs "
+                                    "without VNNI)."),
 ) -> None:
     """Export to ONNX (encoder, predictor, joiner; dynamic batch and length axes) for onnxruntime
     and sherpa-onnx (stateless predictor)."""
     from fedasr.commands.export import export_checkpoint
 
-    meta = export_checkpoint(checkpoint, out, federation, int8=int8)
+    meta = export_checkpoint(checkpoint, out, federation, int8=int8, int8_scheme=int8_scheme)
     console.print(f"exported {checkpoint} -> {out}: encoder.onnx, decoder.onnx ({meta['predictor']}), joiner.onnx"
                   f"{' (+ *.int8.onnx)' if int8 else ''}, tokens.txt, config.json; {meta['parameters']:,} parameters"
                   f"{'' if meta['sherpa_onnx'] else '; sherpa-onnx needs model.predictor=stateless'}")
@@ -474,7 +501,8 @@ def _report(sweep_dir: Path) -> None:
                 "model MB", "comm MB"):
         table.add_column(col, justify="left" if col == "scheme" else "right")
     for r in rows:
-        table.add_row(r["scheme"] + (" (server data only)" if r.get("server_only") else ""),
+        table.add_row(r["scheme"] + (f" ({r['reference']})" if r.get("reference") and r["scheme"] != r["reference"]
+                                     else ""),
                       r.get("knob") or f"{r['sparsity']:.2f}", f"{100 * r['achieved_sparsity']:.1f}%",
                       *[f"{100 * r[f'wer_{s}']:.2f}%" if f"wer_{s}" in r else "-" for s in splits],
                       f"{r['nonzero_params']:,}", f"{r['num_params']:,}", f"{r['model_bytes'] / 1e6:.2f}",

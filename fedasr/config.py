@@ -46,6 +46,9 @@ class TrainSection:
     momentum: float = 0.9  # sgd: heavy-ball momentum (0: plain SGD)
     weight_decay: float = 1e-6
     warmup_steps: int = 100
+    # a run started with --init-from continues at its checkpoint's schedule position (the
+    # learning rate the recipe asks for: past the warm-up); true: warm up again from step 0
+    warmup_on_init: bool = False
     lr_schedule: str = "noam"  # noam (warm-up then 1/sqrt decay) | constant (after warm-up) | eden
     lr_decay_steps: int = 1000  # eden: steps where the decay sets in
     grad_clip: float = 5.0
@@ -127,6 +130,7 @@ AGGREGATIONS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedlamb")
 SERVER_LR_SCHEDULES = ("constant", "cosine", "step")
 WEIGHTINGS = ("examples", "processed", "uniform")
 CLIENT_MODELS = ("masked", "compact", "auto")
+CENTRALIZED_OPTIMIZERS = ("persistent", "per_round")
 # fl.server_lr when the recipe gives none. FedAvg/FedAvgM: 1.0 is plain averaging (FedAvgM's
 # effective step is 1/(1-momentum) times larger). FedAdam/FedYogi normalise each weight's
 # step to ~server_lr, so 1.0 would move every weight by ~1 in round one; Reddi et al. (2021)
@@ -167,6 +171,10 @@ class FLSection:
     # with zeros) | compact (the physically smaller dense model; masks of another kind are an
     # error) | auto (compact where the masks allow, masked otherwise)
     client_model: str = "masked"
+    # a centralized run (--centralized): one optimizer kept across rounds (persistent), or a
+    # fresh one every round as federated clients start theirs (per_round: the server-only
+    # baseline compared like for like)
+    centralized_optimizer: str = "persistent"
 
     def validate(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""
@@ -199,6 +207,9 @@ class FLSection:
             raise FedasrError(f"{p}server_lr_step_rounds: must be at least 1")
         if not 0 < self.server_lr_gamma <= 1:
             raise FedasrError(f"{p}server_lr_gamma: must be in (0, 1]")
+        if self.centralized_optimizer not in CENTRALIZED_OPTIMIZERS:
+            raise FedasrError(f"{p}centralized_optimizer: unknown {self.centralized_optimizer!r} "
+                              f"({', '.join(CENTRALIZED_OPTIMIZERS)})")
         if self.client_model not in CLIENT_MODELS:
             raise FedasrError(f"{p}client_model: unknown {self.client_model!r} ({', '.join(CLIENT_MODELS)})")
 
@@ -220,7 +231,7 @@ class FLSection:
 
 
 DEFAULT_PRUNABLE = ["encoder.layers.*", "predictor.lstm.*", "predictor.conv.*", "joiner.*"]
-COMMON_PRUNING_KEYS = ("method", "target_sparsity", "include", "exclude")
+COMMON_PRUNING_KEYS = ("method", "target_sparsity", "include", "exclude", "recalibrate_bn")
 
 
 @dataclass
@@ -237,6 +248,9 @@ class PruningSection:
     target_sparsity: float = 0.5  # share of the prunable weights that are zero at the end
     include: list = field(default_factory=lambda: list(DEFAULT_PRUNABLE))  # name globs (>= 2-D tensors)
     exclude: list = field(default_factory=list)
+    # after every change of the masks the server recomputes the BatchNorm statistics of the
+    # served model on this many batches of its own data (0: off; they stay the clients' pooled ones)
+    recalibrate_bn: int = 0
     blocks: dict = field(default_factory=dict)  # method name -> its settings, raw (as the recipe gives them)
 
     @classmethod
@@ -250,6 +264,8 @@ class PruningSection:
         obj = cls(**common, blocks=blocks)
         if not 0.0 <= obj.target_sparsity < 1.0:
             raise FedasrError(f"{p}target_sparsity: must be in [0, 1), got {obj.target_sparsity}")
+        if obj.recalibrate_bn < 0:
+            raise FedasrError(f"{p}recalibrate_bn: must be >= 0 (batches; 0: off), got {obj.recalibrate_bn}")
         return obj
 
     def to_dict(self) -> dict:

@@ -1,7 +1,15 @@
 """Decoding and WER: per split, and per client where clients have their own test data.
 
 WER/CER come from jiwer over the whole split (errors summed over utterances, divided
-by reference words/characters), with substitutions, deletions and insertions.
+by reference words/characters), with substitutions, deletions and insertions. References
+are normalised with :func:`~fedasr.data.tokenizer.normalize_transcript`, the function
+``fedasr shard`` applied to the transcripts the tokenizer and the model were trained on.
+
+The default decoding is the one a sherpa-onnx deployment runs: greedy search with at most
+one symbol per frame (``max_symbols_per_frame=1``; modified beam search is one symbol per
+frame by its topology). :func:`evaluate` can also score greedy search with up to
+``unrestricted`` symbols a frame from the same encoder output, reported beside it
+(``result["unrestricted"]``) where the two differ.
 Real-time factor = decoding wall time / audio duration (features already computed).
 """
 
@@ -17,7 +25,7 @@ from lhotse import CutSet
 
 from fedasr.data.batching import AsrDataset
 from fedasr.data.features import GlobalCMVN
-from fedasr.data.tokenizer import Tokenizer
+from fedasr.data.tokenizer import Tokenizer, normalize_transcript
 from fedasr.model.decode import beam_search, greedy_search
 from fedasr.model.transducer import Transducer
 
@@ -28,6 +36,7 @@ class Decoded:
     speaker: str
     ref: str
     hyp: str
+    hyp_unrestricted: str | None = None  # greedy with more symbols a frame, when asked for
 
 
 def score(refs: list[str], hyps: list[str]) -> dict:
@@ -48,9 +57,11 @@ def score(refs: list[str], hyps: list[str]) -> dict:
 
 @torch.no_grad()
 def decode_cuts(model: Transducer, cuts: CutSet, tokenizer: Tokenizer, cmvn: GlobalCMVN, *,
-                beam: int = 1, max_duration: float = 120.0, max_symbols_per_frame: int = 3,
-                progress: Callable[[int], None] | None = None) -> tuple[list[Decoded], float]:
-    """Decode ``cuts`` (greedy when ``beam`` is 1); returns results in cut order and seconds spent."""
+                beam: int = 1, max_duration: float = 120.0, max_symbols_per_frame: int = 1,
+                progress: Callable[[int], None] | None = None, unrestricted: int | None = None
+                ) -> tuple[list[Decoded], float]:
+    """Decode ``cuts`` (greedy when ``beam`` is 1); returns results in cut order and seconds
+    spent (``unrestricted``: greedy also with that many symbols a frame, not timed)."""
     was_training = model.training
     model.eval()
     ds = AsrDataset(cuts, tokenizer, cmvn, spec_augment=None, cache=False)
@@ -65,8 +76,14 @@ def decode_cuts(model: Transducer, cuts: CutSet, tokenizer: Tokenizer, cmvn: Glo
                 hyps = greedy_search(model, enc, enc_lens, max_symbols_per_frame=max_symbols_per_frame)
             else:
                 hyps = beam_search(model, enc, enc_lens, beam=beam)
-            for cid, ref, hyp in zip(batch.ids, batch.texts, hyps):
-                out[cid] = Decoded(cid, "", ref, tokenizer.decode(hyp))
+            t_alt = time.perf_counter()
+            alt = [None] * len(hyps)
+            if unrestricted is not None:
+                alt = [tokenizer.decode(h) for h in
+                       greedy_search(model, enc, enc_lens, max_symbols_per_frame=unrestricted)]
+            t0 += time.perf_counter() - t_alt  # (not part of the timed decoding)
+            for cid, ref, hyp, h_alt in zip(batch.ids, batch.texts, hyps, alt):
+                out[cid] = Decoded(cid, "", normalize_transcript(ref), tokenizer.decode(hyp), h_alt)
             if progress:
                 progress(len(batch))
     finally:
@@ -82,11 +99,21 @@ def decode_cuts(model: Transducer, cuts: CutSet, tokenizer: Tokenizer, cmvn: Glo
 
 def evaluate(model: Transducer, cuts: CutSet, tokenizer: Tokenizer, cmvn: GlobalCMVN, *,
              beam: int = 1, max_duration: float = 120.0, speaker_to_client: dict[str, str] | None = None,
-             progress: Callable[[int], None] | None = None, max_symbols_per_frame: int = 3
-             ) -> tuple[dict, list[Decoded]]:
+             progress: Callable[[int], None] | None = None, max_symbols_per_frame: int = 1,
+             unrestricted: int | None = None) -> tuple[dict, list[Decoded]]:
+    """WER/CER of ``cuts`` with the given decoding (``result["decoding"]`` says which);
+    ``unrestricted``: with greedy search, also score greedy search with up to that many
+    symbols a frame, in ``result["unrestricted"]`` where it differs from the decoding's."""
+    alt = unrestricted if beam <= 1 and unrestricted not in (None, max_symbols_per_frame) else None
     decoded, seconds = decode_cuts(model, cuts, tokenizer, cmvn, beam=beam, max_duration=max_duration,
-                                   progress=progress, max_symbols_per_frame=max_symbols_per_frame)
+                                   progress=progress, max_symbols_per_frame=max_symbols_per_frame,
+                                   unrestricted=alt)
     result = score([d.ref for d in decoded], [d.hyp for d in decoded])
+    result["decoding"] = decoding_name(beam, max_symbols_per_frame)
+    if alt is not None:
+        other = score([d.ref for d in decoded], [d.hyp_unrestricted for d in decoded])
+        if other["wer"] != result["wer"] or other["cer"] != result["cer"]:
+            result["unrestricted"] = {"decoding": decoding_name(1, alt), "wer": other["wer"], "cer": other["cer"]}
     audio = sum(c.duration for c in cuts)
     result["hours"] = audio / 3600
     result["decode_seconds"] = seconds
@@ -104,6 +131,14 @@ def evaluate(model: Transducer, cuts: CutSet, tokenizer: Tokenizer, cmvn: Global
                 for c, ds in sorted(per_client.items())
             }
     return result, decoded
+
+
+def decoding_name(beam: int, max_symbols_per_frame: int) -> str:
+    """How a result was decoded, in words (results.json, export's config.json, tables)."""
+    if beam > 1:
+        return f"modified beam search, beam {beam} (1 symbol per frame)"
+    per = "1 symbol" if max_symbols_per_frame == 1 else f"up to {max_symbols_per_frame} symbols"
+    return f"greedy search, {per} per frame"
 
 
 def speaker_client_map(clients_meta: dict) -> dict[str, str]:

@@ -105,26 +105,46 @@ def _add_metadata(path: Path, meta: dict) -> None:
     onnx.save(m, str(path))
 
 
-def _quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic int8 quantisation of the MatMul weights (as icefall's ``*.int8.onnx``);
-    the model's metadata is kept."""
+# Dynamic int8 quantisation schemes (activations are always uint8, quantised per call):
+# - u8s8: int8 weights (icefall's and onnxruntime's default). On x86-64 CPUs without VNNI
+#   (AVX2, plain AVX-512) onnxruntime's U8S8 kernel adds pairs of u8 x s8 products into int16
+#   (vpmaddubsw), which saturates: 2 x 255 x 128 > 32767.
+# - u8s8-7bit: int8 weights in [-64, 63] (reduce_range): a pair sums to at most 2 x 255 x 64
+#   = 32640, so no CPU saturates; one bit of weight precision is lost everywhere.
+# - u8u8: uint8 weights: onnxruntime's U8U8 kernels widen to int16 before multiplying, so
+#   nothing saturates, and the weights keep 8 bits.
+INT8_SCHEMES = {"u8u8": {"weight_type": "QUInt8"}, "u8s8-7bit": {"weight_type": "QInt8", "reduce_range": True},
+                "u8s8": {"weight_type": "QInt8"}}
+INT8_DEFAULT = "u8u8"
+
+
+def _quantize_int8(src: Path, dst: Path, scheme: str = INT8_DEFAULT) -> None:
+    """Dynamic int8 quantisation of the MatMul weights (icefall's ``*.int8.onnx`` convention:
+    MatMul only; the joiner's Gemms stay float) with the ``scheme`` of :data:`INT8_SCHEMES`;
+    the model's metadata is kept, and the scheme recorded in it."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    if scheme not in INT8_SCHEMES:
+        raise FedasrError(f"--int8-scheme: unknown {scheme!r} ({', '.join(INT8_SCHEMES)})")
+    opts = dict(INT8_SCHEMES[scheme])
+    opts["weight_type"] = getattr(QuantType, opts["weight_type"])
     root = logging.getLogger()  # onnxruntime's quantizer advises pre-processing on the root logger
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], **opts)
     finally:
         root.setLevel(level)
     meta = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
-    _add_metadata(dst, meta)
+    _add_metadata(dst, {**meta, "int8_scheme": scheme})
 
 
-def export_model(model, tokenizer, cmvn, out: str | Path, source: str = "", int8: bool = False) -> dict:
-    """Write the three ONNX models (and with ``int8`` their quantised copies), tokens.txt and
-    config.json to ``out`` (atomically)."""
+def export_model(model, tokenizer, cmvn, out: str | Path, source: str = "", int8: bool = False,
+                 extra: dict | None = None, int8_scheme: str = INT8_DEFAULT) -> dict:
+    """Write the three ONNX models (and with ``int8`` their quantised copies, quantised with
+    ``int8_scheme``), tokens.txt and config.json to ``out`` (atomically); ``extra``: further
+    entries of config.json."""
     import onnx  # noqa: F401 - the export extra; fail early with a clear message below
 
     model = model.eval()
@@ -172,7 +192,7 @@ def export_model(model, tokenizer, cmvn, out: str | Path, source: str = "", int8
         for name in NAMES:
             _add_metadata(tmp / f"{name}.onnx", onnx_meta[name])
             if int8:
-                _quantize_int8(tmp / f"{name}.onnx", tmp / f"{name}.int8.onnx")
+                _quantize_int8(tmp / f"{name}.onnx", tmp / f"{name}.int8.onnx", int8_scheme)
         sp = tokenizer.sp
         (tmp / "tokens.txt").write_text("".join(f"{sp.id_to_piece(i)} {i}\n" for i in range(sp.get_piece_size())))
         meta = {"source": source, "model_config": cfg.to_dict(), "blank_id": model.blank_id,
@@ -181,8 +201,12 @@ def export_model(model, tokenizer, cmvn, out: str | Path, source: str = "", int8
                                                 "hidden": model.predictor.lstm.hidden_size},
                 "features": {"type": "Kaldi-compatible log-mel fbank (lhotse Fbank = kaldi-native-fbank)",
                              **FEATURES, "normalisation": "global mean/std, inside encoder.onnx"},
-                "sherpa_onnx": sherpa, "int8": int8,
-                "parameters": model.num_parameters(), "opset": OPSET}
+                "sherpa_onnx": sherpa, "int8": int8, "int8_scheme": int8_scheme if int8 else None,
+                "parameters": model.num_parameters(), "opset": OPSET,
+                # the decoding `fedasr eval` reports by default is the one this export runs
+                "decoding": {"sherpa_onnx": "greedy_search", "max_symbols_per_frame": 1,
+                             "fedasr_eval": "fedasr eval --max-symbols-per-frame 1 (the default)"},
+                **(extra or {})}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
     return meta
 
@@ -229,7 +253,7 @@ class OnnxTransducer:
         out, h, c = self.decoder.run(None, {"y": np.array([[token]], np.int64), "h": h, "c": c})
         return (h, c), out
 
-    def greedy(self, enc: np.ndarray, max_symbols_per_frame: int = 3, chunk: int = 32) -> list[int]:
+    def greedy(self, enc: np.ndarray, max_symbols_per_frame: int = 1, chunk: int = 32) -> list[int]:
         """Greedy search over one utterance's encoder output (T', J), as `fedasr eval`.
 
         The joiner runs on up to ``chunk`` frames at once with the current predictor output:
@@ -263,3 +287,4 @@ class OnnxTransducer:
         """One utterance's raw fbank (T, 80) -> token ids."""
         enc, lens = self.encode(feats[None], np.array([feats.shape[0]]))
         return self.greedy(enc[0, : int(lens[0])])
+

@@ -9,9 +9,19 @@ splits, and ``report`` gathers them into ``wer_vs_sparsity.csv`` and ``.png``::
                                           centrally on the server's data; every run starts from it
     SWEEP_DIR/runs/dense/                 a normal run directory (+ results.json, log.txt)
     SWEEP_DIR/runs/SCHEME/s0.50/          ...
-    SWEEP_DIR/runs/SERVER_ONLY/s0.50/     a ``server_only`` scheme: pruned.pt (one-shot prune of
-                                          the seed) fine-tuned on the server's data alone
+    SWEEP_DIR/runs/centralized/s0.50/     a reference scheme (``centralized: true``): the same
+                                          pruning, schedule and steps, trained centrally
     SWEEP_DIR/wer_vs_sparsity.csv / .png
+
+Every curve is judged against two references from the same recipe, each a scheme that
+copies another's pruning (``like: SCHEME``) and trains it centrally (``centralized: true``):
+
+- the *centralized twin* (``data: clients``): on the union of the clients' data, with one
+  optimizer kept across rounds: what pruning would reach if the data could be pooled;
+- *server-only* (``data: server``): on the server's own data alone, like for like with the
+  federated clients (a fresh optimizer every round, ``fl.centralized_optimizer: per_round``;
+  the same learning-rate schedule; ``clients_per_round x local_steps`` steps of the same
+  batches a round: as many samples as the round's clients together).
 
 Each run is a subprocess of the `fedasr` CLI (its output goes to the run's log.txt), so
 runs can go in parallel (``--jobs``) and a crash of one does not take the others down.
@@ -37,7 +47,9 @@ run's sweep.json).
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import fcntl
 import io
 import json
@@ -104,10 +116,12 @@ class SweepScheme:
     name: str = "scheme"
     pruning: dict = field(default_factory=dict)  # pruning.* keys of this scheme (method included)
     overrides: list = field(default_factory=list)  # further "key=value" settings
-    # the paper's baseline: one-shot prune of the seed model at each sparsity (the scheme's
-    # federated_pruning pattern/importance/allocation), then fine-tuning on the server's data
-    # alone for as many steps as a federated run's clients take together
-    server_only: bool = False
+    # a reference: this scheme's pruning, overrides and sparsities are those of scheme ``like``
+    # (its own overrides are added), trained centrally (centralized: true) on the clients'
+    # union (data: clients, the centralized twin) or on the server's data (data: server)
+    like: Optional[str] = None
+    centralized: bool = False
+    data: str = "clients"
     # a method that decides its own sparsity (ASP) sweeps its knob instead of the targets:
     # {key: pruning.asp.k, values: [1.5, 2.0, 2.5]}
     knob: dict = field(default_factory=dict)
@@ -117,13 +131,22 @@ class SweepScheme:
     def parse(cls, data, prefix: str) -> "SweepScheme":
         if not isinstance(data, dict):
             raise FedasrError(f"{prefix}: expected a mapping with name and pruning")
+        if "server_only" in data:
+            raise FedasrError(f"{prefix}.server_only: replaced by `centralized: true` and `data: server` (the "
+                              "scheme's pruning run centrally on the server's data, like for like)")
         return from_dict(cls, data, prefix)
 
     def validate(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""
+        if self.data not in ("clients", "server"):
+            raise FedasrError(f"{p}data: unknown {self.data!r} (clients, server)")
+        if self.data == "server" and not self.centralized:
+            raise FedasrError(f"{p}data: server needs centralized: true (the server's data is never a client)")
+        low = 0 if self.centralized else 1e-12  # a reference may run its own dense point
         for i, v in enumerate(self.sparsities or []):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 1:
-                raise FedasrError(f"{p}sparsities[{i}]: must be a number in (0, 1), got {v!r}")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not low <= v < 1:
+                raise FedasrError(f"{p}sparsities[{i}]: must be a number in ({'[' if low == 0 else '('}0, 1)"
+                                  f"{'' if low == 0 else ' (the dense run is shared)'}, got {v!r}")
         if self.knob:
             if set(self.knob) != {"key", "values"} or not isinstance(self.knob["key"], str) \
                     or not isinstance(self.knob["values"], list) or not self.knob["values"]:
@@ -180,11 +203,7 @@ class SweepRun:
     rounds: int = 0  # the run's rounds (its progress)
     train_args: list[str] = field(default_factory=list)  # further `fedasr train` options
     from_seed: bool = False  # starts from the seed model (--init-from)
-    prune: dict | None = None  # server-only: `fedasr prune` of the seed into RUN/pruned.pt first
-
-    @property
-    def pruned_checkpoint(self) -> Path:
-        return self.path / "pruned.pt"
+    reference: str = ""  # "" (a federated run), "centralized" (the twin) or "server-only"
 
 
 @dataclass
@@ -237,23 +256,30 @@ def plan_seed(recipe: dict, out: Path) -> SweepRun | None:
     return _plan_seed(recipe, split_recipe(recipe)[1], out)
 
 
-def _server_only_prune(sch: SweepScheme, where: str, has_seed: bool) -> dict:
-    """`fedasr prune` options of a server-only scheme (its federated_pruning block)."""
-    from fedasr.methods.federated_pruning import FederatedPruningConfig
-
-    if not has_seed:
-        raise FedasrError(f"{where}.server_only: needs a seed model (seed_model.steps > 0) to prune")
-    if sch.pruning.get("method") != "federated_pruning":
-        raise FedasrError(f"{where}.pruning.method: a server_only scheme prunes with federated_pruning")
-    fp = from_dict(FederatedPruningConfig, sch.pruning.get("federated_pruning") or {}, f"{where}.pruning.federated_pruning")
-    if fp.importance == "gradient":
-        raise FedasrError(f"{where}.pruning.federated_pruning.importance: gradient importance needs the clients' "
-                          "data; a server_only scheme uses magnitude or random")
-    return {"pattern": fp.pattern, "importance": fp.importance, "allocation": fp.allocation, "norm": fp.norm}
+def _resolve_like(schemes: list[SweepScheme]) -> list[SweepScheme]:
+    """Each scheme with ``like: OTHER`` completed from OTHER: its pruning (unless given), its
+    overrides before the scheme's own, its sparsities and knob (unless given)."""
+    by_name = {s.name: s for s in schemes}
+    out = []
+    for i, sch in enumerate(schemes):
+        if sch.like is None:
+            out.append(sch)
+            continue
+        where = f"sweep.schemes[{i}].like"
+        base = by_name.get(sch.like)
+        if base is None:
+            raise FedasrError(f"{where}: no scheme named {sch.like!r}")
+        if base.like is not None or base.centralized:
+            raise FedasrError(f"{where}: {sch.like!r} is itself a reference; name a federated scheme")
+        out.append(dataclasses.replace(sch, pruning=sch.pruning or copy.deepcopy(base.pruning),
+                                       overrides=list(base.overrides) + list(sch.overrides),
+                                       sparsities=sch.sparsities if sch.sparsities is not None else base.sparsities,
+                                       knob=sch.knob or copy.deepcopy(base.knob)))
+    return out
 
 
 def _plan_runs(recipe: dict, cfg: RunConfig, sweep: SweepConfig, out: Path) -> list[SweepRun]:
-    schemes = sweep.sweep.schemes
+    schemes = _resolve_like(sweep.sweep.schemes)
     if not schemes:
         raise FedasrError("sweep.schemes: the recipe lists no pruning scheme")
     rounds = cfg.fl.rounds
@@ -267,28 +293,32 @@ def _plan_runs(recipe: dict, cfg: RunConfig, sweep: SweepConfig, out: Path) -> l
         where = f"sweep.schemes[{i}]"
         if "method" not in sch.pruning:
             raise FedasrError(f"{where}.pruning.method: required (the scheme's pruning method)")
-        sparsities = sorted(set(sch.sparsities if sch.sparsities is not None else targets) - {0, 0.0})
-        if sch.server_only:
-            if sch.knob:
-                raise FedasrError(f"{where}.knob: a server_only scheme prunes at the sweep's sparsities")
-            opts = _server_only_prune(sch, where, from_seed)
-            for s in sparsities:
-                runs.append(SweepRun(sch.name, float(s), out / "runs" / sch.name / f"s{s:.2f}",
-                                     ["pruning.method=none", *sch.overrides], rounds=rounds,
-                                     train_args=["--centralized", "--data", "server"], from_seed=True,
-                                     prune={**opts, "sparsity": float(s)}))
-            continue
-        base = [f"pruning.{k}={json.dumps(v)}" for k, v in _flatten(sch.pruning).items()] + list(sch.overrides)
+        own = sch.sparsities if sch.sparsities is not None else targets
+        # a reference runs its dense point (sparsity 0) only when its own list names it
+        sparsities = sorted(set(own) - ({0, 0.0} if not (sch.centralized and sch.sparsities) else set()))
+        train_args, extra, reference = [], [], ""
+        if sch.centralized:
+            train_args = ["--centralized", "--data", sch.data]
+            reference = "server-only" if sch.data == "server" else "centralized"
+            if sch.data == "server":  # like for like with the federated clients
+                extra = ["fl.centralized_optimizer=per_round"]
+        base = [f"pruning.{k}={json.dumps(v)}" for k, v in _flatten(sch.pruning).items()] + list(sch.overrides) + extra
+
+        def add(name: str, sparsity: float, settings: list[str], knob=None):
+            runs.append(SweepRun(sch.name, sparsity, out / "runs" / sch.name / name, settings, knob, rounds=rounds,
+                                 train_args=list(train_args), from_seed=from_seed, reference=reference))
+
         if sch.knob:  # the method decides its sparsity: one run per knob value
             leaf = sch.knob["key"].rsplit(".", 1)[-1]
             for v in sch.knob["values"]:
-                runs.append(SweepRun(sch.name, 0.0, out / "runs" / sch.name / f"{leaf}{v}",
-                                     base + [f"{sch.knob['key']}={json.dumps(v)}"], {"key": sch.knob["key"], "value": v},
-                                     rounds=rounds, from_seed=from_seed))
+                add(f"{leaf}{v}", 0.0, base + [f"{sch.knob['key']}={json.dumps(v)}"],
+                    {"key": sch.knob["key"], "value": v})
             continue
         for s in sparsities:
-            runs.append(SweepRun(sch.name, float(s), out / "runs" / sch.name / f"s{s:.2f}",
-                                 base + [f"pruning.target_sparsity={s}"], rounds=rounds, from_seed=from_seed))
+            if s == 0:  # a reference's dense point
+                add("s0.00", 0.0, ["pruning.method=none", *sch.overrides, *extra])
+            else:
+                add(f"s{s:.2f}", float(s), base + [f"pruning.target_sparsity={s}"])
     for r in runs:
         _check_run(recipe, r)
     return runs
@@ -551,7 +581,7 @@ def run_sweep(plan: SweepPlan, federation: str | Path, *, jobs: int = 1, events:
     ``engine_args``: further `fedasr train` options of the federated runs (``--engine
     flower ...``). Returns the runs it was asked for."""
     events = events or _NoEvents()
-    out, cfg, seed = plan.out, plan.config, plan.seed
+    out, seed = plan.out, plan.seed
     fed = Federation(federation)
     splits = plan.sweep.sweep.splits or [s for s, m in fed.eval_splits.items() if m["role"] == "test"]
     for s in splits:
@@ -593,14 +623,7 @@ def run_sweep(plan: SweepPlan, federation: str | Path, *, jobs: int = 1, events:
             return
         args = list(run.train_args)
         if run.from_seed:
-            start = seed_checkpoint(seed)
-            if run.prune is not None:  # one-shot prune of the seed, then server-only fine-tuning
-                p = run.prune
-                _cli(["prune", str(start), "--sparsity", str(p["sparsity"]), "--pattern", p["pattern"],
-                      "--importance", p["importance"], "--allocation", p["allocation"], "--norm", p["norm"],
-                      "--seed", str(cfg.seed), "--out", str(run.pruned_checkpoint)], log, threads)
-                start = run.pruned_checkpoint
-            args += ["--init-from", str(start)]
+            args += ["--init-from", str(seed_checkpoint(seed))]
         sets = [a for s in run.settings + ([f"device={group[0]}"] if group else []) for a in ("--set", s)]
         # --overwrite: under this job's claim, what is there is an unfinished run's start (no checkpoint)
         _cli(["train", "--federation", str(fed.root), "--config", str(recipe_file), "--out", str(run.path),
@@ -624,8 +647,7 @@ def run_sweep(plan: SweepPlan, federation: str | Path, *, jobs: int = 1, events:
                 return run
             atomic_write_text(run.path / SWEEP_FILE, json.dumps({
                 "scheme": run.scheme, "sparsity": run.sparsity, "settings": run.settings, "knob": run.knob,
-                "server_only": run.prune is not None, "device": ",".join(group) if group else None,
-                "device_slot": slot}))
+                "reference": run.reference, "device": ",".join(group) if group else None, "device_slot": slot}))
             log = run.path / "log.txt"
             train(run, log, threads, group)
             evals = [a for s in splits for a in ("--split", s)]
@@ -715,17 +737,29 @@ def collect(sweep_dir: str | Path) -> tuple[list[dict], list[str]]:
         row["comm_bytes"] = sum(m["bytes_down"] + m["bytes_up"] for m in metrics)
         row["num_params"] = metrics[-1].get("num_params", sum(v.numel() for v in params.values()))
         row["rounds"] = metrics[-1]["round"]
-        row["server_only"] = bool(meta.get("server_only"))
+        row["reference"] = meta.get("reference", "")
         rows.append(row)
     rows.sort(key=lambda r: (r["scheme"] != SEED_SCHEME, r["scheme"] != "dense", r["scheme"], r["sparsity"],
                              r["achieved_sparsity"]))
     return rows, sorted(splits)
 
 
+REFERENCE_STYLE = {"centralized": dict(color="0.15", ls="-.", marker="s"),
+                   "server-only": dict(color="0.45", ls="--", marker="v")}
+
+
+def _scheme_style(rows: list[dict], colors: dict, sch: str) -> dict:
+    ref = next((r.get("reference") for r in rows if r["scheme"] == sch and r.get("reference")), "")
+    if ref:
+        return {**REFERENCE_STYLE[ref], "label": f"{sch} (reference)" if sch != ref else sch}
+    return dict(color=colors[sch], ls="-", marker="o", label=sch)
+
+
 def plot_curves(rows: list[dict], splits: list[str], title: str):
-    """One panel per split: WER vs sparsity, one line per scheme, the dense WER as a dashed
-    reference and each point labelled with its model size; a last panel: WER vs model size
-    (sparse-encoded MB), where an engineer picks a point by the size budget."""
+    """One panel per split: WER vs sparsity, one line per scheme, the references (the
+    centralized twin, server-only) in grey, the dense WER as a dashed line and each point
+    labelled with its model size; a last panel: WER vs model size (sparse-encoded MB), where
+    an engineer picks a point by the size budget."""
     import matplotlib.pyplot as plt
 
     dense = [r for r in rows if r["scheme"] == "dense"]
@@ -744,11 +778,13 @@ def plot_curves(rows: list[dict], splits: list[str], title: str):
         for sch in schemes:
             own = [r for r in rows if r["scheme"] == sch]
             knobbed = any(r.get("knob") for r in own)  # the method chose its sparsity: points
-            alone = knobbed or any(r.get("server_only") for r in own)  # no federated dense start
+            alone = knobbed or any(r.get("reference") for r in own)  # no federated dense start
             pts = sorted((r for r in (own if alone else dense + own) if key in r),
                          key=lambda r: r["achieved_sparsity"])
-            ax.plot([100 * r["achieved_sparsity"] for r in pts], [100 * r[key] for r in pts],
-                    marker="D" if knobbed else "o", ls=":" if knobbed else "-", color=colors[sch], label=sch)
+            style = _scheme_style(rows, colors, sch)
+            if knobbed:
+                style.update(marker="D", ls=":")
+            ax.plot([100 * r["achieved_sparsity"] for r in pts], [100 * r[key] for r in pts], **style)
             for r in pts:
                 if r["scheme"] != "dense":
                     label = f"{r['model_bytes'] / 1e6:.1f} MB" + (f" ({r['knob']})" if r.get("knob") else "")
@@ -764,7 +800,7 @@ def plot_curves(rows: list[dict], splits: list[str], title: str):
         key = f"wer_{split}"
         for sch in schemes:
             own = [r for r in rows if r["scheme"] == sch]
-            alone = any(r.get("knob") or r.get("server_only") for r in own)  # as in the sparsity panels
+            alone = any(r.get("knob") or r.get("reference") for r in own)  # as in the sparsity panels
             pts = sorted((r for r in (own if alone else dense + own) if key in r), key=lambda r: r["model_bytes"])
             ax.plot([r["model_bytes"] / 1e6 for r in pts], [100 * r[key] for r in pts], marker="os^v"[i % 4],
                     ls=["-", ":", "-.", "--"][i % 4], color=colors[sch], label=f"{sch} · {split}")
@@ -794,7 +830,7 @@ def write_report(sweep_dir: str | Path) -> tuple[list[dict], list[str], Path, Pa
     rows, splits = collect(sweep_dir)
     if not rows:
         raise FedasrError(f"{sweep_dir}: no finished run to report")
-    cols = ["scheme", "server_only", "sparsity", "knob", "achieved_sparsity", *[f"wer_{s}" for s in splits], "nonzero_params",
+    cols = ["scheme", "reference", "sparsity", "knob", "achieved_sparsity", *[f"wer_{s}" for s in splits], "nonzero_params",
             "num_params", "model_bytes", "comm_bytes", "rounds"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")

@@ -120,6 +120,34 @@ def loss_parts(model: Transducer, batch: Batch, ctc_weight: float = 0.0, simple_
     return total, {k: v.float() for k, v in parts.items()}
 
 
+def batchnorms(model: torch.nn.Module) -> dict[str, torch.nn.modules.batchnorm._BatchNorm]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, batches) -> int:
+    """Recompute every BatchNorm's running statistics from scratch over ``batches``
+    (cumulative average, forward passes only; nothing else changes, dropout is off).
+    Returns the number of utterances seen."""
+    model.eval()
+    saved = {}
+    for bn in batchnorms(model).values():
+        saved[bn] = bn.momentum
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average
+        bn.train()
+    seen = 0
+    try:
+        for batch in batches:
+            forward_batch(model, batch)
+            seen += len(batch)
+    finally:
+        for bn, momentum in saved.items():
+            bn.momentum = momentum
+        model.eval()
+    return seen
+
+
 def lr_at(cfg: TrainSection, step: int) -> float:
     """Learning rate for 0-based ``step``: linear warm-up, then
 

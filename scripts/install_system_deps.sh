@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Installs the Debian packages fedasr needs when they are missing:
-#   espeak-ng, flite (text-to-speech for the synthetic corpus), sox (resampling),
-#   libsndfile1 (FLAC I/O for soundfile).
+# Installs the Debian packages the demo needs when they are missing:
+#   espeak-ng, flite, sox: only `fedasr synth` runs them (text-to-speech for the synthetic
+#   corpus, and sox to bring it to 16 kHz); shard/train/eval on real data need none of them,
+#   `pip install .[export,flower]` is enough there (docs/data.md);
+#   libsndfile1 (FLAC I/O; the soundfile wheel also carries its own copy).
 set -euo pipefail
 missing=()
 command -v espeak-ng >/dev/null || missing+=(espeak-ng)

@@ -119,6 +119,41 @@ def test_greedy_respects_max_symbols_per_frame(data, max_symbols):
     assert greedy_search(always_blank, enc, lens) == [[] for _ in lens.tolist()]
 
 
+def test_default_greedy_is_the_deployed_one_symbol_per_frame(data):
+    """sherpa-onnx's greedy search emits at most one symbol a frame: so does fedasr's default
+    (it was 3, so `fedasr eval` reported a WER the deployed model did not reach)."""
+    never_blank = make_model(blank_bias=-1e4)
+    enc, lens = data
+    assert [len(h) for h in greedy_search(never_blank, enc, lens)] == lens.tolist()
+
+
+def test_evaluate_reports_its_decoding_and_the_unrestricted_one_beside(federation):
+    """``evaluate`` scores the deployed decoding and, asked to, greedy search with up to 3
+    symbols a frame from the same encoder output, beside it where the two differ."""
+    from fedasr.data.federation import Federation
+    from fedasr.evaluate import decode_cuts, evaluate, score
+
+    fed = Federation(federation)
+    cuts = fed.split_cuts("dev").subset(first=6)
+    model = tiny_model(preset="tiny", vocab_size=fed.tokenizer.vocab_size, num_layers=1).eval()
+    with torch.no_grad():
+        model.joiner.output.bias[model.blank_id] -= 1e4  # never blank: every frame wants 3 symbols
+    res, decoded = evaluate(model, cuts, fed.tokenizer, fed.cmvn, unrestricted=3)
+    assert res["decoding"] == "greedy search, 1 symbol per frame"
+    assert res["unrestricted"]["decoding"] == "greedy search, up to 3 symbols per frame"
+    three, _ = decode_cuts(model, cuts, fed.tokenizer, fed.cmvn, max_symbols_per_frame=3)
+    assert [d.hyp_unrestricted for d in decoded] == [d.hyp for d in three]
+    assert res["unrestricted"]["wer"] == score([d.ref for d in three], [d.hyp for d in three])["wer"]
+    assert res["unrestricted"]["wer"] != res["wer"]
+    # where both decodings agree nothing is reported beside; beam search has no unrestricted variant
+    silent = tiny_model(preset="tiny", vocab_size=fed.tokenizer.vocab_size, num_layers=1).eval()
+    with torch.no_grad():
+        silent.joiner.output.bias[silent.blank_id] += 1e4
+    assert "unrestricted" not in evaluate(silent, cuts, fed.tokenizer, fed.cmvn, unrestricted=3)[0]
+    res_beam, _ = evaluate(model, cuts, fed.tokenizer, fed.cmvn, beam=2, unrestricted=3)
+    assert "unrestricted" not in res_beam and res_beam["decoding"].startswith("modified beam search, beam 2")
+
+
 # --------------------------------------------------------------------------- beam
 
 

@@ -12,7 +12,7 @@ ROOT = Path(fedasr.__file__).parent
 FLOORS = [
     {"errors", "fsutil", "codec", "configlib", "config", "hostsync", "__init__", "__main__"},
     {"data", "model", "rundir"},
-    {"trainer", "checkpoint", "evaluate", "export"},
+    {"trainer", "checkpoint", "evaluate", "export", "int8"},
     {"aggregate", "prune"},
     {"methods"},
     {"fl"},

@@ -28,6 +28,10 @@ SETTINGS = {
     "federated_pruning": ["pruning.federated_pruning.importance=gradient"],
     "fedtiny": ["pruning.fedtiny.candidates=2", "pruning.fedtiny.phase_batches=1", "pruning.fedtiny.update_every=1"],
     "asp": ["pruning.asp.k=0.5"],
+    "feddst": ["pruning.feddst.alpha=0.5", "pruning.feddst.update_every=1", "pruning.feddst.end_round=4"],
+    "prunefl": ["pruning.prunefl.reconfig_every=1", "pruning.prunefl.init_batches=1"],
+    "snip": ["pruning.snip.batches=2"],
+    "synflow": ["pruning.synflow.iterations=3"],
 }
 
 
@@ -39,6 +43,11 @@ def run_config(name):
 def client_batches(client):
     seed = sorted(CLIENTS).index(client)
     return [tiny_batch([40, 33, 26], [4, 3, 2], seed=10 * seed + i) for i in range(2)]
+
+
+def server_batches():
+    """The server's own data (methods that score weights on it read ``ctx.server_batches``)."""
+    return iter([tiny_batch([36, 29], [3, 4], seed=90 + i) for i in range(2)])
 
 
 def wire(tensors, masks, meta):
@@ -78,7 +87,7 @@ class Server:
 
     def ctx(self, rnd):
         return RoundContext(rnd=rnd, total_rounds=ROUNDS, weights=dict(self.model.state_dict()), masks=self.masks,
-                            model=self.model)
+                            model=self.model, server_batches=server_batches)
 
     @torch.no_grad()
     def apply(self, upd):
@@ -140,7 +149,7 @@ def one_round(method, server, rnd, cfg, trace):
     instructions = method.configure(ctx)
     assert isinstance(instructions, Instructions)
     agg = method.report_aggregator(ctx)
-    states = {}
+    deltas = {}
     for client, weight in CLIENTS.items():
         weights, masks, instr = down(server, instructions, server.masks)
         model = copy.deepcopy(server.model)
@@ -168,14 +177,20 @@ def one_round(method, server, rnd, cfg, trace):
         report = up(hooks.report())
         trace.append(("train", client, report.tensors, report.meta))
         agg.add(report, weight)
-        states[client] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():  # FedAvg of the clients' models; pruned positions keep their master values
+        sent = hooks.upload_masks()  # the client's update travels under these masks
+        check_masks(sent, method, model, "upload masks")
+        deltas[client] = {k: v.detach() - weights[k] for k, v in model.state_dict().items() if v.is_floating_point()}
+        deltas[client] = {k: d * sent[k] if k in sent else d for k, d in deltas[client].items()}
+    with torch.no_grad():  # FedAvg of the clients' updates; pruned positions keep their master values
         total = sum(CLIENTS.values())
+        mean = {k: sum(deltas[c][k].double() * w for c, w in CLIENTS.items()) / total for k in deltas["a"]}
+        mean = method.aggregate_update(server.ctx(rnd), agg, mean)
+        trace.append(("aggregate", mean))
         for k, v in server.model.state_dict().items():
             if v.is_floating_point():
-                mean = sum(states[c][k] * w for c, w in CLIENTS.items()) / total
                 m = server.masks.get(k)
-                v.copy_(mean if m is None else torch.where(m, mean, v))
+                new = (v + mean[k]).to(v.dtype)
+                v.copy_(new if m is None else torch.where(m, new, v))
     upd = method.update(server.ctx(rnd), agg)
     check_update(upd, method, server.model, f"update of round {rnd}")
     trace.append(("update", upd.masks, upd.reset, upd.keep, upd.metrics))

@@ -148,11 +148,79 @@ def test_schedules():
     assert [sparsity_at(c, 0.6, r, 10) for r in (1, 2, 3, 9)] == [0.0, 0.0, 0.6, 0.6]
     s = FederatedPruningConfig(schedule="step", step_size=0.2, step_every=2, start_round=1)
     assert [round(sparsity_at(s, 0.5, r, 10), 6) for r in range(1, 8)] == [0.2, 0.2, 0.4, 0.4, 0.5, 0.5, 0.5]
-    cu = FederatedPruningConfig(schedule="cubic", start_round=1, end_round=5, initial_sparsity=0.0)
+    cu = FederatedPruningConfig(schedule="cubic", start_round=2, end_round=5, initial_sparsity=0.0)
     vals = [sparsity_at(cu, 0.8, r, 10) for r in range(1, 8)]
     assert vals[0] == 0.0 and vals[4:] == [0.8, 0.8, 0.8]
-    assert vals[1] == pytest.approx(0.8 * (1 - (1 - 0.25) ** 3))
-    assert all(a <= b for a, b in zip(vals, vals[1:]))
+    assert vals[1] == pytest.approx(0.8 * (1 - (1 - 0.25) ** 3))  # start_round: the first masked round
+    assert all(a < b for a, b in zip(vals[:5], vals[1:5]))  # 4 mask steps from round 2 to round 5
+
+
+def test_gradual_schedule_first_mask_step_is_a_small_fraction():
+    """A cubic schedule over 10 rounds changes the masks 10 times, the first time by 27% of
+    the target (1 - 0.9^3); linear (power 1) by 10%. (Was: s_0 at start_round itself, so
+    start 2 / end 4 gave 0, 0, 0.4375, 0.5: 87.5% of the target in one step.)"""
+    cu = FederatedPruningConfig(schedule="cubic", start_round=1, end_round=10)
+    vals = [sparsity_at(cu, 0.5, r, 20) for r in range(1, 21)]
+    assert vals[0] == pytest.approx(0.5 * 0.271) and vals[0] < 0.3 * 0.5
+    assert len(set(vals)) == 10 and vals[9:] == [0.5] * 11
+    steps = [b - a for a, b in zip([0.0] + vals, vals)]
+    assert max(steps) == steps[0]  # cubic: the largest step first, then smaller ones
+    lin = FederatedPruningConfig(schedule="cubic", start_round=1, end_round=10, power=1.0)
+    assert [round(sparsity_at(lin, 0.5, r, 20), 9) for r in range(1, 11)] == [round(0.05 * k, 9) for k in range(1, 11)]
+
+
+def test_coherent_column_prunes_the_same_residual_features_in_every_reader():
+    """coherent_column: the matrices reading the residual stream drop the same input features
+    (a narrower residual stream); every other matrix prunes its own columns."""
+    from fedasr.model.groups import RESIDUAL_READERS
+
+    m = model()
+    w = weights(m)
+    pr = pruner(m, pattern="coherent_column", allocation="uniform", target_sparsity=0.5)
+    masks = pr.compute(1, w, {})
+    readers = [n for n in pr.names if RESIDUAL_READERS.match(n)]
+    assert len(readers) == 6 * m.cfg.num_layers + 1
+    cols = {n: masks[n].reshape(masks[n].shape[0], masks[n].shape[1], -1).all(0).all(-1) for n in readers}
+    first = cols[readers[0]]
+    assert all(torch.equal(c, first) for c in cols.values())  # one feature mask
+    for n in readers:  # whole columns
+        full = masks[n].reshape(masks[n].shape[0], masks[n].shape[1], -1)
+        assert torch.equal(full, first.view(1, -1, 1).expand_as(full))
+    assert int((~first).sum()) == m.cfg.d_model // 2  # uniform: half the features
+    others = [n for n in pr.names if n not in readers and w[n].dim() >= 2 and w[n].shape[1] > 1]
+    assert any(not torch.equal(masks[others[0]].reshape(w[others[0]].shape[0], w[others[0]].shape[1], -1).all(0).all(-1),
+                               masks[o].reshape(w[o].shape[0], w[o].shape[1], -1).all(0).all(-1))
+               for o in others[1:] if w[o].shape[1] == w[others[0]].shape[1])
+    # against plain column: there each reader drops its own features
+    plain = pruner(m, pattern="column", allocation="uniform", target_sparsity=0.5).compute(1, w, {})
+    plain_cols = [plain[n].reshape(plain[n].shape[0], plain[n].shape[1], -1).all(0).all(-1) for n in readers]
+    assert any(not torch.equal(c, plain_cols[0]) for c in plain_cols[1:])
+
+
+def test_masks_are_frozen_after_refine_until():
+    """Refinement recomputes the masks every round until ``refine_until``; after it the masks
+    never change, whatever the weights do."""
+    m = model()
+    w = weights(m)
+    pr = pruner(m, pattern="unstructured", target_sparsity=0.5, refine=True, refine_until=3)
+    assert [pr._recompute_after(r) for r in range(1, 7)] == [True, True, False, False, False, False]
+    masks = pr.compute(1, w, {})
+    from fedasr.methods.base import RoundContext
+
+    for rnd in (3, 4, 5):
+        moved = {k: v * (1 + torch.rand_like(v)) for k, v in w.items()}  # reorders the magnitudes
+        assert pr.update(RoundContext(rnd, 6, moved, masks), _Empty()).masks is masks
+    assert pr.update(RoundContext(2, 6, {k: v * (1 + torch.rand_like(v)) for k, v in w.items()}, masks),
+                     _Empty()).masks is not masks
+    # a schedule still moving at refine_until keeps moving the masks until its end
+    late = pruner(m, pattern="unstructured", target_sparsity=0.5, schedule="cubic", start_round=1, end_round=5,
+                  refine_until=2)
+    assert [late._recompute_after(r) for r in range(1, 7)] == [True, True, True, True, False, False]
+
+
+class _Empty:
+    def result(self):
+        return {}
 
 
 def test_refinement_regrows_and_fixed_masks_do_not():

@@ -119,3 +119,96 @@ def test_init_from_a_checkpoint_written_before_a_model_field_existed(server_fede
     run = Runner(tmp_path / "run", fed, cfg("fl.rounds=1"))
     run.start(init_from=tmp_path / "old.pt")
     assert all(torch.equal(v, seed.model.state_dict()[k]) for k, v in run.model.state_dict().items())
+
+
+def _first_round_steps(fed, c, tmp_path, name, init_from):
+    """The global steps (learning-rate schedule positions) the clients of round 1 start at."""
+    from fedasr.fl.client import train_client
+
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append(kw["global_step"])
+        return train_client(*args, **kw)
+
+    run = Runner(tmp_path / name, fed, c, client_fn=spy)
+    run.start(init_from=init_from)
+    run.run_rounds()
+    return seen
+
+
+def test_a_run_from_a_checkpoint_continues_its_learning_rate_schedule(server_federation, tmp_path):
+    """From a seed trained 2 x 3 steps with a 5-step warm-up, the clients of round 1 start at
+    schedule position 6 (past the warm-up: the recipe's learning rate), not at 0 (1/5 of it);
+    restarting the warm-up is the explicit setting train.warmup_on_init."""
+    from fedasr.trainer import lr_at
+
+    fed = Federation(server_federation)
+    seed = Runner(tmp_path / "seed", fed, cfg("fl.rounds=2", "fl.local_steps=3", "fl.clients_per_round=1"),
+                  centralized=True, data="server")
+    seed.start()
+    seed.run_rounds()
+    assert seed.lr_step == 6
+    c = cfg("fl.rounds=1", "train.lr_schedule=constant")
+    steps = _first_round_steps(fed, c, tmp_path, "continue", seed.run.latest())
+    assert steps == [6, 6]
+    assert lr_at(c.train, steps[0]) == c.train.lr
+    rewarm = cfg("fl.rounds=1", "train.lr_schedule=constant", "train.warmup_on_init=true")
+    assert _first_round_steps(fed, rewarm, tmp_path, "rewarm", seed.run.latest()) == [0, 0]
+    assert lr_at(rewarm.train, 0) == rewarm.train.lr / 5
+    # a checkpoint without a schedule position (a one-shot pruned one): the end of the warm-up
+    pruned = torch.load(seed.run.latest(), weights_only=True)
+    pruned["state"] = {}
+    torch.save(pruned, tmp_path / "pruned.pt")
+    assert _first_round_steps(fed, c, tmp_path, "nostate", tmp_path / "pruned.pt") == [5, 5]
+
+
+def test_batchnorm_recalibrated_on_the_server_data_after_a_mask_change(server_federation, federation, tmp_path):
+    """pruning.recalibrate_bn: after each change of the masks the global BatchNorm statistics
+    are those of the served (masked) model on N batches of the server's data; rounds whose
+    masks do not change keep the clients' pooled statistics."""
+    import itertools
+
+    import pytest
+
+    from fedasr.data.batching import AsrDataset
+    from fedasr.errors import FedasrError
+    from fedasr.fl.messages import derive_seed
+    from fedasr.model.transducer import Transducer
+    from fedasr.trainer import recalibrate_batchnorm
+
+    fed = Federation(server_federation)
+    fp = ["pruning.method=federated_pruning", "pruning.target_sparsity=0.5",
+          "pruning.federated_pruning.schedule=cubic", "pruning.federated_pruning.start_round=1",
+          "pruning.federated_pruning.end_round=2", "pruning.federated_pruning.refine_until=2"]
+    c = cfg("fl.rounds=3", "pruning.recalibrate_bn=2", *fp)
+    rows, after_round1 = [], {}
+
+    class Spy(StopAfterRound):
+        def round_end(self, row):
+            rows.append((row["round"], row.get("bn_recalibrated_on")))
+            if row["round"] == 1:
+                after_round1.update(served=run.server.served_state())
+
+    run = Runner(tmp_path / "r", fed, c, events=Spy(99))
+    run.start()
+    run.run_rounds()
+    # the masks change after round 1 (cubic step 2 of 2), then stay: recalibrated after round 1 only
+    assert [(r, n is not None) for r, n in rows] == [(1, True), (2, False), (3, False)]
+    # ... to the served model's statistics on the round's draw of the server's data, recomputed here
+    served = Transducer(run.model.cfg)
+    served.load_state_dict(after_round1["served"])
+    ds = AsrDataset(fed.server_cuts(), fed.tokenizer, fed.cmvn)
+    batches = ds.batches(c.train.max_duration, seed=derive_seed(c.seed, 1, 7), shuffle=True, num_buckets=1)
+    stats = {k: v.clone() for k, v in served.state_dict().items() if "running_" in k}
+    assert recalibrate_batchnorm(served, itertools.islice(batches, 2)) == rows[0][1] > 0
+    mine = {k: v for k, v in served.state_dict().items() if "running_" in k}
+    assert all(torch.allclose(mine[k], stats[k], atol=1e-6) for k in mine)
+    # without it they are the clients' pooled statistics, which differ
+    plain = Runner(tmp_path / "plain", fed, cfg("fl.rounds=1", *fp))
+    plain.start()
+    plain.run_rounds()
+    assert any(not torch.allclose(plain.server.served_state()[k], mine[k], atol=1e-3) for k in mine)
+    # a federation without server data: a one-line config error
+    with pytest.raises(FedasrError, match="pruning.recalibrate_bn: .* holds no server data"):
+        Runner(tmp_path / "x", Federation(federation), c)

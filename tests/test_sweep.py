@@ -45,7 +45,7 @@ def test_reduced_ci_sweep_and_report(server_federation, tmp_path):
     rows = list(csv.DictReader((out / "wer_vs_sparsity.csv").open()))
     assert sorted((row["scheme"], float(row["sparsity"])) for row in rows) == sorted(
         [("seed", 0.0), ("dense", 0.0)] + [(s, 0.5) for s in schemes])
-    assert {row["scheme"] for row in rows if row["server_only"] == "True"} == {"server-only"}
+    assert {row["scheme"]: row["reference"] for row in rows if row["reference"]} == {"server-only": "server-only"}
     for row in rows:
         for split in ("test-clean", "test-other"):
             wer = float(row[f"wer_{split}"])
@@ -67,13 +67,14 @@ def test_reduced_ci_sweep_and_report(server_federation, tmp_path):
     seed_sha = file_sha256(seed_ckpt)
     for f in sorted((out / "runs").glob("**/sweep.json")):
         conf = RunDir(f.parent).read_config()
-        if f.parent.parent.name == "server-only":  # one-shot prune of the seed, then server data
+        if f.parent.parent.name == "server-only":  # the FP scheme's pruning, centrally on the server's data
             assert conf["data"] == "server" and conf["mode"] == "centralized"
-            assert conf["init_from"] == str(f.parent / "pruned.pt")
-            assert read_checkpoint(f.parent / "pruned.pt")["config"]["pruned_from"] == str(seed_ckpt)
+            assert conf["fl"]["centralized_optimizer"] == "per_round"
+            fp = RunDir(out / "runs" / schemes[0] / "s0.50").read_config()["pruning"]
+            assert conf["pruning"] == fp and conf["pruning"]["method"] == "federated_pruning"
         else:
-            assert conf["mode"] == "federated" and conf["init_from"] == str(seed_ckpt)
-            assert conf["init_from_sha256"] == seed_sha
+            assert conf["mode"] == "federated"
+        assert conf["init_from"] == str(seed_ckpt) and conf["init_from_sha256"] == seed_sha
     png = (out / "wer_vs_sparsity.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     # re-running skips the finished runs (the seed too: trained once); report alone works too
@@ -84,32 +85,40 @@ def test_reduced_ci_sweep_and_report(server_federation, tmp_path):
     assert rep.returncode == 0 and "WER vs sparsity" in rep.stdout and "seed" in rep.stdout
 
 
-def test_seed_and_server_only_plans_and_errors(tmp_path, federation):
+def test_seed_and_reference_plans_and_errors(tmp_path, federation):
     from fedasr.sweep import plan_runs, plan_seed
 
     fp = {"method": "federated_pruning", "federated_pruning": {"pattern": "row"}}
     recipe = {"seed_model": {"steps": 40, "rounds": 2, "overrides": ["train.lr=0.002"]},
               "fl": {"rounds": 3, "clients_per_round": 2, "local_steps": 5},
               "sweep": {"sparsities": [0.0, 0.5], "schemes": [
-                  {"name": "fp", "pruning": fp}, {"name": "so", "server_only": True, "pruning": fp}]}}
+                  {"name": "fp", "pruning": fp, "overrides": ["train.lr=0.003"]},
+                  {"name": "so", "like": "fp", "centralized": True, "data": "server"},
+                  {"name": "twin", "like": "fp", "centralized": True, "sparsities": [0.0, 0.5, 0.7]}]}}
     seed = plan_seed(recipe, tmp_path)
     assert seed.path == tmp_path / "seed" and seed.rounds == 2
     assert {"fl.rounds=2", "fl.local_steps=20", "fl.clients_per_round=1", "train.lr=0.002"} <= set(seed.settings)
     runs = plan_runs(recipe, tmp_path)
-    assert [(r.scheme, r.sparsity, r.from_seed, r.prune is not None) for r in runs] == [
-        ("dense", 0.0, True, False), ("fp", 0.5, True, False), ("so", 0.5, True, True)]
-    so = runs[-1]
-    assert so.prune["pattern"] == "row" and so.prune["sparsity"] == 0.5 and "--centralized" in so.train_args
-    # a server-only run takes as many steps as a federated run's clients together
-    c = load_config(None, [])
-    assert c.fl.rounds * c.fl.clients_per_round * c.fl.local_steps > 0
+    assert [(r.scheme, r.sparsity, r.from_seed, r.reference) for r in runs] == [
+        ("dense", 0.0, True, ""), ("fp", 0.5, True, ""), ("so", 0.5, True, "server-only"),
+        ("twin", 0.0, True, "centralized"), ("twin", 0.5, True, "centralized"), ("twin", 0.7, True, "centralized")]
+    fed_run, so, twin0, twin = runs[1], runs[2], runs[3], runs[4]
+    # a reference copies the federated scheme's pruning and overrides; server-only takes a fresh
+    # optimizer every round, as the federated clients do
+    assert so.train_args == ["--centralized", "--data", "server"] and twin.train_args[:3] == ["--centralized",
+                                                                                            "--data", "clients"]
+    assert set(fed_run.settings) <= set(twin.settings) and set(fed_run.settings) <= set(so.settings)
+    assert "fl.centralized_optimizer=per_round" in so.settings
+    assert not any(s.startswith("fl.centralized_optimizer") for s in twin.settings)
+    assert "pruning.method=none" in twin0.settings and "train.lr=0.003" in twin0.settings
     for bad, msg in [
         ({"seed_model": {"steps": 5, "rounds": 2}}, "seed_model.steps: 5 is not a multiple of seed_model.rounds"),
-        ({"seed_model": {"steps": 0}, "sweep": {"schemes": [{"name": "so", "server_only": True, "pruning": fp}]}},
-         "server_only: needs a seed model"),
-        ({"seed_model": {"steps": 4}, "sweep": {"schemes": [{"name": "so", "server_only": True, "pruning": {
-            "method": "federated_pruning", "federated_pruning": {"importance": "gradient"}}}]}},
-         "gradient importance needs the clients' data"),
+        ({"sweep": {"schemes": [{"name": "so", "server_only": True, "pruning": fp}]}},
+         r"sweep.schemes\[0\].server_only: replaced by `centralized: true` and `data: server`"),
+        ({"sweep": {"schemes": [{"name": "so", "like": "nope", "centralized": True}]}},
+         r"sweep.schemes\[0\].like: no scheme named 'nope'"),
+        ({"sweep": {"schemes": [{"name": "so", "pruning": fp, "data": "server"}]}},
+         "data: server needs centralized: true"),
     ]:
         with pytest.raises(FedasrError, match=msg):
             plan_runs(bad, tmp_path)
@@ -117,6 +126,37 @@ def test_seed_and_server_only_plans_and_errors(tmp_path, federation):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     r = run_cli("sweep", tmp_path / "r.yaml", "--federation", federation, "--out", tmp_path / "s")
     assert r.returncode != 0 and "holds no server data" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_references_train_the_federated_runs_steps_and_samples(server_federation, tmp_path):
+    """The centralized twin and the server-only baseline take as many optimizer steps a round as
+    the federated run's clients together, of the same batches (train.max_duration seconds of
+    audio: as many samples); server-only restarts its optimizer every round as a client does."""
+    from fedasr.data.federation import Federation
+    from fedasr.fl import client as fl_client
+    from fedasr.fl.runner import Runner
+
+    fed = Federation(server_federation)
+    settings = FAST + ["fl.rounds=2", "fl.local_steps=3"]
+    federated = Runner(tmp_path / "fed", fed, load_config(None, settings))
+    federated.start()
+    fed_steps = [sum(r["steps"]) for r in federated.run_rounds()]
+    assert fed_steps == [6, 6]  # 2 clients x 3 steps a round
+    for data, opt in (("clients", "persistent"), ("server", "per_round")):
+        optimizers = []
+
+        def spy(*args, **kw):
+            optimizers.append(kw["optimizer"])
+            return fl_client.train_client(*args, **kw)
+
+        ref = Runner(tmp_path / data, fed, load_config(None, settings + [f"fl.centralized_optimizer={opt}"]),
+                     centralized=True, data=data, client_fn=spy)
+        ref.start()
+        rows = ref.run_rounds()
+        assert [r["steps"] for r in rows] == [[6], [6]]  # one client, the federated clients' steps together
+        assert all(r["processed"] > 0 for r in rows)
+        assert ref.cfg.train.max_duration == federated.cfg.train.max_duration  # batches of the same audio
+        assert len({id(o) for o in optimizers}) == (2 if opt == "per_round" else 1)
 
 
 def test_sweep_rejects_bad_recipe(federation, tmp_path):
@@ -137,7 +177,7 @@ def test_sweep_rejects_bad_recipe(federation, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "s" / "runs").exists()
 
 
-@pytest.mark.parametrize("recipe", ["recipes/ci.yaml", "recipes/ci_structured.yaml",
+@pytest.mark.parametrize("recipe", ["recipes/ci.yaml", "recipes/ci_structured.yaml", "recipes/ci_baselines.yaml",
                                     "recipes/librispeech/federated_pruning.yaml",
                                     "recipes/librispeech100/federated_pruning.yaml"])
 def test_recipes_parse_and_build_the_model(recipe):
@@ -224,8 +264,9 @@ def test_the_method_layer_resolves_the_method_blocks():
     assert full["fedtiny"] == dataclasses.asdict(block) and full["target_sparsity"] == cfg.pruning.target_sparsity
     assert method_blocks(parse_config({"pruning": full}).pruning) == method_blocks(cfg.pruning)
     for setting, msg in [("pruning.bogus.x=1", "pruning.bogus: unknown key (known: method, target_sparsity, include, "
-                                               "exclude, asp, federated_pruning, fedtiny)"),
-                         ("pruning.method=magic", "pruning.method: unknown 'magic' (asp, federated_pruning, fedtiny, none)"),
+                                               "exclude, recalibrate_bn, asp, feddst, federated_pruning, fedtiny, prunefl, snip, synflow)"),
+                         ("pruning.method=magic", "pruning.method: unknown 'magic' (asp, feddst, federated_pruning, "
+                                                  "fedtiny, none, prunefl, snip, synflow)"),
                          ("pruning.fedtiny.candidates=0", "pruning.fedtiny.candidates/phase_batches/update_every: must be"),
                          ("pruning.fedtiny=5", "pruning.fedtiny: expected a mapping of fedtiny's settings, got 5")]:
         bad = load_config(None, [setting])  # the parser keeps the block as given ...

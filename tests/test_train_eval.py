@@ -101,6 +101,12 @@ def test_eval_cli_writes_results(short_run, federation):
     assert set(results["test-clean"]["per_client"]) == set(Federation(federation).client_ids)
     assert "per_client" not in results["test-other"]
     assert "WER" in r.stdout
+    assert all(res["decoding"] == "modified beam search, beam 2 (1 symbol per frame)" for res in results.values())
+    r = run_cli("eval", "--run", short_run, "--split", "test-clean")  # the default: the deployed greedy search
+    assert r.returncode == 0, r.stderr
+    res = json.loads((short_run / "results.json").read_text())["test-clean"]
+    assert res["decoding"] == "greedy search, 1 symbol per frame" and res["max_symbols_per_frame"] == 1
+    assert "1 symbol per frame" in r.stdout
 
 
 def test_eval_cli_errors(short_run, tmp_path):

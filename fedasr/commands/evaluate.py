@@ -18,12 +18,14 @@ from fedasr.rundir import RunDir
 def evaluate_run(run_dir, *, checkpoint=None, splits: list[str] | None = None, beam: int = 1,
                  federation=None, max_duration: float = 120.0, device: str = "auto",
                  progress: Callable[[str, int], Callable[[int], None]] | None = None,
-                 max_symbols_per_frame: int = 3) -> tuple[dict, list[str], str]:
+                 max_symbols_per_frame: int = 1, unrestricted: int | None = 3) -> tuple[dict, list[str], str]:
     """`fedasr eval`: decode ``splits`` (default: the federation's test splits) with the run's
     latest checkpoint (or ``checkpoint``), write RUN_DIR/results.json (merged with earlier
     splits) and RUN_DIR/decode/SPLIT-beamN.tsv. ``progress(split, n_utts)`` returns a
     per-batch callback. Greedy search emits up to ``max_symbols_per_frame`` symbols a frame
-    (sherpa-onnx's greedy search: 1). Returns (results, splits, checkpoint path)."""
+    (default 1: what sherpa-onnx's greedy search does, so the WER is the deployed model's);
+    ``unrestricted``: also greedy with up to that many, reported beside where it differs
+    (None or 0: not). Returns (results, splits, checkpoint path)."""
     rd = RunDir(run_dir)
     raw = rd.read_config()
     fed = Federation(federation or raw["federation"])
@@ -34,6 +36,8 @@ def evaluate_run(run_dir, *, checkpoint=None, splits: list[str] | None = None, b
         raise FedasrError("--beam: must be at least 1")
     if max_symbols_per_frame < 1:
         raise FedasrError("--max-symbols-per-frame: must be at least 1")
+    if unrestricted is not None and unrestricted < 0:
+        raise FedasrError("--unrestricted: must be >= 0 (0: off)")
     ckpt = load(ckpt_path)
     model, tok = ckpt.model, ckpt.tokenizer
     model.to(resolve_device(device))
@@ -46,7 +50,7 @@ def evaluate_run(run_dir, *, checkpoint=None, splits: list[str] | None = None, b
         cuts = fed.split_cuts(s)
         res, decoded = evaluate(model, cuts, tok, fed.cmvn, beam=beam, max_duration=max_duration,
                                 speaker_to_client=spk2client, progress=progress(s, len(cuts)) if progress else None,
-                                max_symbols_per_frame=max_symbols_per_frame)
+                                max_symbols_per_frame=max_symbols_per_frame, unrestricted=unrestricted or None)
         res["checkpoint"] = str(ckpt_path)
         if beam == 1:
             res["max_symbols_per_frame"] = max_symbols_per_frame

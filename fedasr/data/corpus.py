@@ -1,11 +1,13 @@
 """Reading a LibriSpeech-layout corpus (real or generated) into lhotse manifests.
 
-The utterances themselves are parsed by lhotse's LibriSpeech recipe
-(:func:`lhotse.recipes.librispeech.parse_utterance`); this module adds the validation a
-real tool needs before it: every transcript line has audio, every audio file has a
-transcript line, no transcript is empty, every FLAC decodes. Each problem is an error
-naming the file, unless ``skip_invalid`` is set, in which case the utterance is dropped
-and the problem is recorded.
+One of the producers of CutSets that ``fedasr shard`` reads (:mod:`fedasr.data.sources`
+has the other, lhotse manifests, and the checks both get afterwards: audio, sample rate,
+channels, transcript normalisation). The utterances themselves are parsed by lhotse's
+LibriSpeech recipe (:func:`lhotse.recipes.librispeech.parse_utterance`); this module adds
+the checks of the layout: every transcript line has audio, every audio file has a
+transcript line, no transcript is empty, ids follow ``SPEAKER-CHAPTER-NNNN``. Each problem
+is an error naming the file, unless ``skip_invalid`` is set, in which case the utterance
+is dropped and the problem is recorded.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import soundfile as sf
 from lhotse import CutSet, RecordingSet, SupervisionSet
 from lhotse.recipes.librispeech import parse_utterance
 from lhotse.utils import fastcopy
@@ -41,26 +42,21 @@ class SplitScan:
     dropped: list[Problem]
 
 
-def _fail_or_collect(problems: list[Problem], skip_invalid: bool) -> None:
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """An exception as one line of a message."""
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:limit]
+
+
+def fail_or_collect(problems: list[Problem], skip_invalid: bool) -> None:
     if problems and not skip_invalid:
         more = f" ({len(problems) - 1} more problems; --skip-invalid drops bad utterances)" if len(problems) > 1 else ""
         raise FedasrError(f"{problems[0]}{more}")
 
 
-def _check_audio(path: Path) -> str | None:
-    try:
-        info = sf.info(str(path))
-    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError
-        return f"undecodable audio ({str(e).splitlines()[0][:120]})"
-    if info.frames <= 0:
-        return "audio has no samples"
-    if info.channels != 1:
-        return f"audio has {info.channels} channels, expected mono"
-    return None
-
-
 def scan_split(corpus: str | Path, split: str, skip_invalid: bool = False, jobs: int = 4) -> SplitScan:
-    """Validate one split directory of a LibriSpeech-layout corpus and return its cuts.
+    """Validate one split directory of a LibriSpeech-layout corpus and return its cuts
+    (audio, rates and channels are checked afterwards, :func:`fedasr.data.sources.prepare`).
 
     Cut ids are the utterance ids (``SPEAKER-CHAPTER-NNNN``); each supervision keeps
     ``speaker`` and carries ``custom={"chapter": ...}``.
@@ -116,34 +112,33 @@ def scan_split(corpus: str | Path, split: str, skip_invalid: bool = False, jobs:
         if flac not in referenced:
             problems.append(Problem(str(flac), "audio without a transcript line"))
 
-    def check(item: tuple[Path, str]) -> Problem | None:
-        reason = _check_audio(item[0])
-        return Problem(str(item[0]), reason) if reason else None
-
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
-        bad = [p for p in ex.map(check, lines) if p is not None]
-    problems.extend(bad)
-    bad_paths = {p.path for p in bad}
-    good = [(a, line) for a, line in lines if str(a) not in bad_paths]
-    _fail_or_collect(problems, skip_invalid)
-    if not good:
+    fail_or_collect(problems, skip_invalid)
+    if not lines:
         raise FedasrError(f"{split_dir}: no valid utterances")
 
     def parse(item: tuple[Path, str]):
-        return parse_utterance(split_dir, item[1], {})
+        try:
+            return parse_utterance(split_dir, item[1], {})
+        except Exception as e:  # lhotse reads the header: an undecodable file fails here
+            return f"undecodable audio ({first_line(e, 120)})"
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
-        parsed = list(ex.map(parse, good))
+        parsed = list(ex.map(parse, lines))
     recordings, supervisions = [], []
-    for (audio, _), result in zip(good, parsed):
+    for (audio, _), result in zip(lines, parsed):
         if result is None:  # lhotse could not find the file after all
             problems.append(Problem(str(audio), "transcript line without audio"))
+            continue
+        if isinstance(result, str):
+            problems.append(Problem(str(audio), result))
             continue
         rec, sup = result
         sup.custom = {"chapter": UTT_ID.match(rec.id).group(2)}
         recordings.append(rec)
         supervisions.append(sup)
-    _fail_or_collect(problems, skip_invalid)
+    fail_or_collect(problems, skip_invalid)
+    if not recordings:
+        raise FedasrError(f"{split_dir}: no valid utterances")
     cuts = CutSet.from_manifests(
         recordings=RecordingSet.from_recordings(recordings),
         supervisions=SupervisionSet.from_segments(supervisions),

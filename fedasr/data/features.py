@@ -9,13 +9,24 @@
   povey window, DC removal, pre-emphasis 0.97, 20 Hz .. Nyquist - 400 Hz, log power
   mel energies floored at float epsilon), so an exported model sees at deployment the
   features it was trained on (tests/test_export.py measures the difference).
+- The model hears 16 kHz mono. :class:`ModelFbank` takes any audio lhotse loads: several
+  channels are averaged (downmix) and another sample rate is resampled to 16 kHz with
+  lhotse's own resampler (:class:`lhotse.augmentation.resample.Resample`, torchaudio's
+  windowed-sinc algorithm in plain torch, with a sharper filter than its default:
+  :data:`RESAMPLER_ZERO_CROSSINGS`), so the features do not depend on whether torchaudio
+  or scipy happen to be installed (lhotse's ``cut.resample`` needs one of them). The
+  stored cuts then carry ``recording.resample(16000)``, so their metadata and
+  ``load_audio()`` say 16 kHz too (that path resamples with lhotse's default filter).
 - Global mean/variance normalisation with statistics from the training clients.
 - SpecAugment (frequency and time masks) for training, seeded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,24 +34,83 @@ from pathlib import Path
 import numpy as np
 import torch
 from lhotse import CutSet, Fbank, FbankConfig, LilcomChunkyWriter
+from lhotse.augmentation.resample import Resample
+from lhotse.utils import fastcopy
 
 from fedasr.errors import FedasrError
 from fedasr.fsutil import atomic_write_text
 
 NUM_MEL_BINS = 80
 FRAME_SHIFT = 0.01
+SAMPLE_RATE = 16000
 
 
 # The front end, option by option (lhotse FbankConfig names; sherpa-onnx/kaldi-native-fbank
 # use the same defaults: frame_opts.* and mel_opts.*, normalize_samples=True).
-FBANK_OPTIONS = dict(sampling_rate=16000, frame_length=0.025, frame_shift=FRAME_SHIFT, dither=0.0, snip_edges=False,
+FBANK_OPTIONS = dict(sampling_rate=SAMPLE_RATE, frame_length=0.025, frame_shift=FRAME_SHIFT, dither=0.0, snip_edges=False,
                      window_type="povey", remove_dc_offset=True, preemph_coeff=0.97, round_to_power_of_two=True,
                      low_freq=20.0, high_freq=-400.0, num_filters=NUM_MEL_BINS, use_energy=False,
                      use_fft_mag=False)
 
 
-def fbank_extractor() -> Fbank:
-    return Fbank(FbankConfig(**FBANK_OPTIONS))
+# lhotse's (and torchaudio's) default windowed sinc has 6 zero crossings a side: its transition
+# band starts near 6.5 kHz, and 44.1 kHz audio resampled with it lost 0.7 (log) in the top mel
+# bin against the same audio recorded at 16 kHz. 64 crossings keep the whole 20-7600 Hz band of
+# the features (0.004 there; tests/test_sources.py), at no cost measurable beside the fbank.
+RESAMPLER_ZERO_CROSSINGS = 64
+
+
+@functools.lru_cache(maxsize=8)
+def _resampler(rate: int) -> Resample:
+    return Resample(orig_freq=rate, new_freq=SAMPLE_RATE, lowpass_filter_width=RESAMPLER_ZERO_CROSSINGS)
+
+
+def to_model_audio(samples, sampling_rate: int) -> np.ndarray:
+    """``(channels, samples)`` (or 1-D) audio at any rate -> ``(1, samples)`` float32 at
+    16 kHz: the mean of the channels, resampled."""
+    x = torch.as_tensor(np.asarray(samples, dtype=np.float32))
+    if x.ndim == 1:
+        x = x.unsqueeze(0)
+    if x.shape[0] > 1:
+        x = x.mean(0, keepdim=True)
+    if int(sampling_rate) != SAMPLE_RATE:
+        x = _resampler(int(sampling_rate))(x)
+    return x.numpy()
+
+
+class ModelFbank(Fbank):
+    """lhotse's Kaldi-compatible Fbank (:data:`FBANK_OPTIONS`) on :func:`to_model_audio`."""
+
+    def extract(self, samples, sampling_rate: int) -> np.ndarray:
+        return super().extract(to_model_audio(samples, sampling_rate), SAMPLE_RATE)
+
+    def extract_from_samples_and_store(self, samples, storage, sampling_rate, offset=0, channel=None,
+                                       augment_fn=None):
+        # the features manifest then says 16 kHz, as the frames were computed
+        return super().extract_from_samples_and_store(to_model_audio(samples, sampling_rate), storage, SAMPLE_RATE,
+                                                      offset=offset, channel=channel, augment_fn=augment_fn)
+
+
+def fbank_extractor() -> ModelFbank:
+    return ModelFbank(FbankConfig(**FBANK_OPTIONS))
+
+
+class _QuietAudioErrors(logging.Filter):
+    """lhotse logs (several lines) each cut whose audio fails to load and drops it; fedasr
+    reports the cut itself, in one line (:func:`compute_features`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Suppressed AudioLoadingError" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_audio_errors():
+    root, quiet = logging.getLogger(), _QuietAudioErrors()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 def compute_features(cuts: CutSet, fed_dir: Path, name: str, jobs: int = 1) -> CutSet:
@@ -56,22 +126,31 @@ def compute_features(cuts: CutSet, fed_dir: Path, name: str, jobs: int = 1) -> C
     if num_jobs > 1:
         torch.set_num_threads(1)  # lhotse: worker processes with several threads each can hang
     try:
-        with_feats = cuts.compute_and_store_features(
-            extractor=fbank_extractor(),
-            storage_path=feats_dir / name,
-            num_jobs=num_jobs,
-            storage_type=LilcomChunkyWriter,
-            progress_bar=False,
-        )
+        with _quiet_audio_errors():
+            with_feats = cuts.compute_and_store_features(
+                extractor=fbank_extractor(),
+                storage_path=feats_dir / name,
+                num_jobs=num_jobs,
+                storage_type=LilcomChunkyWriter,
+                progress_bar=False,
+            ).to_eager()
     except Exception as e:  # name the audio file when decoding fails midway
         raise FedasrError(f"feature extraction failed for split/client {name!r}: {str(e).splitlines()[0][:200]}") from None
     finally:
         torch.set_num_threads(threads)
+    lost = sorted(set(cuts.ids) - set(with_feats.ids))
+    if lost:  # lhotse drops a cut whose audio fails to load (a file corrupt past its header)
+        src = cuts[lost[0]].recording.sources[0].source if cuts[lost[0]].recording else "?"
+        raise FedasrError(f"{src}: audio of utterance {lost[0]} could not be decoded while computing features "
+                          f"for {name!r}" + (f" ({len(lost) - 1} more)" if len(lost) > 1 else ""))
     root = str(Path(fed_dir).resolve())
 
     def relative(cut):
         p = Path(cut.features.storage_path)
         cut.features.storage_path = str(p.resolve().relative_to(root))
+        if cut.recording is not None and cut.recording.sampling_rate != SAMPLE_RATE:
+            # metadata only: the features were computed from 16 kHz audio (ModelFbank)
+            cut = fastcopy(cut, recording=cut.recording.resample(SAMPLE_RATE))
         return cut
 
     return with_feats.map(relative).to_eager()

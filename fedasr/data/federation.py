@@ -1,4 +1,8 @@
-"""`fedasr shard`: a LibriSpeech-layout corpus -> a federation directory.
+"""`fedasr shard`: a LibriSpeech-layout corpus or lhotse manifests -> a federation directory.
+
+Each split comes from ``--manifests SPLIT=PATH`` when that names it, else from ``--corpus``
+(:mod:`fedasr.data.sources`); from there on every split is a lhotse CutSet of checked,
+normalised utterances.
 
 Layout of ``FED_DIR``::
 
@@ -26,9 +30,10 @@ import yaml
 from lhotse import CutSet
 
 from fedasr.data import partition as part
-from fedasr.data.corpus import Problem, scan_split
-from fedasr.data.features import GlobalCMVN, compute_features, load_manifest
-from fedasr.data.tokenizer import Tokenizer, train_tokenizer
+from fedasr.data.corpus import Problem
+from fedasr.data.features import SAMPLE_RATE, GlobalCMVN, compute_features, load_manifest
+from fedasr.data.sources import chapter_of, check_roles, read_split
+from fedasr.data.tokenizer import TEXT_NORMALIZATION, Tokenizer, train_tokenizer
 from fedasr.errors import FedasrError
 from fedasr.fsutil import atomic_dir
 
@@ -54,7 +59,7 @@ def _check_server_disjoint(server: CutSet, train: CutSet) -> None:
 
 @dataclass
 class ShardOptions:
-    corpus: Path
+    corpus: Path | None  # LibriSpeech layout; None: every split from ``manifests``
     train_splits: list[str]
     dev_splits: list[str]
     test_splits: list[str]
@@ -72,6 +77,7 @@ class ShardOptions:
     skip_invalid: bool = False
     jobs: int = 2
     overwrite: bool = False
+    manifests: dict[str, str] = field(default_factory=dict)  # split -> lhotse manifest(s) (--manifests)
 
 
 def _hours(cuts: CutSet) -> float:
@@ -86,9 +92,14 @@ def shard(opts: ShardOptions, log: Callable[[str], None] = lambda s: None) -> di
     dupes = sorted({s for s in names if names.count(s) > 1})
     if dupes:
         raise FedasrError(f"--train-split/--server-split/--dev-split/--test-split: split {dupes[0]!r} given twice")
-    corpus = Path(opts.corpus).resolve()
-    if not corpus.is_dir():
-        raise FedasrError(f"{opts.corpus}: corpus directory does not exist")
+    roles = {"train": opts.train_splits, "server": opts.server_splits, "dev": opts.dev_splits,
+             "test": opts.test_splits}
+    check_roles(roles, opts.corpus, opts.manifests)
+    corpus = None
+    if opts.corpus is not None:
+        corpus = Path(opts.corpus).resolve()
+        if not corpus.is_dir():
+            raise FedasrError(f"{opts.corpus}: corpus directory does not exist")
     if opts.out.exists() and not opts.overwrite:
         raise FedasrError(f"{opts.out}: already exists (use --overwrite to replace it)")
     if opts.scheme in ("iid", "dirichlet") and opts.num_clients is not None and opts.num_clients < 1:
@@ -98,14 +109,18 @@ def shard(opts: ShardOptions, log: Callable[[str], None] = lambda s: None) -> di
     dropped: list[Problem] = []
     scans = {}
     for split in names:
-        log(f"scanning {split}")
-        scan = scan_split(corpus, split, skip_invalid=opts.skip_invalid, jobs=opts.jobs)
+        log(f"reading {split}")
+        scan = read_split(split, corpus, opts.manifests, skip_invalid=opts.skip_invalid, jobs=opts.jobs)
         scans[split] = scan
         dropped.extend(scan.dropped)
 
     train = CutSet.from_cuts(c for s in opts.train_splits for c in scans[s].cuts)
-    utts = [part.Utt(c.id, c.supervisions[0].speaker, c.supervisions[0].custom["chapter"], c.duration)
-            for c in train]
+    if opts.scheme == "chapter":
+        no_chapter = next((c for c in train if chapter_of(c) is None), None)
+        if no_chapter is not None:
+            raise FedasrError(f"--by chapter: utterance {no_chapter.id} has no chapter (its supervision's "
+                              "custom field 'chapter'); use --by speaker or add chapters to the manifest")
+    utts = [part.Utt(c.id, c.supervisions[0].speaker, chapter_of(c) or "", c.duration) for c in train]
     partition = part.partition(utts, opts.scheme, seed=opts.seed, num_clients=opts.num_clients,
                                alpha=opts.alpha, min_utterances=opts.min_utterances,
                                max_clients=opts.max_clients)
@@ -171,9 +186,13 @@ def shard(opts: ShardOptions, log: Callable[[str], None] = lambda s: None) -> di
         hours = [m["hours"] for m in clients_meta.values()]
         meta = {
             "format_version": FORMAT_VERSION,
-            "source": {"corpus": str(corpus), "train_splits": opts.train_splits,
+            "source": {"corpus": None if corpus is None else str(corpus),
+                       "manifests": {s: scans[s].origin for s in opts.manifests}, "train_splits": opts.train_splits,
                        "server_splits": opts.server_splits,
-                       "dev_splits": opts.dev_splits, "test_splits": opts.test_splits},
+                       "dev_splits": opts.dev_splits, "test_splits": opts.test_splits,
+                       "splits": {s: {"from": scans[s].origin, "utterances": len(scans[s].cuts), **scans[s].audio}
+                                  for s in names}},
+            "text": {"normalization": TEXT_NORMALIZATION},
             "scheme": {"by": opts.scheme, "num_clients": opts.num_clients,
                        "alpha": opts.alpha if opts.scheme == "dirichlet" else None,
                        "min_utterances": opts.min_utterances, "max_clients": opts.max_clients},
@@ -185,7 +204,8 @@ def shard(opts: ShardOptions, log: Callable[[str], None] = lambda s: None) -> di
                           "source": str(opts.tokenizer) if opts.tokenizer else
                           ("trained on the server's data" if opts.server_splits else "trained on training clients"),
                           "blank_id": 0},
-            "features": {"type": "fbank", "num_mel_bins": 80, "frame_shift": 0.01,
+            "features": {"type": "fbank", "num_mel_bins": 80, "frame_shift": 0.01, "sampling_rate": SAMPLE_RATE,
+                         "audio": "channels averaged, resampled to 16 kHz (lhotse's resampler)",
                          "storage": "lilcom_chunky", "cmvn": "cmvn.json",
                          "cmvn_from": "server" if opts.server_splits else "clients"},
             "summary": {

@@ -90,16 +90,27 @@ def available_engines() -> list[str]:
     return [e for e in ("espeak-ng", "flite") if shutil.which(e)]
 
 
+# What `fedasr synth` runs (and nothing else in fedasr does): espeak-ng speaks, sox converts
+# its 22.05 kHz output to 16 kHz; flite, when installed, adds four voices.
+REQUIRED_TOOLS = ("espeak-ng", "sox")
+
+
+def require_tools() -> None:
+    """One error naming the missing programs and the Debian packages that bring them."""
+    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    if missing:
+        raise FedasrError(f"fedasr synth: {' and '.join(missing)} not found; the synthetic corpus needs the Debian "
+                          "packages espeak-ng and sox (flite adds voices): `sudo apt-get install espeak-ng sox "
+                          "flite` or `make system-deps` (shard, train and eval on real data need none of them)")
+
+
 def voice_pool(seed: int) -> list[Voice]:
     """All distinct voices the installed engines offer, in a seeded order.
 
     espeak-ng alone offers 7 accents x 42 variants with a seeded pitch and rate each.
     """
+    require_tools()
     engines = available_engines()
-    if "espeak-ng" not in engines:
-        raise FedasrError("espeak-ng: not installed (apt-get install espeak-ng; `make install` does it)")
-    if shutil.which("sox") is None:
-        raise FedasrError("sox: not installed (apt-get install sox; `make install` does it)")
     rng = random.Random(f"voices-{seed}")
     # Round r pairs every variant with an accent; the first round alone gives 42 speakers
     # with distinct variants, later rounds reuse variants with other accents.

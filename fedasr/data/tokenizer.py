@@ -3,12 +3,17 @@
 The model is trained with ``pad_id=0`` renamed ``<blk>`` (the transducer blank, never
 produced by encoding), ``unk_id=1`` and no BOS/EOS, so token ids index the model's
 output layer directly.
+
+Transcripts are normalised by :func:`normalize_transcript` before the tokenizer is trained
+and before they are stored in a federation (``fedasr shard``), and references are normalised
+by the same function when they are scored (:mod:`fedasr.evaluate`).
 """
 
 from __future__ import annotations
 
 import io
 import re
+import unicodedata
 from pathlib import Path
 from typing import Iterable
 
@@ -19,6 +24,39 @@ from fedasr.fsutil import atomic_write_bytes
 
 BLANK_ID = 0
 MODEL_TYPES = ("unigram", "bpe")
+
+# The transcript convention of LibriSpeech (and of the synthetic corpus), written as one rule:
+TEXT_NORMALIZATION = ("fedasr-1: Unicode NFKC, upper case; letters, digits and combining marks kept; "
+                      "an apostrophe (' or U+2019) kept where it touches a letter or digit; every other "
+                      "character a word boundary; single spaces")
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u02bc": "'"})
+
+
+def _word_char(ch: str) -> bool:
+    return unicodedata.category(ch)[0] in "LNM"
+
+
+def normalize_transcript(text: str | None) -> str:
+    """The transcript as the tokenizer sees it (:data:`TEXT_NORMALIZATION`).
+
+    ``"Don't stop, Mr. O’Neil!"`` -> ``"DON'T STOP MR O'NEIL"``; ``"well-known"`` ->
+    ``"WELL KNOWN"``; digits stay digits (``"7 A.M."`` -> ``"7 A M"``). Text already in
+    LibriSpeech's convention (upper-case words of A-Z and apostrophes, single spaces) is
+    returned unchanged, and the function is idempotent. An empty result means the
+    transcript has no words.
+    """
+    if not text:
+        return ""
+    s = unicodedata.normalize("NFKC", text).translate(_APOSTROPHES).upper()
+    out = []
+    for i, ch in enumerate(s):
+        if _word_char(ch):
+            out.append(ch)
+        elif ch == "'" and ((i > 0 and _word_char(s[i - 1])) or (i + 1 < len(s) and _word_char(s[i + 1]))):
+            out.append(ch)
+        else:
+            out.append(" ")
+    return " ".join("".join(out).split())
 
 
 class Tokenizer:

@@ -120,9 +120,10 @@ class ClientWorker:
     clients); a message for client ``c`` loads ``c``'s data, runs the method's evaluate-only
     phase or local training with the method's hooks, and encodes the reply.
 
-    ``persistent``: the centralized baseline's single client keeps its optimizer and its
-    batch stream across rounds (``state_dict`` for resume); federated clients start each
-    round afresh, as real devices would. It trains on the union of the clients' data, or on
+    ``persistent``: the centralized baseline's single client keeps its batch stream across
+    rounds, and its optimizer unless ``fl.centralized_optimizer`` is ``per_round``
+    (``state_dict`` for resume); federated clients start each round afresh, as real devices
+    would. It trains on the union of the clients' data, or on
     the server's own data (``data="server"``: the seed model).
 
     ``cache_clients``: keep the datasets (features loaded and normalised) of the last that
@@ -243,7 +244,8 @@ class ClientWorker:
                             global_step=int(h["global_step"]), hooks=hooks, num_steps=self.num_steps, **extra)
         if self.cache_clients > 0:
             self._trim_cache()  # its features are loaded now: their size counts
-        return encode_up(res.update, msg.masks, hooks.report(),
+        report = hooks.report()
+        return encode_up(res.update, hooks.upload_masks(), report,
                          {"kind": TRAIN, "num_examples": res.num_examples, "metrics": res.metrics,
                           "client_seconds": time.perf_counter() - t0})
 
@@ -252,6 +254,8 @@ class ClientWorker:
             self._stream = BatchStream(data, self.cfg.train, derive_seed(self.cfg.seed, 0),
                                        consumed=int(self._state.get("batches", 0)),
                                        pin=next(self.model.parameters()).is_cuda)
+        if self.cfg.fl.centralized_optimizer == "per_round":
+            return {"optimizer": make_optimizer(self.model, self.cfg.train), "stream": self._stream}
         if self._optimizer is None:
             self._optimizer = make_optimizer(self.model, self.cfg.train)
             if self._state.get("optimizer"):
@@ -260,6 +264,8 @@ class ClientWorker:
 
     def state_dict(self) -> dict:
         if self._optimizer is None:
+            if self._stream is not None:  # (per_round: the optimizer is not state)
+                return {"batches": self._stream.consumed}
             return dict(self._state)
         return {"optimizer": self._optimizer.state_dict(), "batches": self._stream.consumed,
                 "arch": self.model.cfg.to_dict()}

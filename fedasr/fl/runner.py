@@ -18,6 +18,7 @@ uninterrupted run. See :mod:`fedasr.rundir` for the run directory.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 import yaml
 from lhotse import CutSet
 
+from fedasr.aggregate import is_bn_stat
 from fedasr.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from fedasr.config import RunConfig, parse_config, resolve_device
 from fedasr.data.federation import Federation
@@ -38,10 +40,10 @@ from fedasr.fl.round import (DEVICE_FAULT, DeviceFault, Events, LocalTransport, 
                              run_round)
 from fedasr.fl.server import Server, TooFewClients
 from fedasr.fsutil import atomic_write_text, file_sha256
-from fedasr.methods import resolved_pruning, validate
+from fedasr.methods import registry, resolved_pruning, validate
 from fedasr.model.transducer import ModelConfig, Transducer
 from fedasr.rundir import RunDir
-from fedasr.trainer import transducer_loss
+from fedasr.trainer import recalibrate_batchnorm, transducer_loss
 
 
 def dev_subset(cuts: CutSet, cap: int | None) -> CutSet:
@@ -74,6 +76,11 @@ class Runner:
         if data == "server" and not fed.has_server_data:
             raise FedasrError(f"--data server: {fed.root} holds no server data (shard it with --server-split)")
         self.data = data
+        method = registry()[cfg.pruning.method]
+        if method.needs_server_data and not fed.has_server_data:
+            raise FedasrError(f"pruning.method: {method.name} needs the server's own data, and {fed.root} holds "
+                              "none (shard it with --server-split)")
+        self._server_data = None
         self.events = events or NoEvents()
         self.tokenizer = fed.tokenizer
         mcfg = model_config(cfg, self.tokenizer.vocab_size)
@@ -91,7 +98,13 @@ class Runner:
         self.transport: Transport = transport or LocalTransport(self.worker)
         reachable = self.transport.connect(fed.client_ids)  # (the centralized baseline samples none)
         self.server = Server(cfg, model, fed.client_ids, centralized=centralized, reachable=reachable,
-                             tokenizer_sha=hashlib.sha256(self.tokenizer.proto).hexdigest())
+                             tokenizer_sha=hashlib.sha256(self.tokenizer.proto).hexdigest(),
+                             server_batches=self._server_batches if fed.has_server_data else None)
+        if cfg.pruning.recalibrate_bn > 0:
+            if not fed.has_server_data:
+                raise FedasrError(f"pruning.recalibrate_bn: {fed.root} holds no server data to recompute BatchNorm "
+                                  "statistics on (shard with --server-split, or set it to 0)")
+            self.server.recalibrate = self.recalibrate_batchnorm
         # the prunable weights of the starting architecture: sparsity is measured against them
         # (a compacted model has fewer)
         self.base_sizes = {n: p.numel() for n, p in model.named_parameters() if n in self.server.method.names}
@@ -99,6 +112,18 @@ class Runner:
         self.history: list[dict] = []
         dev_splits = [s for s, m in fed.eval_splits.items() if m["role"] == "dev"]
         self.dev_cuts = dev_subset(fed.split_cuts(dev_splits[0]), cfg.eval.dev_max_utterances) if dev_splits else None
+
+    def _server_batches(self):
+        """The server's own batches, in a fixed order without SpecAugment (what a method
+        that scores weights on the server's data reads: ``RoundContext.server_batches``)."""
+        return self._server_dataset().batches(self.cfg.train.max_duration, shuffle=False, num_buckets=1)
+
+    def _server_dataset(self):
+        """The server's own data (loaded once), without SpecAugment."""
+        if self._server_data is None:
+            self._server_data = make_dataset(self.fed.server_cuts(), self.tokenizer, self.fed.cmvn, self.cfg)
+            self._server_data.spec_augment = None
+        return self._server_data
 
     # the global model's served (masked) state is what the rest of the toolkit sees
     @property
@@ -184,6 +209,11 @@ class Runner:
             load_weights(self.model, ckpt["model"], init_from)
             init_masks = ckpt["masks"]
         self.server.start(init_masks)
+        if init_from is not None and not self.cfg.train.warmup_on_init:
+            # continue the checkpoint's learning-rate schedule (without one recorded, e.g. a
+            # one-shot pruned checkpoint: from the end of the warm-up)
+            st = ckpt["state"].get("server", {})
+            self.server.lr_step = int(st.get("lr_step", self.cfg.train.warmup_steps))
         cfg = self.config_dict()
         if init_from is not None:
             cfg["init_from"] = str(init_from)
@@ -223,6 +253,21 @@ class Runner:
                 "nonzero_params": sum(int((p != 0).sum()) for p in params.values()),
                 "num_params": sum(p.numel() for p in params.values()),
                 "layer_sparsity": {n: round(1 - nonzero[n] / self.base_sizes[n], 5) for n in self.base_sizes}}
+
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, rnd: int, served: dict[str, torch.Tensor]) -> tuple[dict, int]:
+        """BatchNorm statistics of the served model recomputed on ``pruning.recalibrate_bn``
+        batches of the server's own data (a seeded draw per round), in the worker's model;
+        returns them (by state-dict name) and the utterances seen."""
+        self.worker.ensure_architecture(self.server.arch())
+        model = self.worker.model
+        model.load_state_dict(served)
+        batches = self._server_dataset().batches(self.cfg.train.max_duration, seed=derive_seed(self.cfg.seed, rnd, 7),
+                                            shuffle=True, num_buckets=1)
+        seen = recalibrate_batchnorm(model, itertools.islice(batches, self.cfg.pruning.recalibrate_bn))
+        state = model.state_dict()
+        model.train()
+        return {k: state[k].detach().cpu().clone() for k in state if is_bn_stat(k)}, seen
 
     @torch.no_grad()
     def dev_eval(self) -> dict:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -94,7 +95,7 @@ class RoundInfo:
         losses = self.losses
         row = {"clients": self.clients, "dropped": self.dropped, "examples": self.examples,
                "processed": self.processed, "client_time": self.client_time, "client_times": self.client_times,
-               "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
+               "bytes_down": self.bytes_down, "bytes_up": self.bytes_up, "steps": self.steps,
                "train_loss": sum(losses) / len(losses) if losses else None}
         row.update(self.metrics)
         return row
@@ -124,8 +125,10 @@ class Server:
     them); ``reachable``: those an engine can serve, sampled from (default: all)."""
 
     def __init__(self, cfg: RunConfig, model: torch.nn.Module, clients: list[str], *, centralized: bool = False,
-                 tokenizer_sha: str | None = None, reachable: list[str] | None = None):
+                 tokenizer_sha: str | None = None, reachable: list[str] | None = None,
+                 server_batches: Callable[[], Iterable] | None = None):
         self.cfg = cfg
+        self.server_batches = server_batches  # the server's own data (methods read it), or None
         self.model = model  # on the CPU
         self.client_index = {c: i for i, c in enumerate(sorted(clients))}  # a client's seed index: fixed
         self.clients = sorted(reachable if reachable is not None else clients)  # those sampled from
@@ -140,13 +143,16 @@ class Server:
         self.method = make_method(cfg.pruning, model, cfg.fl.rounds, cfg.seed)
         self.masks: Masks = {}
         self.lr_step = 0
+        # (rnd, served state) -> new BatchNorm statistics, after a change of the masks
+        # (pruning.recalibrate_bn; the runner provides it: it holds the server's data)
+        self.recalibrate = None
 
     # ---------------------------------------------------------------- state
     def weights(self) -> dict[str, torch.Tensor]:
         return dict(self.model.state_dict())
 
     def ctx(self, rnd: int) -> RoundContext:
-        return RoundContext(rnd, self.cfg.fl.rounds, self.weights(), self.masks, self.model)
+        return RoundContext(rnd, self.cfg.fl.rounds, self.weights(), self.masks, self.model, self.server_batches)
 
     def arch(self) -> dict:
         return self.model.cfg.to_dict()
@@ -161,8 +167,15 @@ class Server:
         return out
 
     def start(self, init_masks: Masks | None = None) -> None:
-        ctx = RoundContext(1, self.cfg.fl.rounds, self.weights(), dict(init_masks or {}))
+        ctx = RoundContext(1, self.cfg.fl.rounds, self.weights(), dict(init_masks or {}), self.model,
+                           self.server_batches)
         self.masks = self.method.init(ctx)
+        if self.recalibrate is not None and self.masks:  # the first masks are a change too
+            stats, _ = self.recalibrate(0, self.served_state())
+            state = self.model.state_dict()
+            with torch.no_grad():
+                for k, v in stats.items():
+                    state[k].copy_(v)
 
     def state_dict(self) -> dict:
         dense = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k in self.masks}
@@ -317,7 +330,8 @@ class Server:
     def finish(self, ex: Exchange, info: RoundInfo) -> None:
         """After every reply of the exchange: a phase ends with the method's decision on it
         (e.g. FedTiny's candidate); training with the server optimiser's step on the dense
-        weights (pruned positions frozen), then the method's update: the next masks."""
+        weights (pruned positions frozen) with the averaged update as the method has it
+        applied, then the method's update: the next masks."""
         needed = 1 if self.centralized else self.cfg.fl.min_clients
         if ex.count < needed:
             where = f" in phase {ex.phase!r}" if ex.kind == PHASE else ""
@@ -325,14 +339,17 @@ class Server:
                                 f"(fl.min_clients={needed}); first failure: "
                                 f"{info.dropped[0]['reason'] if info.dropped else 'none'}")
         if ex.kind == PHASE:
-            self._apply(self.method.end_phase(ex.phase, self.ctx(ex.rnd), ex.reports), info)
+            self._apply(self.method.end_phase(ex.phase, self.ctx(ex.rnd), ex.reports), info, ex.rnd)
             return
-        self.server_opt.step(self.model.state_dict(), ex.updates.result(), self.masks, rnd=ex.rnd)
+        mean = self.method.aggregate_update(self.ctx(ex.rnd), ex.reports, ex.updates.result())
+        self.server_opt.step(self.model.state_dict(), mean, self.masks, rnd=ex.rnd)
         self.lr_step += max(info.steps) if info.steps else 0
-        self._apply(self.method.update(self.ctx(ex.rnd), ex.reports), info)
+        self._apply(self.method.update(self.ctx(ex.rnd), ex.reports), info, ex.rnd)
 
     @torch.no_grad()
-    def _apply(self, upd: MethodUpdate, info: RoundInfo) -> None:
+    def _apply(self, upd: MethodUpdate, info: RoundInfo, rnd: int) -> None:
+        changed = upd.masks.keys() != self.masks.keys() or any(
+            not torch.equal(m, self.masks[k]) for k, m in upd.masks.items())
         self.masks = upd.masks
         state = self.model.state_dict()
         for name, pos in upd.reset.items():
@@ -342,6 +359,12 @@ class Server:
         if upd.keep:
             self.compact(upd.keep)
             info.metrics["widths"] = dict(self.model.cfg.widths or {})
+        if self.recalibrate is not None and (changed or upd.keep) and self.masks:
+            stats, seen = self.recalibrate(rnd, self.served_state())
+            state = self.model.state_dict()
+            for k, v in stats.items():
+                state[k].copy_(v)
+            info.metrics["bn_recalibrated_on"] = seen
 
     @torch.no_grad()
     def compact(self, keep: dict[str, torch.Tensor]) -> None:

@@ -17,6 +17,9 @@ from fedasr.methods.base import PruningMethod, registry  # noqa: F401
 from fedasr.methods import federated_pruning  # noqa: F401
 from fedasr.methods import fedtiny  # noqa: F401
 from fedasr.methods import asp  # noqa: F401
+from fedasr.methods import feddst  # noqa: F401
+from fedasr.methods import prunefl  # noqa: F401
+from fedasr.methods import pai  # noqa: F401  (snip, synflow)
 
 
 def method_blocks(pruning, prefix: str = "pruning") -> dict:

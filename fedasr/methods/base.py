@@ -24,13 +24,21 @@ A federated round (:func:`fedasr.fl.round.run_round`) calls the hooks in this or
     client  client_hooks(masks, instructions)  -> ClientHooks: after_backward / after_step in
                                                   every local step, report() at the end
     server  report_aggregator(ctx)             -> aggregator: add(report, weight) per client
+    server  aggregate_update(ctx, aggregator, mean) -> the clients' averaged update, as the
+                                                  server optimiser is to apply it (default:
+                                                  unchanged; FedDST averages each position
+                                                  over the clients that kept it)
     server  update(ctx, aggregator)            -> MethodUpdate: the next round's masks (+
                                                   positions to reset, + units to keep: a
                                                   smaller architecture, + metrics)
 
 - ``ctx`` is a :class:`RoundContext`: the round, the dense master weights (a pruned
   position keeps its last value there and the server optimiser freezes it; clients train
-  ``weights x masks``), the masks, the server's model (its group table and widths).
+  ``weights x masks``), the masks, the server's model (its group table and widths), and
+  ``server_batches`` (the server's own data, when the federation holds some: a method that
+  needs it sets ``needs_server_data``, and the run is refused without server data).
+- A client's update travels under ``hooks.upload_masks()`` (default: the masks it
+  received; a position outside them is not sent and counts as a zero update).
 - Masks are boolean tensors keyed by parameter name (True: kept), for names among
   ``self.names`` (the prunable parameters of ``pruning.include``/``exclude``).
 - An aggregator is any object with ``add(report, weight)`` (raise ``ValueError`` on a bad
@@ -51,12 +59,13 @@ A federated round (:func:`fedasr.fl.round.run_round`) calls the hooks in this or
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Iterable
 
 import torch
 from torch import nn
 
 from fedasr.aggregate import WeightedMean
+from fedasr.errors import FedasrError
 from fedasr.prune.masks import Masks, apply_masks, mask_gradients, masks_like_parameters, prunable_names
 
 Tensors = dict[str, torch.Tensor]
@@ -120,6 +129,11 @@ class ClientHooks:
     def report(self) -> Report:
         return Report()
 
+    def upload_masks(self) -> Masks:
+        """The masks the client's update travels under (called after :meth:`report`): the
+        masks it received, unless the client changed its own (FedDST)."""
+        return self.masks
+
 
 class GradientMeanHooks(ClientHooks):
     """Masks as usual; sums ``contribution(name, grad)`` of each local step's gradient
@@ -131,9 +145,17 @@ class GradientMeanHooks(ClientHooks):
         self.grad_names = list(names)
         self._sum: dict[str, torch.Tensor] = {}
         self._steps = 0
+        self._pruned: Masks = {}  # at_pruned's multipliers, on the device
 
     def contribution(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         return grad
+
+    def at_pruned(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """``grad`` at the pruned positions of ``name`` only (zero elsewhere); the multipliers
+        are made on the gradient's device once, not copied there every step."""
+        if name not in self._pruned:
+            self._pruned[name] = (~self.masks[name]).to(device=grad.device, dtype=grad.dtype)
+        return grad * self._pruned[name]
 
     def after_backward(self, model: nn.Module) -> None:
         params = dict(model.named_parameters())
@@ -178,6 +200,17 @@ class RoundContext:
     weights: Tensors  # the dense master weights and buffers, by state-dict name
     masks: Masks
     model: nn.Module | None = None  # the server's model (its architecture: group table, widths)
+    # the server's own batches (a fresh iterator each call; no SpecAugment), or None when the
+    # federation holds no server data
+    server_batches: Callable[[], Iterable] | None = None
+
+
+def require_server_batches(ctx: RoundContext, method: str) -> Callable[[], Iterable]:
+    """``ctx.server_batches``, or a one-line error naming the method that needs them."""
+    if ctx.server_batches is None:
+        raise FedasrError(f"pruning.method: {method} needs the server's own data "
+                          "(shard the federation with --server-split)")
+    return ctx.server_batches
 
 
 class PruningMethod:
@@ -186,6 +219,7 @@ class PruningMethod:
 
     name: ClassVar[str] = "none"
     Config: ClassVar[type | None] = None
+    needs_server_data: ClassVar[bool] = False  # reads ctx.server_batches (the run checks the federation)
 
     def __init__(self, cfg, common, model: nn.Module, total_rounds: int, seed: int):
         self.cfg = cfg  # this method's config block (None for `none`)
@@ -230,6 +264,11 @@ class PruningMethod:
 
     def report_aggregator(self, ctx: RoundContext):
         return MeanAggregator()
+
+    def aggregate_update(self, ctx: RoundContext, aggregator, mean: Tensors) -> Tensors:
+        """The clients' weighted mean update (deltas; BatchNorm statistics as values), as
+        the server optimiser is to apply it; called after every report is in."""
+        return mean
 
     def update(self, ctx: RoundContext, aggregator) -> MethodUpdate:
         return MethodUpdate(ctx.masks)

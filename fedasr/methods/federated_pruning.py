@@ -27,7 +27,7 @@ from fedasr.prune.masks import Masks
 from fedasr.prune.patterns import Layer, tensor_layers, unit_layers
 from fedasr.prune.schedule import sparsity_at
 
-PATTERNS = ("unstructured", "row", "column", "half_row", "half_column", "unit")
+PATTERNS = ("unstructured", "row", "column", "half_row", "half_column", "coherent_column", "unit")
 IMPORTANCES = ("magnitude", "gradient", "random")
 SCHEDULES = ("constant", "step", "cubic")
 ALLOCATIONS = ("uniform", "global", "adaptive")
@@ -42,12 +42,16 @@ class FederatedPruningConfig:
     start_round: int = 1  # first round trained with masks
     end_round: Optional[int] = None  # cubic: round where the target is reached [default: 3/4 of rounds]
     initial_sparsity: float = 0.0  # cubic: s0
+    power: float = 3.0  # cubic: the exponent (3: Zhu & Gupta's cubic; 1: linear)
     step_size: float = 0.1  # step: raise by this much ...
     step_every: int = 2  # ... every this many rounds
     allocation: str = "uniform"
     max_layer_sparsity: float = 0.95  # no layer is pruned beyond this
     refine: bool = True  # recompute masks from the dense master weights, so pruned weights can return
     update_every: int = 1  # recompute masks every k rounds
+    # refine: the masks are recomputed up to those of this round, which are then kept to the
+    # end (a schedule still moving goes on to its target) [default: refined to the last round]
+    refine_until: Optional[int] = None
 
     def validate(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""
@@ -63,6 +67,10 @@ class FederatedPruningConfig:
             raise FedasrError(f"{p}max_layer_sparsity: must be in (0, 1)")
         if self.start_round < 1 or self.update_every < 1 or self.step_every < 1:
             raise FedasrError(f"{p}start_round/update_every/step_every: must be at least 1")
+        if not self.power > 0:
+            raise FedasrError(f"{p}power: must be positive, got {self.power}")
+        if self.refine_until is not None and self.refine_until < 1:
+            raise FedasrError(f"{p}refine_until: must be at least 1 (or null: every round)")
 
     def check_common(self, pruning, prefix: str) -> None:
         if pruning.target_sparsity > self.max_layer_sparsity:
@@ -136,7 +144,8 @@ class FederatedPruning(PruningMethod):
     def _recompute_after(self, rnd: int) -> bool:
         """Masks change after round ``rnd`` when the schedule moves or refinement is due."""
         now, nxt = self.target_at(rnd), self.target_at(rnd + 1)
-        return nxt != now or (nxt > 0 and self.refine and rnd % self.cfg.update_every == 0)
+        refining = self.refine and (self.cfg.refine_until is None or rnd < self.cfg.refine_until)
+        return nxt != now or (nxt > 0 and refining and rnd % self.cfg.update_every == 0)
 
     def layers(self, weights: dict[str, torch.Tensor], importance: str, norm: str,
                grads: dict[str, torch.Tensor] | None, generator: torch.Generator | None) -> list[Layer]:

@@ -53,6 +53,7 @@ from fedasr.errors import FedasrError
 from fedasr.methods.base import (ClientHooks, GradientMeanHooks, Instructions, MeanAggregator, MethodUpdate,
                                  PruningMethod, Report, RoundContext, register)
 from fedasr.prune.masks import Masks, apply_masks
+from fedasr.trainer import batchnorms, recalibrate_batchnorm
 
 GRANULARITIES = ("layer", "block", "entire")
 PHASES = ("bn_stats", "candidate_loss")
@@ -94,36 +95,6 @@ class FedTinyConfig:
 
 
 # ---------------------------------------------------------------------------- client side
-def _batchnorms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches) -> int:
-    """Recompute every BatchNorm's running statistics from scratch over ``batches``
-    (cumulative average, forward passes only; nothing else changes, dropout is off).
-    Returns the number of utterances seen."""
-    from fedasr.trainer import forward_batch
-
-    model.eval()
-    saved = {}
-    for bn in _batchnorms(model).values():
-        saved[bn] = bn.momentum
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative moving average
-        bn.train()
-    seen = 0
-    try:
-        for batch in batches:
-            forward_batch(model, batch)
-            seen += len(batch)
-    finally:
-        for bn, momentum in saved.items():
-            bn.momentum = momentum
-        model.eval()
-    return seen
-
-
 class TopKHooks(GradientMeanHooks):
     """Masks as usual; accumulates the mean gradient (before masking) at the pruned
     positions of ``topk``'s layers and reports only its K largest magnitudes per layer."""
@@ -131,12 +102,9 @@ class TopKHooks(GradientMeanHooks):
     def __init__(self, masks: Masks, topk: dict[str, int]):
         super().__init__(masks, topk)
         self.topk = topk
-        self._pruned: Masks | None = None
 
     def contribution(self, name: str, grad: torch.Tensor) -> torch.Tensor:
-        if self._pruned is None:  # the pruned positions as multipliers on the device, made once
-            self._pruned = {n: (~m).to(device=grad.device, dtype=grad.dtype) for n, m in self.masks.items()}
-        return grad * self._pruned[name]  # pruned positions only
+        return self.at_pruned(name, grad)  # pruned positions only
 
     def report(self) -> Report:
         out = {}
@@ -200,7 +168,7 @@ class FedTiny(PruningMethod):
         super().__init__(cfg, common, model, total_rounds, seed)
         self.end_round = cfg.end_round if cfg.end_round is not None else max(1, (3 * total_rounds) // 4)
         self.units = self._adjustment_units(model)
-        self.bn_names = [n for n, _ in _batchnorms(model).items()]
+        self.bn_names = [n for n, _ in batchnorms(model).items()]
         self.candidates: list[Masks] = []  # before selection
         self.bn_candidates: list[dict[str, torch.Tensor]] = []
         self.selected = False

@@ -44,14 +44,16 @@ def greedy_search(
     model,
     enc: torch.Tensor,
     enc_lens: torch.Tensor,
-    max_symbols_per_frame: int = 3,
+    max_symbols_per_frame: int = 1,
     return_scores: bool = False,
 ) -> Union[List[List[int]], Tuple[List[List[int]], List[float]]]:
     """Batched greedy decoding.
 
     At each frame the argmax symbol is taken; a non-blank symbol is appended, the
     predictor advances (only for the utterances that emitted) and the same frame is
-    tried again, up to ``max_symbols_per_frame`` symbols per frame.
+    tried again, up to ``max_symbols_per_frame`` symbols per frame (default 1: sherpa-onnx's
+    greedy and modified beam searches emit at most one symbol a frame, so what fedasr
+    reports is what a deployment gets).
 
     With ``return_scores`` also returns each path's summed log-probability of the
     chosen symbols (blanks included). With ``max_symbols_per_frame=1`` this is the

@@ -41,13 +41,22 @@ row) and unit j (its column). Both must be zero for either unit to be disconnect
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import List
 
 import torch
 from torch import nn
 
-__all__ = ["GroupMember", "GroupFamily", "group_families", "KINDS"]
+__all__ = ["GroupMember", "GroupFamily", "group_families", "KINDS", "RESIDUAL_READERS"]
+
+# The weights whose inputs (columns) are the encoder's residual stream (d_model features, each
+# read through a LayerNorm): the feed-forward modules' first linear, the attention's q/k/v
+# projections, the conv module's first pointwise conv, and the joiner's encoder projection
+# (the encoder output). Pruning the same input features in all of them is a narrower residual
+# stream (``coherent_column``).
+RESIDUAL_READERS = re.compile(r"^(encoder\.layers\.\d+\.(ff1\.linear1|ff2\.linear1|attn\.[qkv]_proj|conv\.pointwise1)"
+                              r"|joiner\.enc_proj)\.weight$")
 
 KINDS = ("ffn_unit", "attention_head", "conv_channel", "predictor_unit", "joiner_unit")
 

@@ -15,9 +15,16 @@
 
 Every allocation rounds to whole groups and then caps: no layer is pruned beyond
 ``max_layer_sparsity``, and no layer loses all its groups (a module never disappears).
+
+For the methods that keep an exact number of single weights (FedDST, PruneFL, SNIP,
+SynFlow): :func:`layer_counts` (per-tensor counts, ``uniform`` or Erdős–Rényi-Kernel),
+:func:`top_positions` (a ranking with deterministic ties) and :func:`keep_top` (one global
+ranking with per-tensor floors).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -131,3 +138,88 @@ def allocate(layers: list[Layer], target: float, how: str, max_layer: float,
     if how == "adaptive":
         return adaptive(layers, target, max_layer, forced)
     return global_threshold(layers, target, max_layer, forced)
+
+
+# ---------------------------------------------------------------------------- unstructured
+# Counts per tensor and rankings of single weights, for the methods that keep an exact
+# number of weights (FedDST, PruneFL, SNIP, SynFlow). Ties are broken deterministically.
+LAYER_COUNTS = ("erk", "uniform")
+
+
+def layer_counts(shapes: dict[str, tuple[int, ...]], density: float, how: str) -> dict[str, int]:
+    """Weights kept per tensor at overall ``density``: their sum is round(density x total)
+    exactly, and every tensor keeps at least one and at most all of its weights.
+
+    - ``uniform``: density x size per tensor;
+    - ``erk``: Erdős–Rényi-Kernel (Evci et al., 2020, RigL): d_l = ε (Σ dims_l) / (Π dims_l),
+      ε solved so that the total is met; a tensor that would exceed 1 is dense and ε is
+      solved again over the others.
+
+    The fractions are rounded down and the remainder goes to the largest fractional parts
+    (ties: the earlier tensor)."""
+    names = list(shapes)
+    sizes = torch.tensor([math.prod(shapes[n]) for n in names], dtype=torch.float64)
+    goal = round(density * float(sizes.sum()))
+    if how == "uniform":
+        raw = sizes * density
+    elif how == "erk":
+        erk = torch.tensor([sum(shapes[n]) / math.prod(shapes[n]) for n in names], dtype=torch.float64)
+        dense = torch.zeros(len(names), dtype=torch.bool)
+        while True:
+            eps = (goal - sizes[dense].sum()) / (erk[~dense] * sizes[~dense]).sum()
+            over = (eps * erk > 1) & ~dense
+            if not bool(over.any()):
+                break
+            dense |= over
+        raw = torch.where(dense, sizes, eps * erk * sizes)
+    else:
+        raise ValueError(f"unknown layer allocation {how!r} ({', '.join(LAYER_COUNTS)})")
+    counts = torch.minimum(torch.maximum(raw.floor(), torch.ones_like(raw)), sizes)
+    left = goal - int(counts.sum())
+    while left != 0:  # a few passes at most: one weight per tensor and pass
+        step = 1 if left > 0 else -1
+        room = counts < sizes if step > 0 else counts > 1
+        order = torch.argsort((raw - counts) * step, descending=True, stable=True)
+        order = order[room[order]][:abs(left)]
+        if not len(order):
+            break
+        counts[order] += step
+        left -= step * len(order)
+    return {n: int(c) for n, c in zip(names, counts)}
+
+
+def top_positions(primary: torch.Tensor, k: int, secondary: torch.Tensor | None = None) -> torch.Tensor:
+    """Flat indices of the ``k`` largest ``primary`` values, ties going to the larger
+    ``secondary`` value, then to the lower index."""
+    p = primary.reshape(-1)
+    order = torch.arange(p.numel())
+    if secondary is not None:
+        order = torch.argsort(secondary.reshape(-1), descending=True, stable=True)
+    order = order[torch.argsort(p[order], descending=True, stable=True)]
+    return order[:max(0, int(k))]
+
+
+def keep_top(scores: dict[str, torch.Tensor], n_keep: int, forced: dict[str, torch.Tensor] | None = None,
+             max_layer: float = 1.0) -> dict[str, torch.Tensor]:
+    """Masks keeping the ``n_keep`` highest ``scores`` over all tensors together (one global
+    ranking; ties to the earlier tensor and position), never a ``forced`` position (True:
+    pruned for good), except that every tensor keeps its best ``max(1, ceil((1 - max_layer)
+    x size))`` weights first: no tensor is pruned beyond ``max_layer`` or disappears (the
+    total is then at least the sum of those floors)."""
+    forced = forced or {}
+    names = list(scores)
+    ranked, floors = [], 0
+    for n in names:
+        s = scores[n].detach().reshape(-1).double().clone()
+        if n in forced:
+            s[forced[n].reshape(-1)] = -math.inf
+        floor = max(1, math.ceil((1.0 - max_layer) * s.numel() - 1e-9))
+        s[top_positions(s, floor)] = math.inf  # each tensor's best first
+        ranked.append(s)
+        floors += floor
+    sizes = [s.numel() for s in ranked]
+    ranked = torch.cat(ranked)
+    starts = torch.tensor([0] + sizes).cumsum(0)
+    keep = torch.zeros(ranked.numel(), dtype=torch.bool)
+    keep[top_positions(ranked, max(n_keep, floors))] = True
+    return {n: keep[int(starts[i]):int(starts[i + 1])].view(scores[n].shape) for i, n in enumerate(names)}

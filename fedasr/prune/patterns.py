@@ -9,6 +9,11 @@ together. For the tensor patterns a layer is one prunable tensor:
   kernels (d, 1, k) have one column only, so ``column`` and ``half_column`` fall back to
   rows (channels) there.
 - ``half_row`` / ``half_column``: each row (column) split into two halves, each half a group.
+- ``coherent_column``: ``column``, except that the matrices reading the encoder's residual
+  stream (:data:`~fedasr.model.groups.RESIDUAL_READERS`: FFN first linears, q/k/v, the conv
+  module's first pointwise conv, the joiner's encoder projection) form ONE layer whose group
+  j is input feature j in all of them: every block drops the same residual features (a
+  narrower residual stream), instead of each matrix its own half of them.
 
 LSTM weights (``weight_ih_lK``: 4H x E, ``weight_hh_lK``: 4H x H) have gate-major rows
 (PyTorch's i, f, g, o blocks of H rows), so a row is one gate of one unit. Here:
@@ -164,6 +169,18 @@ def _layer(name: str, parts: list[tuple[str, torch.Tensor, torch.Tensor]], impor
 def tensor_layers(weights: dict[str, torch.Tensor], names: list[str], pattern: str, importance: str, norm: str,
                   grads: dict[str, torch.Tensor] | None = None,
                   generator: torch.Generator | None = None) -> list[Layer]:
+    if pattern == "coherent_column":
+        from fedasr.model.groups import RESIDUAL_READERS
+
+        readers = [n for n in names if RESIDUAL_READERS.match(n)]
+        if not readers:
+            raise FedasrError("pruning.pattern: coherent_column needs prunable residual-stream readers "
+                              "(encoder.layers.* or joiner.enc_proj in pruning.include)")
+        parts = [(n, weights[n], group_ids(tuple(weights[n].shape), "column")) for n in readers]
+        scale = sum(fan_in_scale(w) * w.numel() for _, w, _ in parts) / sum(w.numel() for _, w, _ in parts)
+        shared = _layer("encoder.residual_stream", parts, importance, norm, grads, generator, scale)
+        return [shared] + tensor_layers(weights, [n for n in names if n not in readers], "column", importance, norm,
+                                        grads, generator)
     lstm = _lstm_pairs(names, weights)
     lstm_of = {n: key for key, ns in lstm.items() for n in ns}
     layers = []
