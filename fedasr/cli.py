@@ -444,7 +444,7 @@ def sweep(
                                           "cuda:0,cuda:1; each run's --set device=...; flower: its SuperNode "
                                           "slots)."),
     engine: str = typer.Option("embedded", help="The federated runs' engine: embedded or flower (Flower's "
-                               "Deployment Engine; the seed and server-only runs stay embedded)."),
+                               "Deployment Engine; the seed and the centralized reference runs stay embedded)."),
     superlink: Optional[str] = typer.Option(None, help="flower: a running SuperLink HOST:PORT [default: each "
                                             "run starts its own on this machine]."),
     insecure: bool = typer.Option(False, help="flower: plain HTTP to --superlink (loopback or tests only)."),
