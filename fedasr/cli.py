@@ -218,8 +218,14 @@ def train(
     insecure: bool = typer.Option(False, help="flower: plain HTTP to --superlink (loopback or tests only)."),
     root_certificates: Optional[Path] = typer.Option(None, help="flower: CA certificate(s) of --superlink (TLS)."),
     slots: Optional[int] = typer.Option(None, help="flower, one machine: SuperNodes = concurrent clients "
-                                        "[default: clients per round, at most the cores]."),
+                                        "[default: one per --devices entry; one on a GPU; else clients per "
+                                        "round, at most the cores]."),
     round_timeout: float = typer.Option(900.0, help="flower: seconds a round waits for its clients."),
+    devices: Optional[str] = typer.Option(None, help="flower, one machine: the SuperNode slots' devices, e.g. "
+                                          "cuda:0,cuda:1 (slot i on the i-th, round robin; each sees only its "
+                                          "GPU) [default: one slot per device given]."),
+    device: Optional[str] = typer.Option(None, help="The config's device replaced (auto, cpu, cuda, cuda:N); "
+                                         "with --resume too (a run going on on another machine)."),
 ) -> None:
     """Train the Conformer-Transducer federatedly (or centrally) over the federation's clients."""
     from fedasr.commands.train import train as do_train
@@ -232,7 +238,8 @@ def train(
     history, root = do_train(federation=federation, config=config, out=out, overrides=set_, centralized=centralized,
                              data=data, resume=resume, init_from=init_from, overwrite=overwrite, engine=engine,
                              superlink=superlink, insecure=insecure, root_certificates=root_certificates,
-                             slots=slots, round_timeout=round_timeout, events=rounds_progress)
+                             slots=slots, round_timeout=round_timeout, devices=devices, device=device,
+                             events=rounds_progress)
     _print_history(history, root)
 
 
@@ -431,17 +438,42 @@ def sweep(
         None, help="Replace the recipe's targets (the schemes' own lists too), e.g. 0,0.5,0.9."),
     jobs: int = typer.Option(1, help="Runs in parallel (threads are split between them)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key for every run (repeatable)."),
+    only: list[str] = typer.Option([], "--only", help="Run only SCHEME or SCHEME@SPARSITY (repeatable; dense, "
+                                   "seed too): a part of the sweep, e.g. one job of an array sharing --out."),
+    devices: Optional[str] = typer.Option(None, help="Spread runs over these devices, round robin (e.g. "
+                                          "cuda:0,cuda:1; each run's --set device=...; flower: its SuperNode "
+                                          "slots)."),
+    engine: str = typer.Option("embedded", help="The federated runs' engine: embedded or flower (Flower's "
+                               "Deployment Engine; the seed and the centralized reference runs stay embedded)."),
+    superlink: Optional[str] = typer.Option(None, help="flower: a running SuperLink HOST:PORT [default: each "
+                                            "run starts its own on this machine]."),
+    insecure: bool = typer.Option(False, help="flower: plain HTTP to --superlink (loopback or tests only)."),
+    root_certificates: Optional[Path] = typer.Option(None, help="flower: CA certificate(s) of --superlink (TLS)."),
 ) -> None:
     """Train and evaluate one run per (pruning scheme, sparsity) of a recipe."""
-    from fedasr.sweep import plan_sweep, resolved_recipe, run_sweep
+    from fedasr.fl.flower.launch import parse_devices
+    from fedasr.sweep import plan_sweep, resolved_recipe, run_sweep, runs_to_do
 
     t0 = time.time()
+    if engine not in ("embedded", "flower"):
+        raise FedasrError(f"--engine: unknown {engine!r} (embedded, flower)")
+    if engine != "flower" and (superlink or insecure or root_certificates):
+        raise FedasrError("--superlink/--insecure/--root-certificates: only with --engine flower")
+    if superlink and not insecure and root_certificates is None:
+        raise FedasrError("--superlink: give --root-certificates CA.pem (TLS), or --insecure for loopback tests")
+    engine_args = [] if engine == "embedded" else ["--engine", "flower", *(["--superlink", superlink] if superlink
+                                                                           else []),
+                                                   *(["--insecure"] if insecure else []),
+                                                   *(["--root-certificates", str(root_certificates)]
+                                                     if root_certificates else [])]
     plan = plan_sweep(resolved_recipe(recipe, set_, _parse_sparsities(sparsities)), out)
+    total = sum(r.rounds for r in runs_to_do(plan, only))  # (an unknown --only: one line, nothing started)
     with progress_bar() as prog:
         # rounds, not runs: a run takes minutes, so the bar follows the rounds each run in
         # flight has checkpointed; the seed model's rounds come first
-        events = _SweepProgress(prog, plan.total_rounds, seed=plan.seed is not None)
-        run_sweep(plan, federation, jobs=jobs, events=events)
+        events = _SweepProgress(prog, total, seed=plan.seed is not None)
+        run_sweep(plan, federation, jobs=jobs, events=events, only=only, devices=parse_devices(devices),
+                  engine_args=engine_args)
     console.print(f"sweep finished in {time.time() - t0:.0f} s; `fedasr report {out}` for the curve")
     _report(out)
 

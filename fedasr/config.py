@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ class ModelSection:
 
     preset: str = "tiny"
     overrides: dict = field(default_factory=dict)
+
+
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -60,6 +64,10 @@ class TrainSection:
     prune_range: int = 5
     prune_warmup_steps: int = 0  # pruned: its weight rises linearly from 0.1 to 1 over these steps
     spec_augment: bool = True
+    # fp32 | bf16: the model's forward under bfloat16 autocast (the losses, the RNN-T recursions,
+    # the conv modules' norms and the optimizer stay in float32; evaluation is in float32)
+    precision: str = "fp32"
+    prefetch: int = 2  # batches collated ahead by a background thread (pinned memory on CUDA); 0: none
 
     def validate(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""
@@ -87,6 +95,10 @@ class TrainSection:
         if isinstance(self.prune_warmup_steps, bool) or not isinstance(self.prune_warmup_steps, int) \
                 or self.prune_warmup_steps < 0:
             raise FedasrError(f"{p}prune_warmup_steps: must be an integer >= 0, got {self.prune_warmup_steps!r}")
+        if self.precision not in PRECISIONS:
+            raise FedasrError(f"{p}precision: unknown {self.precision!r} ({', '.join(PRECISIONS)})")
+        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
+            raise FedasrError(f"{p}prefetch: must be an integer >= 0, got {self.prefetch!r}")
         if self.loss == "pruned" and not self.simple_loss_weight > 0:
             raise FedasrError(f"{p}loss: pruned needs {p}simple_loss_weight > 0 "
                               "(the simple loss chooses the pruning ranges)")
@@ -287,14 +299,31 @@ class RunConfig:
             raise FedasrError(f"device: unknown {self.device!r} (auto, cpu, cuda, cuda:N)")
 
 
-def resolve_device(name: str):
-    """A torch.device for ``auto``/``cpu``/``cuda[:N]``; asking for CUDA without one is an error."""
+AUTO_CPU_WARNING = ("fedasr: warning: device: auto found no CUDA device; training on the CPU "
+                    "(set device: cuda to require a GPU, device: cpu to silence this)")
+
+
+def resolve_device(name: str, *, warn: bool = False):
+    """A torch.device for ``auto``/``cpu``/``cuda[:N]``; asking for CUDA without one (or for
+    a CUDA index beyond the visible devices) is an error. ``warn``: when ``auto`` falls back
+    to the CPU, say so in one line on stderr (a training run that silently ends up on the CPU
+    takes weeks instead of hours)."""
     import torch  # here, not at the top: parsing a config does not import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FedasrError(f"device: {name} requested but no CUDA device is available")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if warn:
+            print(AUTO_CPU_WARNING, file=sys.stderr, flush=True)
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise FedasrError(f"device: {name} requested but no CUDA device is available")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise FedasrError(f"device: {name} requested but only {torch.cuda.device_count()} CUDA device(s) "
+                              "are visible (CUDA_VISIBLE_DEVICES?)")
+        return dev
     return torch.device(name)
 
 

@@ -70,8 +70,8 @@ def decode_cuts(model: Transducer, cuts: CutSet, tokenizer: Tokenizer, cmvn: Glo
     try:
         device = next(model.parameters()).device
         for batch in ds.batches(max_duration, shuffle=False, num_buckets=1):
-            batch = batch.to(device)
-            enc, enc_lens = model.encode(batch.feats, batch.feat_lens)
+            # the lengths stay on the host: nothing below waits for the device until the hypotheses
+            enc, enc_lens = model.encode(batch.to(device, non_blocking=True).feats, batch.feat_lens)
             if beam <= 1:
                 hyps = greedy_search(model, enc, enc_lens, max_symbols_per_frame=max_symbols_per_frame)
             else:

@@ -23,7 +23,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 # what config.yaml records about the run beside its RunConfig
-RUN_KEYS = ("federation", "mode", "data", "engine", "init_from", "init_from_sha256")
+RUN_KEYS = ("federation", "mode", "data", "engine", "device_resolved", "init_from", "init_from_sha256")
 
 
 @dataclass
@@ -58,6 +58,17 @@ class RunDir:
                 raise FedasrError(f"{self.root}: run directory exists (use --resume to continue it or --overwrite)")
             return True
         return False
+
+    def clear_outputs(self, engine: bool = True) -> None:
+        """Remove what a run writes here (config, metrics, checkpoints, results, decodes and,
+        with ``engine``, the Flower engine's files), before starting it again; other files (a
+        sweep's own: its claim, sweep.json, log.txt) stay."""
+        import shutil
+
+        for name in (CONFIG_FILE, METRICS_FILE, RESULTS_FILE):
+            (self.root / name).unlink(missing_ok=True)
+        for name in ("checkpoints", "decode", *(("flower",) if engine else ())):
+            shutil.rmtree(self.root / name, ignore_errors=True)
 
     def checkpoint(self, rnd: int) -> Path:
         return self.ckpt_dir / f"round_{rnd:04d}.pt"

@@ -27,6 +27,17 @@ Each run is a subprocess of the `fedasr` CLI (its output goes to the run's log.t
 runs can go in parallel (``--jobs``) and a crash of one does not take the others down.
 Re-running skips finished runs and resumes unfinished ones from their last checkpoint.
 
+Several sweep jobs may share one sweep directory (a cluster's job array, each with its own
+``--only``; or the same sweep started twice): a run directory is *claimed* before anything
+is written to it (``RUN/.claim``, created exclusively, holding the owner's host and pid;
+:func:`claim_run`), a run claimed by another job is left to it, a finished run is never
+touched again, and an unfinished one is resumed by whoever claims it next. A claim whose
+process is gone (same host) or whose heartbeat stopped (another host, 10 minutes) is taken
+over. A job that needs the seed model waits for the job training it (or trains it, under
+the seed's claim). ``--devices`` places runs on devices round robin (``--set device=``; a
+Flower run's SuperNode slots too), ``--engine flower`` runs each federated run's rounds
+through Flower's Deployment Engine (docs/cluster.md).
+
 A recipe is a run's config plus the sweep's part (``seed_model:`` and ``sweep:``, the
 schema below: :class:`SweepConfig`); :func:`split_recipe` parses each once. Every run is
 ``fedasr train --config SWEEP_DIR/recipe.yaml --set ...``, which ignores the sweep's part,
@@ -39,12 +50,16 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import fcntl
 import io
 import json
 import os
+import queue
+import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -411,18 +426,171 @@ def _watch(progress: SweepProgress, events: SweepEvents, interval: float):
         watcher.join()
 
 
+def select_runs(plan: SweepPlan, only: list[str] | None) -> list[SweepRun]:
+    """The plan's runs that ``only`` selects (all without it): ``SCHEME`` (every run of the
+    scheme; ``dense``, ``seed`` too) or ``SCHEME@SPARSITY`` (``fp@0.5``; a knob run by its
+    directory name, ``asp@k1.5``). A selector that matches nothing is an error listing the runs."""
+    if not only:
+        return list(plan.runs)
+    everything = plan.all_runs
+    chosen: list[SweepRun] = []
+    for sel in only:
+        scheme, _, at = sel.partition("@")
+        hits = [r for r in everything if r.scheme == scheme and (not at or r.path.name == at or _same_sparsity(r, at))]
+        if not hits:
+            names = ", ".join(f"{r.scheme}@{r.path.name.lstrip('s') if r.knob is None else r.path.name}"
+                              if r.scheme not in ("dense", SEED_SCHEME) else r.scheme for r in everything)
+            raise FedasrError(f"--only {sel}: no such run (the sweep's runs: {names})")
+        chosen += [r for r in hits if r not in chosen]
+    return [r for r in everything if r in chosen]  # in the plan's order
+
+
+def runs_to_do(plan: SweepPlan, only: list[str] | None) -> list[SweepRun]:
+    """The runs ``only`` selects, the seed first when it is one of them or one of them
+    starts from it."""
+    chosen = select_runs(plan, only)
+    seed = plan.seed
+    if seed is not None and seed not in chosen and any(r.from_seed for r in chosen):
+        chosen = [seed] + chosen
+    return chosen
+
+
+def _same_sparsity(run: SweepRun, text: str) -> bool:
+    try:
+        return run.knob is None and abs(float(text) - run.sparsity) < 1e-9
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------- claims
+CLAIM_FILE = ".claim"
+HEARTBEAT_SECONDS = 60.0  # a claim's file is touched this often while its run goes on
+STALE_SECONDS = 600.0  # a claim from another host untouched this long is taken over
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time (Linux: /proc/PID/stat field 22), to tell a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text() or "null")
+    except (OSError, ValueError):
+        return None
+
+
+def _stale(path: Path, owner: dict | None) -> bool:
+    """Whether the claim ``owner`` (read from ``path``) belongs to nobody any more: a process
+    of this host that is gone (or whose pid now names another process), or, from another
+    host, a claim whose heartbeat stopped."""
+    if not owner:
+        return False  # being written, or not ours to judge
+    if owner.get("host") == socket.gethostname():
+        pid = int(owner.get("pid", -1))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return owner.get("started") is not None and _start_time(pid) != owner.get("started")
+    try:
+        return time.time() - path.stat().st_mtime > STALE_SECONDS
+    except OSError:
+        return False
+
+
+class Claim:
+    """This process's claim of a run directory (see :func:`claim_run`): released (its file
+    removed) by :meth:`release`; a thread touches the file every HEARTBEAT_SECONDS."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self.fd = path, fd
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        self._beat.join()
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)
+
+
+def claim_run(run_dir: Path) -> Claim | dict:
+    """Claim ``run_dir`` for this process: its ``.claim`` file created exclusively (O_EXCL: one
+    winner, also across hosts on a shared filesystem) and locked (flock: released by the
+    kernel when the process dies), holding this host, pid and process start time. Returns
+    the :class:`Claim`, or the owner's record when another live process holds it. A stale
+    claim (:func:`_stale`) is taken over, one taker at a time (flock)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CLAIM_FILE
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid()),
+          "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+    except FileExistsError:
+        owner = _owner(path)
+        if not _stale(path, owner):
+            return owner or {"host": "?", "pid": "?"}
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:  # released meanwhile: try again
+            return claim_run(run_dir)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its owner (or another taker) holds it
+            os.close(fd)
+            return owner
+        if _owner(path) != owner or not path.exists():  # taken over (or released) meanwhile
+            os.close(fd)
+            return _owner(path) or owner
+        os.ftruncate(fd, 0)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.pwrite(fd, json.dumps(me).encode(), 0)
+    os.fsync(fd)
+    return Claim(path, fd)
+
+
+def _owner_text(owner: dict) -> str:
+    return f"{owner.get('host', '?')}:{owner.get('pid', '?')}"
+
+
+# ---------------------------------------------------------------------------- run
 def run_sweep(plan: SweepPlan, federation: str | Path, *, jobs: int = 1, events: SweepEvents | None = None,
-              poll_interval: float = 2.0) -> list[SweepRun]:
-    """Train and evaluate every run of ``plan`` (the seed first, with every core; then ``jobs``
-    runs at a time); finished runs are skipped, unfinished ones resumed."""
+              poll_interval: float = 2.0, only: list[str] | None = None, devices: list[str] | None = None,
+              engine_args: list[str] | None = None) -> list[SweepRun]:
+    """Train and evaluate the runs of ``plan`` that ``only`` selects (:func:`select_runs`;
+    the seed first when they need it, with every core; then ``jobs`` runs at a time):
+    finished runs are skipped, unfinished ones resumed, runs claimed by another job left to
+    it (:func:`claim_run`). ``devices``: each run trains on the next free one (round robin);
+    ``engine_args``: further `fedasr train` options of the federated runs (``--engine
+    flower ...``). Returns the runs it was asked for."""
     events = events or _NoEvents()
-    out, cfg, seed = plan.out, plan.config, plan.seed
+    out, seed = plan.out, plan.seed
     fed = Federation(federation)
     splits = plan.sweep.sweep.splits or [s for s, m in fed.eval_splits.items() if m["role"] == "test"]
     for s in splits:
         if s not in fed.eval_splits:
             raise FedasrError(f"sweep.splits: unknown split {s!r} (federation has: {', '.join(fed.eval_splits)})")
-    if seed is not None and not fed.has_server_data:
+    chosen = runs_to_do(plan, only)
+    runs = [r for r in chosen if r is not seed]
+    needs_seed = seed is not None and seed in chosen
+    if needs_seed and not fed.has_server_data:
         raise FedasrError(f"seed_model: {fed.root} holds no server data to train the seed on "
                           "(shard with --server-split, or set seed_model.steps=0)")
     out.mkdir(parents=True, exist_ok=True)
@@ -433,40 +601,87 @@ def run_sweep(plan: SweepPlan, federation: str | Path, *, jobs: int = 1, events:
     atomic_write_text(recipe_file, text)
     cpus = os.cpu_count() or 1
     threads = max(1, cpus // max(1, jobs))
-    progress = SweepProgress(plan.all_runs)
+    progress = SweepProgress(([seed] if needs_seed else []) + runs)
+    engine_args = list(engine_args or [])
+    flower = "flower" in engine_args
+    # the devices: an embedded run takes one, a Flower run a group (its SuperNode slots)
+    groups = [[d] for d in devices or []]
+    if flower and devices:
+        n = max(1, min(jobs, len(devices)))
+        groups = [devices[i::n] for i in range(n)]
+    free: queue.Queue = queue.Queue()  # (slot, devices): taken by a run, put back after it
+    for slot in enumerate(groups):
+        free.put(slot)
 
-    def one(run: SweepRun, threads: int = threads) -> SweepRun:
-        if _finished(run, splits):
-            progress.finish(run)
-            events.run_done(run, "skipped (finished)")
-            return run
-        run.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run.path / SWEEP_FILE, json.dumps({"scheme": run.scheme, "sparsity": run.sparsity,
-                                                             "settings": run.settings, "knob": run.knob,
-                                                             "reference": run.reference}))
-        log = run.path / "log.txt"
+    def train(run: SweepRun, log: Path, threads: int, group: list[str] | None) -> None:
+        federated = "--centralized" not in run.train_args
+        extra = engine_args if federated else []
+        if group and federated and flower:
+            extra = extra + ["--devices", ",".join(group)]
         if RunDir(run.path).latest() is not None:
-            _cli(["train", "--resume", str(run.path)], log, threads)
-        else:
-            args = list(run.train_args)
-            if run.from_seed:
-                args += ["--init-from", str(seed_checkpoint(seed))]
-            sets = [a for s in run.settings for a in ("--set", s)]
-            _cli(["train", "--federation", str(fed.root), "--config", str(recipe_file), "--out", str(run.path),
-                  "--overwrite", *args, *sets], log, threads)
-        evals = [a for s in splits for a in ("--split", s)]
-        _cli(["eval", "--run", str(run.path), "--beam", str(plan.sweep.sweep.beam), *evals], log, threads)
+            _cli(["train", "--resume", str(run.path), *extra, *(["--device", group[0]] if group else [])], log, threads)
+            return
+        args = list(run.train_args)
+        if run.from_seed:
+            args += ["--init-from", str(seed_checkpoint(seed))]
+        sets = [a for s in run.settings + ([f"device={group[0]}"] if group else []) for a in ("--set", s)]
+        # --overwrite: under this job's claim, what is there is an unfinished run's start (no checkpoint)
+        _cli(["train", "--federation", str(fed.root), "--config", str(recipe_file), "--out", str(run.path),
+              "--overwrite", *args, *extra, *sets], log, threads)
+
+    def one(run: SweepRun, threads: int = threads, claim: Claim | None = None) -> SweepRun:
+        if claim is None:
+            if _finished(run, splits):
+                progress.finish(run)
+                events.run_done(run, "skipped (finished)")
+                return run
+            claim = claim_run(run.path)
+            if not isinstance(claim, Claim):
+                events.run_done(run, f"skipped (claimed by {_owner_text(claim)})")
+                return run
+        slot, group = free.get() if groups else (None, None)
+        try:
+            if _finished(run, splits):  # finished by another job meanwhile: never touched again
+                progress.finish(run)
+                events.run_done(run, "skipped (finished)")
+                return run
+            atomic_write_text(run.path / SWEEP_FILE, json.dumps({
+                "scheme": run.scheme, "sparsity": run.sparsity, "settings": run.settings, "knob": run.knob,
+                "reference": run.reference, "device": ",".join(group) if group else None, "device_slot": slot}))
+            log = run.path / "log.txt"
+            train(run, log, threads, group)
+            evals = [a for s in splits for a in ("--split", s)]
+            _cli(["eval", "--run", str(run.path), "--beam", str(plan.sweep.sweep.beam), *evals,
+                  *(["--device", group[0]] if group else [])], log, threads)
+        finally:
+            if group is not None:
+                free.put((slot, group))
+            claim.release()
         progress.finish(run)
         events.run_done(run, "done")
         return run
 
+    def ensure_seed() -> None:
+        """The seed model, trained here (under its claim) or waited for (another job's)."""
+        told = False
+        while not _finished(seed, splits):
+            claim = claim_run(seed.path)
+            if isinstance(claim, Claim):
+                one(seed, threads=cpus, claim=claim)
+                continue
+            if not told:
+                events.run_done(seed, f"waiting (trained by {_owner_text(claim)})")
+                told = True
+            time.sleep(poll_interval)
+        progress.finish(seed)
+
     with _watch(progress, events, poll_interval):
-        if seed is not None:  # once, before every run, with every core
-            one(seed, threads=cpus)
+        if needs_seed:  # once, before every run, with every core
+            ensure_seed()
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
-            list(ex.map(one, plan.runs))
+            list(ex.map(one, runs))
     events.rounds(progress.done(), progress.total)
-    return plan.all_runs
+    return chosen
 
 
 def seed_checkpoint(seed: SweepRun) -> Path:

@@ -39,6 +39,17 @@ Usage::
     python scripts/bench_rnnt_loss.py                # B=16 T=200 U=40 V=256
     python scripts/bench_rnnt_loss.py -B 8 -T 400 -U 60 -V 500 --repeats 5 --threads 1
     python scripts/bench_rnnt_loss.py --pruned 5 -B 8 -T 200 -U 40 -V 256 --threads 1
+    python scripts/bench_rnnt_loss.py --ops -B 16 -T 300 -U 100 -V 256   # aten ops per fwd+bwd
+    python scripts/bench_rnnt_loss.py --ops --tree /tmp/old_checkout     # ... of another tree
+
+``--ops`` counts the aten operations (each a kernel launch on a GPU) of one forward and
+backward of each loss (``full``: ``rnnt_loss`` on given logits; ``simple``:
+``rnnt_loss_simple`` with its occupation; ``pruned``: ``rnnt_loss_pruned`` on a band of 5;
+``simple+pruned``: what ``train.loss: pruned`` computes after the model: the simple loss,
+``prune_ranges``, the pruned loss), with a dispatch mode, on the CPU; for the full loss both
+of its paths (``BATCH_UTTERANCES``: per utterance, the CPU's; whole batch, every other
+device's). It also counts them at half the label length: the difference is the share of
+the label loop (ops per label position), which only a fused kernel would remove.
 """
 
 from __future__ import annotations
@@ -78,6 +89,9 @@ def _parse(argv=None):
     p.add_argument("--enc-dim", type=int, default=144, help="--pruned: joiner input (encoder) width")
     p.add_argument("--pred-dim", type=int, default=256, help="--pruned: joiner input (predictor) width")
     p.add_argument("--joint-dim", type=int, default=256, help="--pruned: joiner hidden width")
+    p.add_argument("--ops", action="store_true", help="count aten ops per forward+backward of each loss")
+    p.add_argument("--tree", type=Path, help="--ops: import fedasr from this checkout")
+    p.add_argument("--json", type=Path, help="--ops: also write the counts here")
     p.add_argument("--worker", choices=IMPLS + JOINER_IMPLS + ("joiner-time",), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -281,8 +295,91 @@ def _joiner_main(args) -> int:
     return 0
 
 
+def _count_ops(fn) -> tuple[int, int]:
+    """(aten ops, of which not views) dispatched by ``fn()``: a view (select, slice,
+    transpose) launches no kernel."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = kernels = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            Count.kernels += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n, Count.kernels
+
+
+def _ops_main(args) -> int:
+    """Aten ops per forward+backward of each loss, at U and U/2 (the label loop's share)."""
+    import torch
+
+    sys.path.insert(0, str((args.tree or Path(__file__).resolve().parents[1]).resolve()))
+    from fedasr.model import loss as L
+
+    torch.set_num_threads(args.threads or 1)
+    B, T, V, S = args.batch, args.frames, args.vocab, 5
+    paths = [None] if not hasattr(L, "BATCH_UTTERANCES") else [False, True]
+
+    def counts(U: int) -> dict:
+        g = torch.Generator().manual_seed(args.seed)
+        logits = torch.randn(B, T, U + 1, V, generator=g)
+        am, lm = torch.randn(B, T, V, generator=g), torch.randn(B, U + 1, V, generator=g)
+        band = torch.randn(B, T, S, V, generator=g)
+        targets = torch.randint(1, V, (B, U), generator=g, dtype=torch.int32)
+        t_lens, u_lens = _lengths(argparse.Namespace(batch=B, frames=T, labels=U, full_lengths=args.full_lengths), g)
+        occ = L.rnnt_loss_simple(am, lm, targets, t_lens, u_lens, return_occupation=True)[1]
+        ranges = L.prune_ranges(occ, t_lens, u_lens, S)
+
+        def run(make):
+            leaves = [x.detach().requires_grad_(True) for x in (logits, am, lm, band)]
+            return lambda: make(*leaves).backward()
+
+        def simple_pruned(_, a, m, b):
+            simple, o = L.rnnt_loss_simple(a, m, targets, t_lens, u_lens, return_occupation=True)
+            r = L.prune_ranges(o, t_lens, u_lens, S)
+            return L.rnnt_loss_pruned(b, targets, r, t_lens, u_lens) + 0.5 * simple
+
+        out = {}
+        for path in paths:
+            if path is not None:
+                L.BATCH_UTTERANCES = path
+            name = "full" + ("" if path is None else " (whole batch)" if path else " (per utterance)")
+            out[name] = _count_ops(run(lambda x, a, m, b: L.rnnt_loss(x, targets, t_lens, u_lens)))
+        if paths != [None]:
+            L.BATCH_UTTERANCES = None
+        out["simple"] = _count_ops(run(lambda x, a, m, b: L.rnnt_loss_simple(a, m, targets, t_lens, u_lens)))
+        out["pruned"] = _count_ops(run(lambda x, a, m, b: L.rnnt_loss_pruned(b, targets, ranges, t_lens, u_lens)))
+        out["simple+pruned"] = _count_ops(run(simple_pruned))
+        return out
+
+    U = args.labels
+    full, half = counts(U), counts(U // 2)
+    print(f"aten ops per forward+backward, B={B} T={T} U={U} V={V} (pruned: S={S}), "
+          f"{'full' if args.full_lengths else 'variable'} lengths; fedasr from {args.tree or 'this tree'}")
+    print(f"{'loss':>26} {'ops':>7} {'(no views)':>10} {'at U/2':>7} {'per label position':>19} "
+          f"{'label loop share':>17}")
+    res = {}
+    for k in full:
+        (ops, kernels), (ops_h, _) = full[k], half[k]
+        per_u = (ops - ops_h) / (U - U // 2)
+        share = per_u * U / ops
+        res[k] = {"ops": ops, "non_view_ops": kernels, "ops_half_u": ops_h, "ops_per_label_position": per_u,
+                  "label_loop_share": share}
+        print(f"{k:>26} {ops:7d} {kernels:10d} {ops_h:7d} {per_u:19.1f} {100 * share:16.0f}%")
+    if args.json:
+        args.json.write_text(json.dumps({"shape": [B, T, U, V], "tree": str(args.tree or ""), "counts": res},
+                                        indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
+    if args.ops:
+        return _ops_main(args)
     if args.worker:
         print(json.dumps(_worker(args)))
         return 0

@@ -221,13 +221,16 @@ def test_nbest_shape_and_order(model, data):
 
 
 def test_beam_batched_equals_single(model, data):
+    """Alone or in a batch: the same hypothesis, and the same score up to float32 rounding
+    (the batch's hypotheses go through the joiner and predictor together, matrix products
+    of another size, whose float32 sums may round differently)."""
     enc, lens = data
     hyps, scores = beam_search(model, enc, lens, beam=3, return_scores=True)
     for b in range(enc.size(0)):
         n = int(lens[b])
         h, s = beam_search(model, enc[b : b + 1, :n], lens[b : b + 1], beam=3, return_scores=True)
         assert h == [hyps[b]]
-        assert s[0] == pytest.approx(scores[b], abs=1e-9)
+        assert s[0] == pytest.approx(scores[b], abs=1e-5)
 
 
 # --------------------------------------------------------------------------- edge cases

@@ -336,17 +336,19 @@ def test_the_real_worker_answers_a_bad_request_with_one_line_and_stays_up():
 
 def test_a_warm_client_worker_keeps_the_datasets_of_its_last_clients(monkeypatch):
     """``cache_clients``: a client served again reuses its loaded dataset; beyond the limit
-    the least recently served one goes. 0 (embedded): loaded with every message."""
+    the least recently served one goes. 0: loaded with every message. (The byte budget:
+    tests/test_gpu_path.py.)"""
     from types import SimpleNamespace
 
     from fedasr.fl import client as P
 
     made = []
-    monkeypatch.setattr(P, "make_dataset", lambda cuts, tok, cmvn, cfg: made.append(cuts) or SimpleNamespace(c=cuts))
+    monkeypatch.setattr(P, "make_dataset",
+                        lambda cuts, tok, cmvn, cfg: made.append(cuts) or SimpleNamespace(c=cuts, cache=None))
 
     def worker(cache):
         w = P.ClientWorker.__new__(P.ClientWorker)
-        w.persistent, w.cache_clients, w._cache, w.cfg = False, cache, {}, None
+        w.persistent, w.cache_clients, w._cache, w.cfg, w.cache_bytes = False, cache, {}, None, 1 << 40
         w.fed = SimpleNamespace(client_cuts=lambda c: c, tokenizer=None, cmvn=None)
         return w
 

@@ -10,7 +10,7 @@ ROOT = Path(fedasr.__file__).parent
 
 # lowest first; a name is a top-level module or package of fedasr
 FLOORS = [
-    {"errors", "fsutil", "codec", "configlib", "config", "__init__", "__main__"},
+    {"errors", "fsutil", "codec", "configlib", "config", "hostsync", "__init__", "__main__"},
     {"data", "model", "rundir"},
     {"trainer", "checkpoint", "evaluate", "export", "int8"},
     {"aggregate", "prune"},

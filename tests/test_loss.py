@@ -9,9 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedasr.model import loss as loss_module
 from fedasr.model.loss import rnnt_loss, rnnt_loss_reference
 
 IMPLS = [rnnt_loss, rnnt_loss_reference]
+
+
+@pytest.fixture(autouse=True, params=["per utterance", "whole batch"])
+def loss_path(request, monkeypatch):
+    """Every test runs on both paths of the big-tensor passes: per utterance (the CPU's) and
+    over the whole batch (every other device's, see BATCH_UTTERANCES)."""
+    monkeypatch.setattr(loss_module, "BATCH_UTTERANCES", request.param == "whole batch")
+    return request.param
 
 
 # --------------------------------------------------------------------------
@@ -246,6 +255,22 @@ def test_padding_invariance():
         )
         torch.testing.assert_close(loss[b : b + 1], loss_b, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(g[b : b + 1, :tb, : ub + 1], g_b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_two_paths_agree_bit_for_bit(dtype, monkeypatch):
+    """Whole batch or per utterance: the same losses and gradients to the bit (row-wise
+    log-softmax and softmax, the same arithmetic per node), garbage padding included."""
+    B, T, U, V = 6, 23, 7, 13
+    logits, targets, t_lens, u_lens = _random_batch(B, T, U, V, seed=5, dtype=dtype, full=False)
+    mask = _pad_mask(logits.shape, t_lens, u_lens)
+    logits = torch.where(mask, logits, torch.full_like(logits, float("nan")))
+    got = {}
+    for batched in (False, True):
+        monkeypatch.setattr(loss_module, "BATCH_UTTERANCES", batched)
+        got[batched] = _loss_and_grad(rnnt_loss, logits, targets, t_lens, u_lens, reduction="none")
+    assert torch.equal(got[False][0], got[True][0]) and torch.equal(got[False][1], got[True][1])
+    assert torch.all(got[True][1][~mask] == 0) and torch.isfinite(got[True][0]).all()
 
 
 def test_reference_padding_gradient_is_zero():

@@ -2,7 +2,9 @@
 
 import csv
 import dataclasses
+import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -289,3 +291,88 @@ def test_sweep_progress_counts_rounds_of_runs_in_flight_and_finished(tmp_path):
     assert progress.done() == 2
     progress.finish(b)  # a finished (or skipped) run counts whole
     assert progress.done() == 4
+
+
+# ---------------------------------------------------------------------------- parts of a sweep, shared directories
+
+
+def _tiny_recipe(tmp_path, seed_steps=2):
+    recipe = {"fl": {"rounds": 1}, "seed_model": {"steps": seed_steps, "rounds": 1},
+              "sweep": {"sparsities": [0.0, 0.5], "schemes": [
+                  {"name": "fp", "pruning": {"method": "federated_pruning"}}]}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_only_selects_runs_and_names_them_when_it_cannot(tmp_path):
+    from fedasr.sweep import plan_sweep, resolved_recipe, runs_to_do, select_runs
+
+    plan = plan_sweep(resolved_recipe(_tiny_recipe(tmp_path), ["sweep.sparsities=[0.0, 0.5, 0.7]"]), tmp_path / "s")
+    assert [(r.scheme, r.sparsity) for r in select_runs(plan, ["fp@0.7", "dense"])] == [("dense", 0.0), ("fp", 0.7)]
+    assert [r.sparsity for r in select_runs(plan, ["fp"])] == [0.5, 0.7]
+    assert [r.scheme for r in runs_to_do(plan, ["fp@0.5"])] == ["seed", "fp"]  # its seed first
+    assert [r.scheme for r in runs_to_do(plan, ["seed"])] == ["seed"]
+    with pytest.raises(FedasrError, match=r"--only fp@0.9: no such run \(the sweep's runs: seed, dense, fp@0.50, fp@0.70\)"):
+        select_runs(plan, ["fp@0.9"])
+
+
+def test_a_claim_is_exclusive_and_a_dead_owners_claim_is_taken_over(tmp_path):
+    import json
+    import os
+    import socket
+
+    from fedasr.sweep import CLAIM_FILE, Claim, claim_run
+
+    run = tmp_path / "run"
+    mine = claim_run(run)
+    assert isinstance(mine, Claim)
+    owner = json.loads((run / CLAIM_FILE).read_text())
+    assert owner["host"] == socket.gethostname() and owner["pid"] == os.getpid()
+    assert claim_run(run) == owner  # held (by a live process: this one)
+    mine.release()
+    assert not (run / CLAIM_FILE).exists()
+    # a claim left by a process that died: taken over
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / CLAIM_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": "1"}))
+    taken = claim_run(run)
+    assert isinstance(taken, Claim) and json.loads((run / CLAIM_FILE).read_text())["pid"] == os.getpid()
+    taken.release()
+    # another host's claim: held while its heartbeat goes on
+    (run / CLAIM_FILE).write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    assert claim_run(run) == {"host": "elsewhere", "pid": 1}
+    os.utime(run / CLAIM_FILE, (0, 0))  # no heartbeat for decades
+    stale = claim_run(run)
+    assert isinstance(stale, Claim)
+    stale.release()
+
+
+def test_two_only_jobs_at_once_give_the_csv_of_one_job(server_federation, tmp_path):
+    """Two jobs started together on one sweep directory, each with its --only, the seed
+    shared (one trains it, the other waits): the CSV of one job that runs everything (that
+    one with --devices cpu,cpu: its runs placed round robin, as their records say)."""
+    recipe = _tiny_recipe(tmp_path)
+    common = ["sweep", str(recipe), "--federation", str(server_federation), *sets(*FAST)]
+    shared = tmp_path / "shared"
+    env = {**os.environ, "FEDASR_PROGRESS": "1"}
+    jobs = [subprocess.Popen([sys.executable, "-m", "fedasr.cli", *common, "--out", str(shared), "--only", only],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for only in ("dense", "fp@0.5")]
+    outs = [j.communicate(timeout=900) for j in jobs]
+    assert [j.returncode for j in jobs] == [0, 0], outs
+    assert sum("waiting (trained by" in err for _, err in outs) == 1  # the other job waited for the seed
+    assert (shared / "seed" / "log.txt").read_text().count("$ fedasr train") == 1
+    assert not list(shared.glob("**/.claim"))  # every claim released
+    assert run_cli("report", shared).returncode == 0
+    one = tmp_path / "one"
+    r = run_cli(*common, "--out", one, "--devices", "cpu,cpu", timeout=900)
+    assert r.returncode == 0, r.stderr
+    a, b = (list(csv.DictReader((d / "wer_vs_sparsity.csv").open())) for d in (shared, one))
+    assert [row["scheme"] for row in a] == [row["scheme"] for row in b] == ["seed", "dense", "fp"]
+    for x, y in zip(a, b):  # comm_bytes: a reply carries its client's timing as text (a few bytes)
+        assert {k: v for k, v in x.items() if k != "comm_bytes"} == {k: v for k, v in y.items() if k != "comm_bytes"}
+        assert abs(int(x["comm_bytes"]) - int(y["comm_bytes"])) <= 64
+    # round robin over the two devices, in the plan's order: seed, dense, fp
+    placed = [json.loads((one / d / "sweep.json").read_text()) for d in ("seed", "runs/dense", "runs/fp/s0.50")]
+    assert [(p["device"], p["device_slot"]) for p in placed] == [("cpu", 0), ("cpu", 1), ("cpu", 0)]
+    assert [RunDir(one / d).read_config()["device"] for d in ("seed", "runs/dense", "runs/fp/s0.50")] == ["cpu"] * 3

@@ -5,7 +5,6 @@ directory ends up the same on either engine."""
 from __future__ import annotations
 
 import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator
@@ -32,10 +31,13 @@ def train(*, federation: Path | None = None, config: Path | None = None, out: Pa
           overrides: list[str] = (), centralized: bool = False, data: str = "clients", resume: Path | None = None,
           init_from: Path | None = None, overwrite: bool = False, engine: str = "embedded",
           superlink: str | None = None, insecure: bool = False, root_certificates: Path | None = None,
-          slots: int | None = None, round_timeout: float = 900.0,
-          events: EventsFactory = _no_events) -> tuple[list[dict], Path]:
+          slots: int | None = None, round_timeout: float = 900.0, devices: str | None = None,
+          device: str | None = None, events: EventsFactory = _no_events) -> tuple[list[dict], Path]:
     """Start (or ``resume``) a run and train it to its last round. ``events`` wraps the
-    rounds (e.g. a progress bar). Returns the run's metrics rows and its directory."""
+    rounds (e.g. a progress bar). ``device``: the config's ``device`` replaced (a resumed run
+    too: it may go on on another machine). Returns the run's metrics rows and its directory."""
+    if device is not None and resume is None:
+        overrides = [*overrides, f"device={device}"]
     from fedasr.config import load_config
     from fedasr.data.federation import Federation
     from fedasr.fl.runner import Runner
@@ -46,14 +48,17 @@ def train(*, federation: Path | None = None, config: Path | None = None, out: Pa
         if data != "clients":
             raise FedasrError("--data server: the seed model trains centrally on the embedded engine")
         return _train_flower(federation, config, out, overrides, centralized, resume, init_from, overwrite,
-                             superlink, insecure, root_certificates, slots, round_timeout, events)
+                             superlink, insecure, root_certificates, slots, round_timeout, devices, device, events)
     if superlink is not None:
         raise FedasrError("--superlink: only with --engine flower")
+    if devices:
+        raise FedasrError("--devices: the SuperNode slots' devices, only with --engine flower "
+                          "(the embedded engine trains on the config's device: --set device=cuda:N)")
     if resume is not None:
         if config is not None or overrides or centralized or init_from is not None or data != "clients":
             raise FedasrError("--resume: the run's own config.yaml is used; "
                               "drop --config/--set/--centralized/--data/--init-from")
-        runner = Runner.resume(resume, federation=federation, engine="embedded")
+        runner = Runner.resume(resume, federation=federation, engine="embedded", device=device)
     else:
         if federation is None or out is None:
             raise FedasrError("--federation and --out are required (or --resume RUN_DIR)")
@@ -67,11 +72,11 @@ def train(*, federation: Path | None = None, config: Path | None = None, out: Pa
 
 
 def _train_flower(federation, config, out, overrides, centralized, resume, init_from, overwrite, superlink,
-                  insecure, root_certificates, slots, round_timeout, events) -> tuple[list[dict], Path]:
+                  insecure, root_certificates, slots, round_timeout, devices, device, events) -> tuple[list[dict], Path]:
     """`train --engine flower`: validate here, then run on Flower."""
     from fedasr.config import load_config, parse_config
     from fedasr.data.federation import Federation
-    from fedasr.fl.flower.launch import run_flower
+    from fedasr.fl.flower.launch import parse_devices, run_flower
     from fedasr.fl.client import model_config
     from fedasr.methods import validate
     from fedasr.rundir import RunDir
@@ -80,6 +85,10 @@ def _train_flower(federation, config, out, overrides, centralized, resume, init_
         raise FedasrError("--centralized: the baseline runs on the embedded engine (drop --engine flower)")
     if superlink is not None and not insecure and root_certificates is None:
         raise FedasrError("--superlink: give --root-certificates CA.pem (TLS), or --insecure for loopback tests")
+    slot_devices = parse_devices(devices)
+    if slot_devices and superlink is not None:
+        raise FedasrError("--devices: places the SuperNodes this command starts; with --superlink start each "
+                          "SuperNode with its own CUDA_VISIBLE_DEVICES and FEDASR_DEVICE (docs/cluster.md)")
     if resume is not None:
         if config is not None or overrides or init_from is not None:
             raise FedasrError("--resume: the run's own config.yaml is used; drop --config/--set/--init-from")
@@ -88,7 +97,7 @@ def _train_flower(federation, config, out, overrides, centralized, resume, init_
         if rd.latest() is None:
             raise FedasrError(f"{resume}: no complete checkpoint to resume from; start the run again")
         fed = Federation(federation or run["federation"])
-        cfg = parse_config(raw)
+        cfg = parse_config({**raw, "device": device} if device else raw)
         run_dir = resume
     else:
         if federation is None or out is None:
@@ -102,12 +111,27 @@ def _train_flower(federation, config, out, overrides, centralized, resume, init_
 
             read_checkpoint(init_from)  # exists and is a checkpoint
         if RunDir(out).claim(overwrite):
-            shutil.rmtree(out)
+            RunDir(out).clear_outputs()
         run_dir = out
-    n_slots = slots or max(1, min(cfg.fl.clients_per_round, os.cpu_count() or 1))
+    # slots: one per device given; a GPU run without --devices: one (a CUDA context per slot
+    # on one card only adds contention); on the CPU: the clients of a round, at most the cores
+    if slots:
+        n_slots = slots
+    elif slot_devices:
+        n_slots = len(slot_devices)
+    elif cfg.device.startswith("cuda") or (cfg.device == "auto" and _cuda_available()):
+        n_slots = 1
+    else:
+        n_slots = max(1, min(cfg.fl.clients_per_round, os.cpu_count() or 1))
     done = len(RunDir(run_dir).metrics()) if resume is not None else 0
     with events(cfg.fl.rounds, done) as ev:
         run_flower(Path(run_dir), fed.root, cfg.to_dict(), resume=resume is not None, init_from=init_from,
                    superlink=superlink, insecure=insecure, root_certificates=root_certificates, slots=n_slots,
-                   round_timeout=round_timeout, on_row=ev.round_end)
+                   round_timeout=round_timeout, devices=slot_devices, on_row=ev.round_end)
     return RunDir(run_dir).metrics(), Path(run_dir)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -7,9 +7,11 @@ same (seed, epoch) always gives the same batches.
 
 from __future__ import annotations
 
+import queue
+import threading
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from lhotse import CutSet
@@ -32,11 +34,70 @@ class Batch:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def to(self, device) -> "Batch":
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """The batch on ``device`` (itself when it is there). ``non_blocking``: the host does
+        not wait for the copies (from pinned memory they overlap with the device's work)."""
         if self.feats.device == torch.device(device):
             return self
-        return Batch(self.ids, self.texts, self.feats.to(device), self.feat_lens.to(device),
-                     self.targets.to(device), self.target_lens.to(device))
+        return Batch(self.ids, self.texts, *(t.to(device, non_blocking=non_blocking) for t in
+                                             (self.feats, self.feat_lens, self.targets, self.target_lens)))
+
+
+    def pin_memory(self) -> "Batch":
+        """The batch in page-locked memory (a copy to a CUDA device then runs asynchronously)."""
+        return Batch(self.ids, self.texts, *(t.pin_memory() for t in
+                                             (self.feats, self.feat_lens, self.targets, self.target_lens)))
+
+
+_DONE = object()
+
+
+def prefetch(items: Iterator, depth: int, pin: Callable | None = None) -> Iterator:
+    """``items`` produced ``depth`` ahead by a background thread (the collation of the next
+    batches overlaps with training on the current one), in the same order; ``pin``: applied
+    to each item in that thread (e.g. ``Batch.pin_memory`` before a copy to CUDA). An
+    exception of the producer is raised here, at its place in the sequence. Closing this
+    generator (or dropping it) stops the thread. ``depth`` 0: ``items`` as they are, in
+    this thread."""
+    if depth <= 0:
+        for item in items:
+            yield pin(item) if pin is not None else item
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(pin(item) if pin is not None else item):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(e)
+            return
+        put(_DONE)
+
+    thread = threading.Thread(target=produce, name="fedasr-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            x = q.get()
+            if x is _DONE:
+                return
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+    finally:
+        stop.set()
+        thread.join()
 
 
 class AsrDataset:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -54,6 +56,20 @@ class ClientResult:
     update: dict[str, torch.Tensor]  # deltas of trainable tensors, values of BN statistics
     num_examples: int  # the client's dataset size n_k (utterances): FedAvg's weight
     metrics: dict = field(default_factory=dict)  # loss, steps, processed (utterances, repeats included), ...
+
+
+CACHE_MB_ENV = "FEDASR_CACHE_MB"
+DEFAULT_CACHE_MB = 2048
+
+
+def cache_budget() -> int:
+    """Bytes of client features a worker keeps between messages: ``FEDASR_CACHE_MB``
+    [default 2048] MiB."""
+    mb = os.environ.get(CACHE_MB_ENV, "")
+    try:
+        return int(float(mb) * 2**20) if mb else DEFAULT_CACHE_MB * 2**20
+    except ValueError:
+        raise FedasrError(f"{CACHE_MB_ENV}: expected a number of MiB, got {mb!r}") from None
 
 
 def make_dataset(cuts: CutSet, tokenizer: Tokenizer, cmvn: GlobalCMVN, cfg: RunConfig) -> AsrDataset:
@@ -111,12 +127,13 @@ class ClientWorker:
     the server's own data (``data="server"``: the seed model).
 
     ``cache_clients``: keep the datasets (features loaded and normalised) of the last that
-    many clients served, for a long-lived worker that serves them again (Flower's warm
-    client workers); 0 (the embedded engine): load a client's data with every message."""
+    many clients served, and at most ``cache_bytes`` of their features, for a worker that
+    serves them again (the embedded engine's and Flower's warm client workers); 0: load a
+    client's data with every message."""
 
     def __init__(self, cfg: RunConfig, fed: Federation, model: torch.nn.Module, *, train_fn=train_client,
                  persistent: bool = False, num_steps: int | None = None, data: str = "clients",
-                 cache_clients: int = 0):
+                 cache_clients: int = 0, cache_bytes: int | None = None):
         self.cfg = cfg
         self.fed = fed
         self.data = data  # persistent: "clients" (their union) or "server" (the server's own data)
@@ -130,17 +147,24 @@ class ClientWorker:
         self._stream = None
         self._state: dict = {}
         self.cache_clients = cache_clients
+        self.cache_bytes = cache_bytes if cache_bytes is not None else cache_budget()
         self._cache: dict = {}  # client -> dataset, least recently served first
         self._tok_sha = hashlib.sha256(fed.tokenizer.proto).hexdigest()
 
     @classmethod
-    def for_run(cls, config: dict, federation: str, cache_clients: int = 0) -> "ClientWorker":
+    def for_run(cls, config: dict, federation: str, cache_clients: int = 0,
+                device: str | None = None) -> "ClientWorker":
         """A remote engine's worker for the run config ``config`` (the server's resolved
-        run config) and the federation directory ``federation`` (its own copy)."""
+        run config) and the federation directory ``federation`` (its own copy); ``device``:
+        where it trains instead of the config's ``device`` (a SuperNode slot's own GPU)."""
         cfg = parse_config(config)
         fed = Federation(federation)
+        where = resolve_device(device or cfg.device, warn=True)
         with torch.random.fork_rng():  # the server's seed sequence is not this worker's
-            model = Transducer(model_config(cfg, fed.tokenizer.vocab_size)).to(resolve_device(cfg.device))
+            model = Transducer(model_config(cfg, fed.tokenizer.vocab_size)).to(where)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        print(f"fedasr client worker: training on {where}"
+              + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""), file=sys.stderr, flush=True)
         return cls(cfg, fed, model, cache_clients=cache_clients)
 
     def dataset(self, client: str):
@@ -154,9 +178,22 @@ class ClientWorker:
             data = make_dataset(self.fed.client_cuts(client), self.fed.tokenizer, self.fed.cmvn, self.cfg)
         if self.cache_clients > 0:
             self._cache[client] = data  # the most recently served last
-            while len(self._cache) > self.cache_clients:
-                self._cache.pop(next(iter(self._cache)))
+            self._trim_cache()
         return data
+
+    def _trim_cache(self) -> None:
+        """Drop the least recently served datasets beyond ``cache_clients`` or ``cache_bytes``
+        (the newest is always kept)."""
+        while len(self._cache) > self.cache_clients:
+            self._cache.pop(next(iter(self._cache)))
+        sizes = {c: sum(t.numel() * t.element_size() for t in d.cache.values()) if d.cache else 0
+                 for c, d in self._cache.items()}
+        total = sum(sizes.values())
+        for c in list(self._cache)[:-1]:
+            if total <= self.cache_bytes:
+                break
+            total -= sizes[c]
+            del self._cache[c]
 
     def ensure_architecture(self, arch: dict | None) -> None:
         """Rebuild the model when the server's architecture changed (a compacting method)."""
@@ -190,6 +227,7 @@ class ClientWorker:
         data = self.dataset(h["client"])
         if msg.kind == PHASE:
             plain = AsrDataset(data.cuts, data.tokenizer, data.cmvn, spec_augment=None)  # evaluate-only: no SpecAugment
+            plain.cache = data.cache  # the same features (normalised, before SpecAugment)
 
             def batches():
                 return plain.batches(self.cfg.train.max_duration, shuffle=False, num_buckets=1)
@@ -204,6 +242,8 @@ class ClientWorker:
             extra = self._persistent_parts(data)
         res = self.train_fn(h["client"], self.model, msg.weights, data, self.cfg, seed=int(h["seed"]),
                             global_step=int(h["global_step"]), hooks=hooks, num_steps=self.num_steps, **extra)
+        if self.cache_clients > 0:
+            self._trim_cache()  # its features are loaded now: their size counts
         report = hooks.report()
         return encode_up(res.update, hooks.upload_masks(), report,
                          {"kind": TRAIN, "num_examples": res.num_examples, "metrics": res.metrics,
@@ -212,7 +252,8 @@ class ClientWorker:
     def _persistent_parts(self, data) -> dict:
         if self._stream is None:
             self._stream = BatchStream(data, self.cfg.train, derive_seed(self.cfg.seed, 0),
-                                       consumed=int(self._state.get("batches", 0)))
+                                       consumed=int(self._state.get("batches", 0)),
+                                       pin=next(self.model.parameters()).is_cuda)
         if self.cfg.fl.centralized_optimizer == "per_round":
             return {"optimizer": make_optimizer(self.model, self.cfg.train), "stream": self._stream}
         if self._optimizer is None:

@@ -21,13 +21,47 @@ from fedasr.fl.client import ClientWorker
 from fedasr.fl.messages import TRAIN
 from fedasr.fl.server import ClientRejected, Exchange, RoundInfo, Server
 
-# a client's failure that drops it from the round (anything else stops the run)
+# a client's failure that drops it from the round (anything else stops the run), except a
+# device fault (below), which is a RuntimeError too
 CLIENT_FAULTS = (ClientRejected, FloatingPointError, RuntimeError, ValueError, KeyError, FedasrError)
+
+# What the device (not the client's data) failed with: out of memory, or a CUDA error such as a
+# device-side assert, after which every later kernel on that device fails. Dropping the client
+# would bias the aggregate (an OOM drops the clients with long utterances) or silently drop every
+# later client, so the run stops instead. Matched in exception texts and in the reasons remote
+# clients report (Flower).
+DEVICE_FAULT = "device fault: "
+DEVICE_FAULT_MARKERS = ("out of memory", "OutOfMemoryError", "AcceleratorError", "CUDA error", "device-side assert",
+                        "CUBLAS_STATUS_", "CUDNN_STATUS_", "cuDNN error")
+
+
+class DeviceFault(Exception):
+    """A client's local training hit a device fault: the run stops (see :data:`DEVICE_FAULT_MARKERS`)."""
+
+    def __init__(self, client: str, reason: str):
+        super().__init__(f"client {client}: {reason}")
+        self.client, self.reason = client, reason
+
+
+def is_device_fault(e: BaseException) -> bool:
+    """``e`` is an out-of-memory error or a CUDA error (``torch.OutOfMemoryError``,
+    ``torch.AcceleratorError`` on torch >= 2.8, or a RuntimeError whose text says so)."""
+    import torch
+
+    kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None), getattr(torch, "AcceleratorError", None))
+                  if k is not None)
+    return isinstance(e, kinds) or (isinstance(e, RuntimeError) and device_fault_text(str(e)))
+
+
+def device_fault_text(reason: str) -> bool:
+    return DEVICE_FAULT in reason or any(m in reason for m in DEVICE_FAULT_MARKERS)
 
 
 def fault_reason(e: BaseException) -> str:
-    """A client failure in one line, as metrics.jsonl's ``dropped`` records it."""
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    """A client failure in one line, as metrics.jsonl's ``dropped`` records it (a device fault
+    starts with :data:`DEVICE_FAULT`)."""
+    text = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return DEVICE_FAULT + text if is_device_fault(e) else text
 
 
 class Events(Protocol):
@@ -73,6 +107,8 @@ class LocalTransport:
             try:
                 out[name] = (self.worker.handle(headers[name], payload), None)
             except CLIENT_FAULTS as e:
+                if is_device_fault(e):  # no further client: after a device-side assert every one fails
+                    raise DeviceFault(name, fault_reason(e)) from None
                 out[name] = (None, fault_reason(e))
         return out
 
@@ -80,11 +116,16 @@ class LocalTransport:
 def exchange(server: Server, transport: Transport, ex: Exchange, clients: list[str], info: RoundInfo,
              events: Events) -> None:
     """Send the exchange's message to every client and absorb the replies in the clients'
-    order; a client that fails or whose reply is rejected is dropped with its reason."""
+    order; a client that fails or whose reply is rejected is dropped with its reason. A
+    client that reports a device fault stops the round: :class:`DeviceFault`."""
     headers = {name: server.client_header(ex.rnd, name) for name in clients}
     for name in clients:
         info.bytes_down += server.down_bytes(ex.payload, headers[name])
     replies = transport.exchange(ex.rnd, ex.kind, clients, ex.payload, headers)
+    for name in clients:
+        error = replies[name][1]
+        if error is not None and device_fault_text(error):
+            raise DeviceFault(name, error)
     for name in clients:
         reply, error = replies[name]
         if reply is not None:

@@ -36,7 +36,8 @@ from fedasr.errors import FedasrError
 from fedasr.evaluate import evaluate
 from fedasr.fl.client import ClientWorker, make_dataset, model_config, train_client
 from fedasr.fl.messages import derive_seed
-from fedasr.fl.round import Events, LocalTransport, NoEvents, Transport, run_round
+from fedasr.fl.round import (DEVICE_FAULT, DeviceFault, Events, LocalTransport, NoEvents, Transport, is_device_fault,
+                             run_round)
 from fedasr.fl.server import Server, TooFewClients
 from fedasr.fsutil import atomic_write_text, file_sha256
 from fedasr.methods import registry, resolved_pruning, validate
@@ -84,13 +85,16 @@ class Runner:
         self.tokenizer = fed.tokenizer
         mcfg = model_config(cfg, self.tokenizer.vocab_size)
         torch.manual_seed(derive_seed(cfg.seed, 0))
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, warn=True)  # auto on a machine without CUDA: one line
         model = Transducer(mcfg)  # the global model: on the CPU (server side)
         local = Transducer(mcfg).to(self.device)  # the client worker's model; dev evaluation
         fl = cfg.fl
         steps = fl.clients_per_round * fl.local_steps if centralized and fl.local_steps is not None else None
+        # the embedded engine's worker keeps the clients' features between rounds (up to
+        # FEDASR_CACHE_MB of them) instead of loading and normalising them again every round
         self.worker = ClientWorker(cfg, fed, local, train_fn=client_fn, persistent=centralized,
-                                   num_steps=steps if centralized else fl.local_steps, data=data)
+                                   num_steps=steps if centralized else fl.local_steps, data=data,
+                                   cache_clients=len(fed.client_ids))
         self.transport: Transport = transport or LocalTransport(self.worker)
         reachable = self.transport.connect(fed.client_ids)  # (the centralized baseline samples none)
         self.server = Server(cfg, model, fed.client_ids, centralized=centralized, reachable=reachable,
@@ -157,7 +161,7 @@ class Runner:
     # ---------------------------------------------------------------- state
     def config_dict(self) -> dict:
         return {"federation": str(self.fed.root.resolve()), "mode": "centralized" if self.centralized else "federated",
-                "data": self.data, "engine": self.engine, **self.cfg.to_dict(),
+                "data": self.data, "engine": self.engine, "device_resolved": str(self.device), **self.cfg.to_dict(),
                 "pruning": resolved_pruning(self.cfg.pruning)}
 
     def state(self) -> dict:
@@ -189,9 +193,10 @@ class Runner:
         torch.set_rng_state(st["torch_rng"])
 
     def start(self, overwrite: bool = False, init_from: str | Path | None = None) -> None:
-        if self.run.claim(overwrite) and self.run.ckpt_dir.exists():
-            for p in self.run.ckpt_dir.iterdir():
-                p.unlink()
+        if self.run.claim(overwrite):
+            # the old run's checkpoints, metrics, results and decodes (not the engine's own
+            # files: the Flower launcher's logs are there while its ServerApp starts the run)
+            self.run.clear_outputs(engine=False)
         self.run.ckpt_dir.mkdir(parents=True, exist_ok=True)
         init_masks = None
         if init_from is not None:
@@ -218,10 +223,14 @@ class Runner:
 
     @classmethod
     def resume(cls, run_dir: str | Path, events: Events | None = None, federation: str | Path | None = None,
-               **kw) -> "Runner":
+               device: str | None = None, **kw) -> "Runner":
+        """The run in ``run_dir`` from its latest checkpoint; ``device``: instead of its
+        config's (it goes on on another machine, or another GPU)."""
         rd = RunDir(Path(run_dir))
         run, raw = rd.run_config()
         fed = Federation(federation or run["federation"])
+        if device is not None:
+            raw = {**raw, "device": device}
         runner = cls(run_dir, fed, parse_config(raw), centralized=(run.get("mode") == "centralized"), events=events,
                      engine=kw.pop("engine", run.get("engine", "embedded")), data=run.get("data", "clients"), **kw)
         latest = rd.latest()
@@ -285,14 +294,21 @@ class Runner:
             t0 = time.perf_counter()
             try:
                 row = run_round(self.server, self.transport, rnd, self.events)
+                row = {"round": rnd, **row, **self.sparsity_metrics()}
+                if self.cfg.eval.due(rnd, fl.rounds):
+                    t_eval = time.perf_counter()
+                    row.update(self.dev_eval())
+                    row["eval_time"] = time.perf_counter() - t_eval
             except TooFewClients as e:
-                last = self.run.latest()
-                raise FedasrError(f"{e}; last good checkpoint: {last if last else 'none'}") from None
-            row = {"round": rnd, **row, **self.sparsity_metrics()}
-            if self.cfg.eval.due(rnd, fl.rounds):
-                t_eval = time.perf_counter()
-                row.update(self.dev_eval())
-                row["eval_time"] = time.perf_counter() - t_eval
+                raise FedasrError(f"{e}; last good checkpoint: {self._last_good()}") from None
+            except DeviceFault as e:
+                raise FedasrError(f"round {rnd}: {e.client}: {_one_line(e.reason)}; the run stops "
+                                  f"({DEVICE_FAULT_HINT}); last good checkpoint: {self._last_good()}") from None
+            except RuntimeError as e:  # the server side's own work (dev evaluation) on the device
+                if not is_device_fault(e):
+                    raise
+                raise FedasrError(f"round {rnd}: {DEVICE_FAULT}{_one_line(f'{type(e).__name__}: {e}')}; the run "
+                                  f"stops ({DEVICE_FAULT_HINT}); last good checkpoint: {self._last_good()}") from None
             row["round_time"] = time.perf_counter() - t0
             row["lr_step"] = self.lr_step
             self.round = rnd
@@ -300,3 +316,15 @@ class Runner:
             self.save()
             self.events.round_end(row)
         return self.history
+
+    def _last_good(self) -> str:
+        last = self.run.latest()
+        return str(last) if last else "none"
+
+
+DEVICE_FAULT_HINT = ("out of memory: lower train.max_duration / train.max_batch or use a larger device; "
+                     "a CUDA error: see the traceback with CUDA_LAUNCH_BLOCKING=1; resume with --resume")
+
+
+def _one_line(text: str) -> str:
+    return text.splitlines()[0][:300] if text else ""

@@ -66,7 +66,7 @@ from torch import nn
 
 from fedasr.aggregate import WeightedMean
 from fedasr.errors import FedasrError
-from fedasr.prune.masks import Masks, apply_masks, mask_gradients, prunable_names
+from fedasr.prune.masks import Masks, apply_masks, mask_gradients, masks_like_parameters, prunable_names
 
 Tensors = dict[str, torch.Tensor]
 
@@ -104,18 +104,27 @@ class MethodUpdate:
 
 class ClientHooks:
     """Client side, inside local training: masks gradients after backward and re-applies
-    the masks after every optimizer step, so pruned weights stay exactly zero."""
+    the masks after every optimizer step, so pruned weights stay exactly zero. The masks
+    are moved to the parameters' device (as multipliers in their dtype) once, at the first
+    step, not copied to the device at every step."""
 
     def __init__(self, masks: Masks):
         self.masks = masks
+        self._on_device: Masks | None = None
+
+    def device_masks(self, model: nn.Module) -> Masks:
+        """The masks as multipliers on the parameters' device (made at the first call)."""
+        if self._on_device is None:
+            self._on_device = masks_like_parameters(model, self.masks)
+        return self._on_device
 
     def after_backward(self, model: nn.Module) -> None:
         if self.masks:
-            mask_gradients(model, self.masks)
+            mask_gradients(model, self.device_masks(model))
 
     def after_step(self, model: nn.Module) -> None:
         if self.masks:
-            apply_masks(model, self.masks)
+            apply_masks(model, self.device_masks(model))
 
     def report(self) -> Report:
         return Report()
@@ -136,9 +145,17 @@ class GradientMeanHooks(ClientHooks):
         self.grad_names = list(names)
         self._sum: dict[str, torch.Tensor] = {}
         self._steps = 0
+        self._pruned: Masks = {}  # at_pruned's multipliers, on the device
 
     def contribution(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         return grad
+
+    def at_pruned(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """``grad`` at the pruned positions of ``name`` only (zero elsewhere); the multipliers
+        are made on the gradient's device once, not copied there every step."""
+        if name not in self._pruned:
+            self._pruned[name] = (~self.masks[name]).to(device=grad.device, dtype=grad.dtype)
+        return grad * self._pruned[name]
 
     def after_backward(self, model: nn.Module) -> None:
         params = dict(model.named_parameters())

@@ -106,7 +106,7 @@ class ReadjustHooks(GradientMeanHooks):
         self.own: Masks | None = None
 
     def contribution(self, name: str, grad: torch.Tensor) -> torch.Tensor:
-        return grad * ~self.masks[name].to(grad.device)
+        return self.at_pruned(name, grad)
 
     def after_step(self, model: nn.Module) -> None:
         super().after_step(model)

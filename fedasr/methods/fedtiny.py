@@ -104,7 +104,7 @@ class TopKHooks(GradientMeanHooks):
         self.topk = topk
 
     def contribution(self, name: str, grad: torch.Tensor) -> torch.Tensor:
-        return grad * ~self.masks[name].to(grad.device)  # pruned positions only
+        return self.at_pruned(name, grad)  # pruned positions only
 
     def report(self) -> Report:
         out = {}

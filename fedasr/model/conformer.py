@@ -182,20 +182,35 @@ class SelfAttention(nn.Module):
 class MaskedBatchNorm1d(nn.BatchNorm1d):
     """``BatchNorm1d`` over ``(B, C, T)`` whose training statistics skip padded frames.
 
-    In training mode with a mask, the valid frames are gathered into an ``(N, C)``
-    batch and normalised by the stock BatchNorm (so batch and running statistics are
-    computed over valid frames only); padded outputs are zero. In eval mode (or with no
-    padding) it is the stock module. State-dict keys are those of ``BatchNorm1d``.
+    In training mode with a mask, the batch statistics are sums over the valid frames
+    (mean, biased variance for the normalisation; the running statistics get the unbiased
+    variance, as the stock BatchNorm's), in float32 at least; padded outputs are zero. The
+    number of valid frames stays a device tensor: nothing waits for the device (a boolean
+    gather of the valid frames would). In eval mode (or without a mask) it is the stock
+    module. State-dict keys are those of ``BatchNorm1d``.
     """
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:  # type: ignore[override]
-        if mask is None or not self.training or bool(mask.all()):
+        if mask is None or not self.training:
             return super().forward(x)
-        xt = x.transpose(1, 2)  # (B, T, C)
-        valid = super().forward(xt[mask])  # (N, C)
-        out = xt.new_zeros(xt.shape)
-        out = out.masked_scatter(mask[..., None], valid.to(out.dtype))
-        return out.transpose(1, 2)
+        valid = mask[:, None, :]  # (B, 1, T)
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        xf = xf.masked_fill(~valid, 0.0)
+        n = valid.sum().to(xf.dtype)  # valid frames
+        mean = xf.sum(dim=(0, 2)) / n
+        centered = (xf - mean[None, :, None]).masked_fill(~valid, 0.0)
+        var = centered.square().sum(dim=(0, 2)) / n
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                f = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked
+                unbiased = var * n / (n - 1).clamp(min=1)
+                self.running_mean.mul_(1 - f).add_(f * mean.to(self.running_mean.dtype))
+                self.running_var.mul_(1 - f).add_(f * unbiased.to(self.running_var.dtype))
+        out = centered * torch.rsqrt(var + self.eps)[None, :, None]
+        if self.affine:
+            out = out * self.weight[None, :, None] + self.bias[None, :, None]
+        return out.masked_fill(~valid, 0.0)
 
 
 class ChannelLayerNorm(nn.Module):
@@ -222,6 +237,7 @@ class ChannelLayerNorm(nn.Module):
         """``x`` (B, C, T); ``mask`` is accepted for BatchNorm's signature (per-frame
         statistics need none)."""
         n, missing = float(self.total), self.total - x.size(1)
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()  # statistics in float32 at least
         mean = x.sum(1, keepdim=True) / n
         var = ((x - mean).square().sum(1, keepdim=True) + missing * mean.square()) / n
         return (x - mean) * torch.rsqrt(var + self.eps) * self.weight[:, None] + self.bias[:, None]
@@ -329,7 +345,9 @@ class ConformerEncoder(nn.Module):
         masks are always applied; its valid frames equal the trimmed output's."""
         if feats.dim() != 3:
             raise ValueError(f"feats must be (B, T, F), got shape {tuple(feats.shape)}")
-        lengths = lengths.to(device=feats.device, dtype=torch.long)
+        # the lengths stay where they are given: on the host (the CPU copy of a batch) the
+        # Python decisions below cost the device nothing; the output lengths are there too
+        lengths = lengths.long()
         x, out_lengths = self.subsampling(feats, lengths)
         if trim:
             t_out = int(out_lengths.max()) if out_lengths.numel() else 0
@@ -339,8 +357,9 @@ class ConformerEncoder(nn.Module):
         # scale the content up before adding positions (x * sqrt(d), as in ESPnet; input_scale):
         # the projection's outputs start near 0.3 std and the encoding would otherwise swamp them
         x = self.dropout(self.pos_enc(x * self.xscale))
-        mask = lengths_to_mask(out_lengths, x.size(1))
-        layer_mask = None if trim and bool(mask.all()) else mask  # no padding: skip the masking work
+        mask = lengths_to_mask(out_lengths.to(x.device, non_blocking=True), x.size(1))
+        padded = not trim or bool((out_lengths < x.size(1)).any())
+        layer_mask = mask if padded else None  # no padding: skip the masking work
         for layer in self.layers:
             x = layer(x, layer_mask)
         return x.masked_fill(~mask[..., None], 0.0), out_lengths

@@ -7,12 +7,18 @@ active). Hypotheses are lists of token ids without blanks.
 
 Scores are natural-log probabilities summed along the decoding path (log-added over
 merged paths in beam search), accumulated in float64.
+
+Both stay on the model's device: every frame is a fixed sequence of tensor operations over
+the whole batch (all hypotheses of all utterances at once in beam search), with no value
+read back to the host until the end (greedy search on the CPU does check whether any
+utterance emitted a symbol, to skip the frame's remaining symbol steps: on the CPU that
+costs nothing). The predictor runs on every row and its new state is kept only where a
+symbol was emitted.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Dict, List, Optional, Tuple, Union
+from typing import List, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,24 +26,17 @@ import torch.nn.functional as F
 __all__ = ["greedy_search", "beam_search", "beam_search_nbest"]
 
 
-def _check_inputs(enc: torch.Tensor, enc_lens: torch.Tensor) -> torch.Tensor:
+def _check_inputs(enc: torch.Tensor, enc_lens) -> tuple[list[int], torch.Tensor]:
+    """The lengths as a host list (read once) and as a long tensor on ``enc``'s device."""
     if enc.dim() != 3:
         raise ValueError(f"enc must be (B, T, D), got shape {tuple(enc.shape)}")
-    enc_lens = torch.as_tensor(enc_lens, device=enc.device).long().view(-1)
-    if enc_lens.numel() != enc.size(0):
-        raise ValueError(f"enc_lens has {enc_lens.numel()} entries for a batch of {enc.size(0)}")
-    if enc_lens.numel() and (int(enc_lens.max()) > enc.size(1) or int(enc_lens.min()) < 0):
-        raise ValueError(f"enc_lens must lie in [0, {enc.size(1)}], got {enc_lens.tolist()}")
-    return enc_lens
-
-
-def _log_add(a: float, b: float) -> float:
-    if a == -math.inf:
-        return b
-    if b == -math.inf:
-        return a
-    m = max(a, b)
-    return m + math.log1p(math.exp(-abs(a - b)))
+    lens = torch.as_tensor(enc_lens).long().view(-1)
+    if lens.numel() != enc.size(0):
+        raise ValueError(f"enc_lens has {lens.numel()} entries for a batch of {enc.size(0)}")
+    host = lens.tolist()
+    if host and (max(host) > enc.size(1) or min(host) < 0):
+        raise ValueError(f"enc_lens must lie in [0, {enc.size(1)}], got {host}")
+    return host, lens.to(enc.device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -62,33 +61,37 @@ def greedy_search(
     """
     if max_symbols_per_frame < 1:
         raise ValueError(f"max_symbols_per_frame must be >= 1, got {max_symbols_per_frame}")
-    enc_lens = _check_inputs(enc, enc_lens)
+    lens, lens_dev = _check_inputs(enc, enc_lens)
     batch = enc.size(0)
-    hyps: List[List[int]] = [[] for _ in range(batch)]
     scores = torch.zeros(batch, dtype=torch.float64, device=enc.device)
-    t_max = int(enc_lens.max()) if batch else 0
-    if t_max > 0:
-        blank = model.blank_id
-        joiner, predictor = model.joiner, model.predictor
-        enc_p = joiner.project_encoder(enc[:, :t_max])
-        out, state = predictor(torch.full((batch, 1), blank, dtype=torch.long, device=enc.device))
-        pred_p = joiner.project_predictor(out[:, 0])
-        for t in range(t_max):
-            active = enc_lens > t
-            for _ in range(max_symbols_per_frame):
-                logp = F.log_softmax(joiner.joint(enc_p[:, t], pred_p), dim=-1)
-                best_lp, tok = logp.max(dim=-1)
-                scores += torch.where(active, best_lp.double(), torch.zeros_like(scores))
-                emit = active & (tok != blank)
-                if not bool(emit.any()):
-                    break
-                rows = emit.nonzero().view(-1)
-                for b, v in zip(rows.tolist(), tok[rows].tolist()):
-                    hyps[b].append(v)
-                o, new_state = predictor(tok[rows].unsqueeze(1), predictor.select_state(state, rows))
-                predictor.update_state(state, rows, new_state)
-                pred_p[rows] = joiner.project_predictor(o[:, 0])
-                active = emit
+    t_max = max(lens) if batch else 0
+    if t_max == 0:
+        hyps: List[List[int]] = [[] for _ in range(batch)]
+        return (hyps, scores.tolist()) if return_scores else hyps
+    blank = model.blank_id
+    joiner, predictor = model.joiner, model.predictor
+    on_host = enc.device.type == "cpu"  # reading emit.any() is free there: skip idle symbol steps
+    enc_p = joiner.project_encoder(enc[:, :t_max])
+    out, state = predictor(torch.full((batch, 1), blank, dtype=torch.long, device=enc.device))
+    pred_p = joiner.project_predictor(out[:, 0])
+    S = max_symbols_per_frame
+    emitted = torch.full((t_max, S, batch), -1, dtype=torch.long, device=enc.device)  # token or -1
+    for t in range(t_max):
+        active = lens_dev > t
+        for s in range(S):
+            logp = F.log_softmax(joiner.joint(enc_p[:, t], pred_p), dim=-1)
+            best_lp, tok = logp.max(dim=-1)
+            scores += torch.where(active, best_lp.double(), torch.zeros_like(scores))
+            emit = active & (tok != blank)
+            if on_host and not bool(emit.any()):
+                break
+            emitted[t, s] = torch.where(emit, tok, -1)
+            o, new_state = predictor(tok.unsqueeze(1), state)
+            state = predictor.merge_state(state, emit, new_state)
+            pred_p = torch.where(emit[:, None], joiner.project_predictor(o[:, 0]), pred_p)
+            active = emit
+    flat = emitted.permute(2, 0, 1).reshape(batch, -1).tolist()  # the one read of the device
+    hyps = [[v for v in row if v >= 0] for row in flat]
     if return_scores:
         return hyps, scores.tolist()
     return hyps
@@ -106,73 +109,78 @@ def beam_search_nbest(
     best are kept. The candidate set is exact: it holds every blank extension, each
     hypothesis's ``beam`` best token extensions, and every token extension that merges
     with a blank extension, so the kept set is the true top ``beam`` after merging.
+
+    All utterances are searched at once, ``beam`` hypothesis slots each, on the device:
+    a token extension (i, v) merges with the blank extension of hypothesis j when i's
+    labels are j's without its last one, v (compared exactly, label by label); ties are
+    broken as a stable sort of [blank extensions by slot, token extensions by (slot,
+    token)] would.
     """
     if beam < 1:
         raise ValueError(f"beam must be >= 1, got {beam}")
-    enc_lens = _check_inputs(enc, enc_lens)
-    results = []
-    for b in range(enc.size(0)):
-        n = int(enc_lens[b])
-        results.append(_beam_one(model, enc[b, :n], beam))
-    return results
-
-
-def _beam_one(model, enc: torch.Tensor, beam: int) -> List[Tuple[List[int], float]]:
+    lens, lens_dev = _check_inputs(enc, enc_lens)
+    B = enc.size(0)
+    t_max = max(lens) if B else 0
+    if t_max == 0:
+        return [[([], 0.0)] for _ in range(B)]
+    device = enc.device
     blank = model.blank_id
     joiner, predictor = model.joiner, model.predictor
-    if enc.size(0) == 0:
-        return [([], 0.0)]
-    enc_p = joiner.project_encoder(enc)  # (T, J)
-    out, state = predictor(torch.full((1, 1), blank, dtype=torch.long, device=enc.device))
-    pred_p = joiner.project_predictor(out[:, 0])  # (N, J)
-    seqs: List[Tuple[int, ...]] = [()]
-    scores: List[float] = [0.0]
-    vocab = joiner.output.out_features
-    k_tok = min(beam, vocab - 1)
-
-    for t in range(enc.size(0)):
-        logp = F.log_softmax(joiner.joint(enc_p[t : t + 1], pred_p), dim=-1).double()  # (N, V)
-        logp_list = logp.tolist()
-        # candidate extensions: key -> merged score; how to get its predictor state
-        merged: Dict[Tuple[int, ...], float] = {}
-        origin: Dict[Tuple[int, ...], Tuple[int, Optional[int]]] = {}
-        for i, seq in enumerate(seqs):  # blank: same labels, same predictor state
-            merged[seq] = scores[i] + logp_list[i][blank]
-            origin[seq] = (i, None)
+    K = beam
+    k_tok = min(beam, joiner.output.out_features - 1)
+    neg_inf = float("-inf")
+    enc_p = joiner.project_encoder(enc[:, :t_max])  # (B, T, J)
+    out, state = predictor(torch.full((B * K, 1), blank, dtype=torch.long, device=device))
+    pred_p = joiner.project_predictor(out[:, 0])  # (B*K, J): every slot starts at the start symbol
+    score = torch.full((B, K), neg_inf, dtype=torch.float64, device=device)
+    score[:, 0] = 0.0  # one hypothesis (no label) per utterance
+    seqs = torch.zeros((B, K, t_max), dtype=torch.long, device=device)  # labels (at most one a frame)
+    length = torch.zeros((B, K), dtype=torch.long, device=device)
+    slots = torch.arange(K, device=device)
+    pos = torch.arange(t_max, device=device)
+    rows = (torch.arange(B, device=device) * K).view(B, 1)
+    for t in range(t_max):
+        logp = F.log_softmax(joiner.joint(enc_p[:, t, None, :], pred_p.view(B, K, -1)), dim=-1).double()  # (B, K, V)
+        valid = score > neg_inf
+        last = seqs.gather(2, (length - 1).clamp(min=0).unsqueeze(2)).squeeze(2)  # (B, K): j's last label
+        # prefix[b, i, j]: hypothesis i's labels are j's without its last one
+        agree = (seqs[:, :, None, :] == seqs[:, None, :, :]) | (pos >= length[:, :, None, None])
+        prefix = agree.all(3) & (length[:, :, None] + 1 == length[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+        # blank extensions, merged with the token extension (i, last_j) that gives the same labels
+        via = torch.where(prefix, score[:, :, None] + logp.gather(2, last[:, None, :].expand(B, K, K)), neg_inf)
+        blank_ext = torch.logaddexp(score + logp[..., blank], via.amax(1))  # (B, K)
+        # each hypothesis's k_tok best token extensions, by token id; those merged above are out
         tok_lp = logp.clone()
-        tok_lp[:, blank] = -math.inf
-        top = tok_lp.topk(k_tok, dim=-1).indices.tolist()
-        pairs = {(i, v) for i in range(len(seqs)) for v in top[i]}
-        index = {seq: i for i, seq in enumerate(seqs)}
-        for seq in seqs:  # token extensions that merge with a blank extension
-            if seq and seq[:-1] in index:
-                pairs.add((index[seq[:-1]], seq[-1]))
-        for i, v in sorted(pairs):
-            key = seqs[i] + (v,)
-            s = scores[i] + logp_list[i][v]
-            if key in merged:
-                merged[key] = _log_add(merged[key], s)
-            else:
-                merged[key] = s
-                origin[key] = (i, v)
-        kept = sorted(merged, key=lambda k: merged[k], reverse=True)[:beam]
-
-        src = [origin[k][0] for k in kept]
-        src_t = torch.tensor(src, dtype=torch.long, device=enc.device)
-        new_state = tuple(x.clone() for x in predictor.select_state(state, src_t))
-        new_p = pred_p[src_t].clone()
-        ext = [j for j, k in enumerate(kept) if origin[k][1] is not None]
-        if ext:
-            ext_t = torch.tensor(ext, dtype=torch.long, device=enc.device)
-            toks = torch.tensor([[origin[kept[j]][1]] for j in ext], dtype=torch.long, device=enc.device)
-            o, st = predictor(toks, predictor.select_state(new_state, ext_t))
-            predictor.update_state(new_state, ext_t, st)
-            new_p[ext_t] = joiner.project_predictor(o[:, 0])
-        state, pred_p = new_state, new_p
-        seqs = kept
-        scores = [merged[k] for k in kept]
-
-    return [(list(s), sc) for s, sc in zip(seqs, scores)]
+        tok_lp[..., blank] = neg_inf
+        top = tok_lp.topk(k_tok, dim=-1).indices.sort(dim=-1).values  # (B, K, k_tok)
+        tok_ext = score[:, :, None] + logp.gather(2, top)
+        merged = ((top[:, :, :, None] == last[:, None, None, :]) & prefix[:, :, None, :]).any(3)
+        tok_ext = tok_ext.masked_fill(merged | ~valid[:, :, None], neg_inf)
+        cand = torch.cat([blank_ext, tok_ext.flatten(1)], dim=1)  # (B, K + K * k_tok)
+        order = torch.sort(cand, dim=1, descending=True, stable=True).indices[:, :K]
+        is_tok = order >= K
+        ti = (order - K).clamp(min=0)
+        parent = torch.where(is_tok, ti // k_tok, order)
+        token = top.flatten(1).gather(1, ti)
+        active = (lens_dev > t).view(B, 1)  # an utterance past its last frame keeps its beam
+        score = torch.where(active, cand.gather(1, order), score)
+        parent = torch.where(active, parent, slots)
+        is_tok = is_tok & active
+        # the new slots: their parents' labels (+ the token), predictor state and output
+        seqs = seqs.gather(1, parent.unsqueeze(2).expand(B, K, t_max))
+        length = length.gather(1, parent)
+        seqs = torch.where(is_tok.unsqueeze(2) & (pos == length.unsqueeze(2)), token.unsqueeze(2), seqs)
+        length = length + is_tok.long()
+        src = (rows + parent).view(-1)
+        state = predictor.select_state(state, src)
+        pred_p = pred_p[src]
+        emit = is_tok.view(-1)
+        o, new_state = predictor(torch.where(is_tok, token, blank).view(-1, 1), state)
+        state = predictor.merge_state(state, emit, new_state)
+        pred_p = torch.where(emit[:, None], joiner.project_predictor(o[:, 0]), pred_p)
+    seqs, length, score = seqs.tolist(), length.tolist(), score.tolist()  # the one read of the device
+    return [[(seqs[b][k][:length[b][k]], score[b][k]) for k in range(K) if score[b][k] > neg_inf]
+            for b in range(B)]
 
 
 @torch.no_grad()

@@ -55,6 +55,32 @@ _REDUCTIONS = ("mean", "sum", "none")
 # log_softmax on CPU, where a fresh full-size buffer costs page faults).
 _CHUNK_ELEMENTS = 1 << 19
 
+# The passes over the big tensor run utterance by utterance in cache-sized chunks on the
+# CPU (measured faster there: padding is never touched) and over the whole batch at once,
+# in chunks of frames of _DEVICE_CHUNK_ELEMENTS logits (64 MiB of float32 temporaries),
+# on other devices, where each Python-level operation is a kernel launch and the per-
+# utterance loops made the loss launch-bound. None: by device; True/False force one
+# (tests compare the two on the CPU; scripts/bench_rnnt_loss.py --ops counts them).
+BATCH_UTTERANCES: bool | None = None
+_DEVICE_CHUNK_ELEMENTS = 1 << 24
+
+
+def _batched(logits: torch.Tensor) -> bool:
+    return logits.device.type != "cpu" if BATCH_UTTERANCES is None else BATCH_UTTERANCES
+
+
+def _frame_chunks(T: int, per_frame: int):
+    """(t0, t1) chunks of frames holding about _DEVICE_CHUNK_ELEMENTS elements."""
+    step = max(1, _DEVICE_CHUNK_ELEMENTS // max(1, per_frame))
+    return [(t0, min(T, t0 + step)) for t0 in range(0, T, step)]
+
+
+def _lattice_mask(t_lens: torch.Tensor, u_lens: torch.Tensor, T: int, U1: int) -> torch.Tensor:
+    """(B, T, U+1) bool: the nodes inside each utterance's lattice (t < T_b, u <= U_b)."""
+    t_ok = torch.arange(T, device=t_lens.device).view(1, T, 1) < t_lens.view(-1, 1, 1)
+    return t_ok & (torch.arange(U1, device=t_lens.device).view(1, 1, U1) <= u_lens.view(-1, 1, 1))
+
+
 # Floor of the lattice log-probabilities, in nats.  An arc with probability 0 (a -inf
 # log-probability from a masked vocabulary entry or an fp16 overflow) would make the
 # closed-form recursion compute -inf - (-inf) = NaN; at -1e4 nats its probability is
@@ -77,10 +103,11 @@ def _validate(
     target_lengths: torch.Tensor,
     blank: int,
     reduction: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, list[int], list[int]]:
     """Check the inputs; return (targets, logit_lengths, target_lengths) as
     int64 on the logits' device, with padded target positions replaced by the
-    blank id, and the non-negative blank id."""
+    blank id, the non-negative blank id, and the lengths as Python lists (read
+    where they were given: on the host, free)."""
     for name, value in (
         ("logits", logits),
         ("targets", targets),
@@ -139,32 +166,27 @@ def _validate(
         raise ValueError(f"rnnt_loss: blank={blank} is out of range for vocabulary size V={V}")
     blank = blank % V
 
-    device = logits.device
-    logit_lengths = logit_lengths.to(device=device, dtype=torch.long)
-    target_lengths = target_lengths.to(device=device, dtype=torch.long)
-    targets = targets.to(device=device, dtype=torch.long)
+    # The checks read the lengths and targets where they are: given on the host (the CPU copy
+    # of a batch, as the trainer passes them) nothing waits for the device; given on the
+    # device, the host waits once for the lengths and once for the target ids.
+    t_lens = logit_lengths.long().tolist()
+    u_lens = target_lengths.long().tolist()
+    if min(t_lens) < 1:
+        raise ValueError(f"rnnt_loss: logit_lengths must be >= 1, got min {min(t_lens)}")
+    if max(t_lens) > T:
+        raise ValueError(f"rnnt_loss: logit_lengths max {max(t_lens)} exceeds logits.shape[1] = {T}")
+    if min(u_lens) < 0:
+        raise ValueError(f"rnnt_loss: target_lengths must be >= 0, got min {min(u_lens)}")
+    if max(u_lens) > U:
+        raise ValueError(f"rnnt_loss: target_lengths max {max(u_lens)} exceeds targets.shape[1] = {U}")
 
-    if int(logit_lengths.min()) < 1:
-        raise ValueError(
-            f"rnnt_loss: logit_lengths must be >= 1, got min {int(logit_lengths.min())}"
-        )
-    if int(logit_lengths.max()) > T:
-        raise ValueError(
-            f"rnnt_loss: logit_lengths max {int(logit_lengths.max())} exceeds logits.shape[1] = {T}"
-        )
-    if int(target_lengths.min()) < 0:
-        raise ValueError(
-            f"rnnt_loss: target_lengths must be >= 0, got min {int(target_lengths.min())}"
-        )
-    if int(target_lengths.max()) > U:
-        raise ValueError(
-            f"rnnt_loss: target_lengths max {int(target_lengths.max())} exceeds targets.shape[1] = {U}"
-        )
-
-    valid = torch.arange(U, device=device).unsqueeze(0) < target_lengths.unsqueeze(1)
-    if U > 0 and bool(valid.any()):
-        used = targets[valid]
-        lo, hi = int(used.min()), int(used.max())
+    targets = targets.long()
+    where = targets.device
+    valid = torch.arange(U, device=where).unsqueeze(0) < target_lengths.to(where).long().unsqueeze(1)
+    if U > 0 and max(u_lens) > 0:
+        big = torch.iinfo(torch.long).max
+        lo, hi = torch.stack([torch.where(valid, targets, big).min(),
+                              torch.where(valid, targets, -big).max()]).tolist()
         if lo < 0 or hi >= V:
             raise ValueError(
                 f"rnnt_loss: target ids must lie in [0, V={V}) within target_lengths, "
@@ -172,7 +194,9 @@ def _validate(
             )
     # Padded target slots may hold anything (-1, V, ...): never gather them.
     targets = torch.where(valid, targets, torch.full_like(targets, blank))
-    return targets, logit_lengths, target_lengths, blank
+    device = logits.device
+    return (targets.to(device, non_blocking=True), logit_lengths.to(device=device, dtype=torch.long, non_blocking=True),
+            target_lengths.to(device=device, dtype=torch.long, non_blocking=True), blank, t_lens, u_lens)
 
 
 def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -205,15 +229,25 @@ def _gather_lattice(
     index: torch.Tensor,
     t_lens: list[int],
     u_lens: list[int],
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Read the big tensor once: ``(B, U+1, T, 2)`` float64 with the blank and
     next-target log-probs of every node (zero in padding, which is never read).
 
     ``index`` is ``(B, U+1, 2)``: the blank id and the next target id per
-    label position.
+    label position. ``valid`` (B, T, U+1) (:func:`_lattice_mask`): the whole batch at
+    once, else utterance by utterance.
     """
     B, T, U1, V = logits.shape
     cdtype = _compute_dtype(logits.dtype)
+    if valid is not None:  # the whole batch at once (see BATCH_UTTERANCES)
+        lat = torch.empty(B, T, U1, 2, dtype=cdtype, device=logits.device)
+        idx = index.unsqueeze(1)
+        for t0, t1 in _frame_chunks(T, B * U1 * V):
+            logp = torch.log_softmax(logits[:, t0:t1].to(cdtype), dim=-1)
+            lat[:, t0:t1] = logp.gather(-1, idx.expand(B, t1 - t0, U1, 2))
+        lat = torch.where(valid.unsqueeze(3), lat, 0.0)
+        return lat.transpose(1, 2).to(torch.float64).clamp_(min=LOGP_FLOOR).contiguous()
     lat = torch.zeros(B, T, U1, 2, dtype=cdtype, device=logits.device)
     for b in range(B):
         tb, ub1 = t_lens[b], u_lens[b] + 1
@@ -304,17 +338,17 @@ class _RNNTLoss(torch.autograd.Function):
     """Per-utterance RNN-T losses ``(B,)``; gradient w.r.t. ``logits`` only."""
 
     @staticmethod
-    def forward(ctx, logits, targets, logit_lengths, target_lengths, blank):  # type: ignore[override]
+    def forward(ctx, logits, targets, logit_lengths, target_lengths, blank, t_lens, u_lens):  # type: ignore[override]
         B = logits.shape[0]
-        t_lens = logit_lengths.tolist()
-        u_lens = target_lengths.tolist()
         u_max = max(u_lens)
 
         # index[b, u] = (blank, targets[b, u]); the emit slot of u = U is a dummy.
         emit_ids = torch.cat([targets, targets.new_full((B, 1), blank)], dim=1)
         index = torch.stack([torch.full_like(emit_ids, blank), emit_ids], dim=2)
 
-        lat = _gather_lattice(logits, index, t_lens, u_lens)
+        B, T, U1, _ = logits.shape
+        valid = _lattice_mask(logit_lengths, target_lengths, T, U1) if _batched(logits) else None
+        lat = _gather_lattice(logits, index, t_lens, u_lens, valid)
         blank_lp = lat[..., 0].contiguous()  # (B, U+1, T) float64
         emit_lp = lat[..., 1].contiguous()
         alpha, E = _alpha(blank_lp, emit_lp, u_max)
@@ -324,7 +358,7 @@ class _RNNTLoss(torch.autograd.Function):
         log_p = alpha[bidx, target_lengths, t_last] + blank_lp[bidx, target_lengths, t_last]
 
         ctx.save_for_backward(
-            logits, index, logit_lengths, target_lengths, blank_lp, emit_lp, alpha, E, log_p
+            logits, index, logit_lengths, target_lengths, blank_lp, emit_lp, alpha, E, log_p, valid
         )
         ctx.t_lens, ctx.u_lens = t_lens, u_lens
         return (-log_p).to(logits.dtype)
@@ -333,7 +367,7 @@ class _RNNTLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):  # type: ignore[override]
         (logits, index, logit_lengths, target_lengths,
-         blank_lp, emit_lp, alpha, E, log_p) = ctx.saved_tensors
+         blank_lp, emit_lp, alpha, E, log_p, valid) = ctx.saved_tensors
         t_lens, u_lens = ctx.t_lens, ctx.u_lens
         B, T, U1, V = logits.shape
 
@@ -353,6 +387,13 @@ class _RNNTLoss(torch.autograd.Function):
         # than exp(x - lse) on CPU.
         grad = torch.empty_like(logits)
         direct = logits.dtype == cdtype
+        if valid is not None:  # the whole batch at once; exactly 0 outside each lattice
+            idx = index.unsqueeze(1)
+            for t0, t1 in _frame_chunks(T, B * U1 * V):
+                sm = torch.softmax(logits[:, t0:t1].to(cdtype), dim=-1)
+                sm.mul_(w_sum[:, t0:t1]).scatter_add_(-1, idx.expand(B, t1 - t0, U1, 2), w_neg[:, t0:t1])
+                grad[:, t0:t1] = torch.where(valid[:, t0:t1].unsqueeze(3), sm, 0.0)
+            return grad, None, None, None, None, None, None
         for b in range(B):
             tb, ub1 = t_lens[b], u_lens[b] + 1
             if tb < T:
@@ -372,7 +413,7 @@ class _RNNTLoss(torch.autograd.Function):
                 else:  # float16/bfloat16: finish in float32, round once
                     sm.mul_(w_sum[b, t0:t1, :ub1]).scatter_add_(-1, idx, w_neg[b, t0:t1, :ub1])
                     out.copy_(sm)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def rnnt_loss(
@@ -406,10 +447,10 @@ def rnnt_loss(
             lengths outside the tensor dimensions, out-of-range target ids or
             blank, or an unknown reduction.
     """
-    targets, logit_lengths, target_lengths, blank = _validate(
+    targets, logit_lengths, target_lengths, blank, t_lens, u_lens = _validate(
         logits, targets, logit_lengths, target_lengths, blank, reduction
     )
-    losses = _RNNTLoss.apply(logits, targets, logit_lengths, target_lengths, blank)
+    losses = _RNNTLoss.apply(logits, targets, logit_lengths, target_lengths, blank, t_lens, u_lens)
     return _reduce(losses, reduction)
 
 
@@ -429,7 +470,7 @@ def rnnt_loss_reference(
     """Straightforward RNN-T loss: full log-softmax, anti-diagonal alpha
     recursion, plain autograd.  Same interface as :func:`rnnt_loss`; slow and
     memory-hungry, meant for tests and benchmarks."""
-    targets, logit_lengths, target_lengths, blank = _validate(
+    targets, logit_lengths, target_lengths, blank, _, _ = _validate(
         logits, targets, logit_lengths, target_lengths, blank, reduction
     )
     B, T, U1, V = logits.shape
@@ -486,7 +527,7 @@ def _simple_lattice(am, lm, targets, logit_lengths, target_lengths, blank, reduc
         raise ValueError(f"rnnt_loss_simple: lm must be (B, U+1, V) = ({B}, U+1, {V}), got {tuple(lm.shape)}")
     U1 = lm.shape[1]
     # validation (shapes, lengths, ids) is that of the full loss on a view of the right shape
-    targets, logit_lengths, target_lengths, blank = _validate(
+    targets, logit_lengths, target_lengths, blank, _, u_lens = _validate(
         am[:, :, None, :].expand(B, T, U1, V),
         targets, logit_lengths, target_lengths, blank, reduction)
     am64, lm64 = am.double(), lm.double()
@@ -502,7 +543,7 @@ def _simple_lattice(am, lm, targets, logit_lengths, target_lengths, blank, reduc
         emit_lp = am_y + lm_y[:, None, :] - norm[:, :, :U]
     blank_lp = blank_lp.clamp(min=LOGP_FLOOR).transpose(1, 2)  # (B, U+1, T)
     emit_lp = emit_lp.clamp(min=LOGP_FLOOR).transpose(1, 2) if U > 0 else None  # (B, U, T)
-    return targets, logit_lengths, target_lengths, blank, blank_lp, emit_lp
+    return targets, logit_lengths, target_lengths, blank, max(u_lens), blank_lp, emit_lp
 
 
 def rnnt_loss_simple(
@@ -531,7 +572,7 @@ def rnnt_loss_simple(
     loss' gradients to choose the pruning ranges (:func:`prune_ranges`).
     """
     B, T, V = am.shape
-    targets, logit_lengths, target_lengths, blank, blank_lp, emit_lp = _simple_lattice(
+    targets, logit_lengths, target_lengths, blank, u_max, blank_lp, emit_lp = _simple_lattice(
         am, lm, targets, logit_lengths, target_lengths, blank, reduction)
     U1 = blank_lp.shape[1]
     # alpha over label positions, closed form along time (see _alpha), with autograd
@@ -553,7 +594,7 @@ def rnnt_loss_simple(
         if U1 > 1:
             e_lp[:, :U1 - 1] = emit_lp.detach()
         occ_blank, occ_emit = _arc_weights(b_lp, e_lp, alpha.detach(), E.detach(), log_p.detach(),
-                                           logit_lengths, target_lengths, int(target_lengths.max()))
+                                           logit_lengths, target_lengths, u_max)
     return loss, occ_blank + occ_emit
 
 
@@ -591,8 +632,8 @@ def prune_ranges(
     B, U1, T = occupation.shape
     device = occupation.device
     S = min(prune_range, U1)
-    t_lens = logit_lengths.to(device=device, dtype=torch.long).view(B, 1)
-    u_lens = target_lengths.to(device=device, dtype=torch.long).view(B, 1)
+    t_lens = logit_lengths.to(device=device, dtype=torch.long, non_blocking=True).view(B, 1)
+    u_lens = target_lengths.to(device=device, dtype=torch.long, non_blocking=True).view(B, 1)
     occ = occupation.detach().double()
     if S < U1:
         # sum of the occupation over the window [k, k + S) for every start k in [0, U + 1 - S]
@@ -615,10 +656,6 @@ def prune_ranges(
     return s_begin.unsqueeze(2) + torch.arange(S, device=device)
 
 
-def _band_time_chunk(S: int, V: int) -> int:
-    return max(1, _CHUNK_ELEMENTS // max(1, S * V))
-
-
 class _PrunedRNNTLoss(torch.autograd.Function):
     """Per-utterance pruned RNN-T losses ``(B,)``; gradient w.r.t. the band logits only.
 
@@ -630,12 +667,10 @@ class _PrunedRNNTLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, s_begin, logit_lengths, target_lengths, blank):  # type: ignore[override]
+    def forward(ctx, logits, targets, s_begin, logit_lengths, target_lengths, blank, u_lens):  # type: ignore[override]
         B, T, S, V = logits.shape
         U = targets.shape[1]
         device = logits.device
-        t_lens = logit_lengths.tolist()
-        u_lens = target_lengths.tolist()
         u_max = max(u_lens)
         cdtype = _compute_dtype(logits.dtype)
 
@@ -647,14 +682,12 @@ class _PrunedRNNTLoss(torch.autograd.Function):
         nxt = emit_ids.gather(1, ranges.clamp(max=U).view(B, T * S)).view(B, T, S)
         index = torch.stack([torch.full_like(nxt, blank), nxt], dim=3)  # (B, T, S, 2)
 
-        band = torch.zeros(B, T, S, 2, dtype=cdtype, device=device)
-        for b in range(B):
-            tb = t_lens[b]
-            step = _band_time_chunk(S, V)
-            for t0 in range(0, tb, step):
-                t1 = min(tb, t0 + step)
-                logp = torch.log_softmax(logits[b, t0:t1].to(cdtype), dim=-1)
-                band[b, t0:t1] = logp.gather(-1, index[b, t0:t1])
+        # the whole batch at once (the band is small: faster than utterance by utterance on
+        # the CPU too); frames beyond T_b are outside the lattice below, never read
+        band = torch.empty(B, T, S, 2, dtype=cdtype, device=device)
+        for t0, t1 in _frame_chunks(T, B * S * V):
+            logp = torch.log_softmax(logits[:, t0:t1].to(cdtype), dim=-1)
+            band[:, t0:t1] = logp.gather(-1, index[:, t0:t1])
         band = band.to(torch.float64)
 
         # the lattice: node (t, u) is band slot s = u - s_begin[t] when 0 <= s < S
@@ -675,7 +708,7 @@ class _PrunedRNNTLoss(torch.autograd.Function):
 
         ctx.save_for_backward(logits, index, ranges, band_ok, logit_lengths, target_lengths,
                               blank_lp, emit_lp, alpha, E, log_p)
-        ctx.t_lens = t_lens
+        ctx.u_max = u_max
         return (-log_p).to(logits.dtype)
 
     @staticmethod
@@ -686,7 +719,7 @@ class _PrunedRNNTLoss(torch.autograd.Function):
         B, T, S, V = logits.shape
         U = blank_lp.shape[1] - 1
         occ_blank, occ_emit = _arc_weights(
-            blank_lp, emit_lp, alpha, E, log_p, logit_lengths, target_lengths, int(target_lengths.max())
+            blank_lp, emit_lp, alpha, E, log_p, logit_lengths, target_lengths, ctx.u_max
         )
         go = grad_output.to(torch.float64).reshape(B, 1, 1)
         cdtype = _compute_dtype(logits.dtype)
@@ -695,27 +728,14 @@ class _PrunedRNNTLoss(torch.autograd.Function):
         w = [torch.where(band_ok, o.transpose(1, 2).gather(2, idx), 0.0) * go for o in (occ_blank, occ_emit)]
         w_neg = torch.stack(w, dim=3).neg().to(cdtype)  # (B, T, S, 2)
         w_sum = (w[0] + w[1]).unsqueeze(3).to(cdtype)  # (B, T, S, 1)
-        bad = ~band_ok  # band slots beyond U_b: never read, gradient exactly 0
-
         grad = torch.empty_like(logits)
-        direct = logits.dtype == cdtype
-        for b, tb in enumerate(ctx.t_lens):
-            if tb < T:
-                grad[b, tb:].zero_()
-            step = _band_time_chunk(S, V)
-            for t0 in range(0, tb, step):
-                t1 = min(tb, t0 + step)
-                out = grad[b, t0:t1]
-                sm = torch.softmax(logits[b, t0:t1].to(cdtype), dim=-1)
-                if direct:
-                    torch.mul(sm, w_sum[b, t0:t1], out=out)
-                    out.scatter_add_(-1, index[b, t0:t1], w_neg[b, t0:t1])
-                else:
-                    sm.mul_(w_sum[b, t0:t1]).scatter_add_(-1, index[b, t0:t1], w_neg[b, t0:t1])
-                    out.copy_(sm)
-            out = grad[b, :tb]
-            out.masked_fill_(bad[b, :tb].unsqueeze(2), 0.0)
-        return grad, None, None, None, None, None
+        # the whole batch at once; exactly 0 beyond T_b and U_b (band slots never read)
+        keep = band_ok & (torch.arange(T, device=logits.device).view(1, T, 1) < logit_lengths.view(B, 1, 1))
+        for t0, t1 in _frame_chunks(T, B * S * V):
+            sm = torch.softmax(logits[:, t0:t1].to(cdtype), dim=-1)
+            sm.mul_(w_sum[:, t0:t1]).scatter_add_(-1, index[:, t0:t1], w_neg[:, t0:t1])
+            grad[:, t0:t1] = torch.where(keep[:, t0:t1].unsqueeze(3), sm, 0.0)
+        return grad, None, None, None, None, None, None
 
 
 def rnnt_loss_pruned(
@@ -726,6 +746,7 @@ def rnnt_loss_pruned(
     target_lengths: torch.Tensor,
     blank: int = 0,
     reduction: str = "mean",
+    check_ranges: bool = True,
 ) -> torch.Tensor:
     """RNN-T loss on the joiner's outputs in a band of label positions (k2's
     ``rnnt_loss_pruned``, Kuang et al., Interspeech 2022).
@@ -739,7 +760,9 @@ def rnnt_loss_pruned(
     The loss sums over the alignments that stay inside the band (their nodes and arcs
     read only ``logits``); with ``S >= U + 1`` and ``ranges = 0..U`` that is every
     alignment and the loss and its gradient are those of :func:`rnnt_loss`. Band slots
-    beyond an utterance's lengths are never read (gradient exactly 0).
+    beyond an utterance's lengths are never read (gradient exactly 0). ``check_ranges=False``
+    skips the check of ``ranges`` (which reads them from the device), for bands made by
+    :func:`prune_ranges`.
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 4:
         raise ValueError("rnnt_loss_pruned: logits must be a 4-D (B, T, S, V) tensor")
@@ -753,13 +776,16 @@ def rnnt_loss_pruned(
     if S > U + 1:
         raise ValueError(f"rnnt_loss_pruned: band width S={S} exceeds U + 1 = {U + 1}")
     # validation of targets/lengths/blank: that of the full loss on a view of the right shape
-    targets, logit_lengths, target_lengths, blank = _validate(
+    targets, logit_lengths, target_lengths, blank, _, u_lens = _validate(
         logits[:, :, :1].expand(B, T, U + 1, V), targets, logit_lengths, target_lengths, blank, reduction)
     ranges = ranges.to(device=logits.device, dtype=torch.long)
     s_begin = ranges[:, :, 0]
-    if bool((ranges != s_begin.unsqueeze(2) + torch.arange(S, device=logits.device)).any()) or \
-            int(s_begin.min()) < 0 or int(s_begin.max()) > U + 1 - S:
-        raise ValueError("rnnt_loss_pruned: ranges must be s_begin + (0..S-1) per frame with "
-                         f"0 <= s_begin <= U + 1 - S = {U + 1 - S} (see prune_ranges)")
-    losses = _PrunedRNNTLoss.apply(logits, targets, s_begin.contiguous(), logit_lengths, target_lengths, blank)
+    if check_ranges:  # one read of the device (prune_ranges' bands need no check: check_ranges=False)
+        bad = (ranges != s_begin.unsqueeze(2) + torch.arange(S, device=logits.device)).any() | \
+            (s_begin.min() < 0) | (s_begin.max() > U + 1 - S)
+        if bool(bad):
+            raise ValueError("rnnt_loss_pruned: ranges must be s_begin + (0..S-1) per frame with "
+                             f"0 <= s_begin <= U + 1 - S = {U + 1 - S} (see prune_ranges)")
+    losses = _PrunedRNNTLoss.apply(logits, targets, s_begin.contiguous(), logit_lengths, target_lengths, blank,
+                                   u_lens)
     return _reduce(losses, reduction)

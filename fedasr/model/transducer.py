@@ -167,7 +167,7 @@ class Predictor(nn.Module):
 
     Decoders use the state interface shared with :class:`StatelessPredictor`:
     ``forward(y, state) -> (out, state)`` (``state=None``: the start), ``select_state``
-    and ``update_state`` index a state by batch rows.
+    and ``update_state`` index a state by batch rows, ``merge_state`` picks rows of two.
     """
 
     def __init__(
@@ -197,6 +197,12 @@ class Predictor(nn.Module):
     def update_state(state: LSTMState, rows: torch.Tensor, new: LSTMState) -> None:
         state[0][:, rows] = new[0]
         state[1][:, rows] = new[1]
+
+    @staticmethod
+    def merge_state(state: LSTMState, take: torch.Tensor, new: LSTMState) -> LSTMState:
+        """``new``'s rows where ``take`` (B,) is True, ``state``'s elsewhere."""
+        m = take.view(1, -1, 1)
+        return torch.where(m, new[0], state[0]), torch.where(m, new[1], state[1])
 
     def forward_with_sos(self, targets: torch.Tensor) -> torch.Tensor:
         """Prepend blank (start-of-sequence) to ``targets`` (B, U) -> ``(B, U + 1, H)``.
@@ -252,6 +258,11 @@ class StatelessPredictor(nn.Module):
     @staticmethod
     def update_state(state: Tuple[torch.Tensor], rows: torch.Tensor, new: Tuple[torch.Tensor]) -> None:
         state[0][rows] = new[0]
+
+    @staticmethod
+    def merge_state(state: Tuple[torch.Tensor], take: torch.Tensor, new: Tuple[torch.Tensor]) -> Tuple[torch.Tensor]:
+        """``new``'s rows where ``take`` (B,) is True, ``state``'s elsewhere."""
+        return (torch.where(take.view(-1, 1), new[0], state[0]),)
 
     forward_with_sos = Predictor.forward_with_sos
 

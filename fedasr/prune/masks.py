@@ -30,6 +30,14 @@ def prunable_names(model: nn.Module, include: list[str], exclude: list[str] | No
     return names
 
 
+def masks_like_parameters(model: nn.Module, masks: Masks) -> Masks:
+    """``masks`` as multipliers on their parameters' device and in their dtype (made once,
+    e.g. once per round: :func:`apply_masks` and :func:`mask_gradients` then copy nothing
+    to the device)."""
+    params = dict(model.named_parameters())
+    return {n: m.to(device=params[n].device, dtype=params[n].dtype) for n, m in masks.items()}
+
+
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: Masks) -> None:
     params = dict(model.named_parameters())

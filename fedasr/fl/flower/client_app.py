@@ -41,7 +41,8 @@ def _worker(context: Context):
         if "OMP_NUM_THREADS" in os.environ:
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         _WORKERS.clear()
-        _WORKERS[key] = ClientWorker.for_run(json.loads(context.run_config["config"]), _federation(context))
+        _WORKERS[key] = ClientWorker.for_run(json.loads(context.run_config["config"]), _federation(context),
+                                             device=os.environ.get("FEDASR_DEVICE") or None)
     return _WORKERS[key]
 
 

@@ -2,8 +2,8 @@
 follow it, and stop everything that was started — also on Ctrl-C or error.
 
 One machine: a SuperLink and one SuperNode (:mod:`fedasr.fl.flower.node`: warm client
-worker, no 3 s poll) per concurrent client slot, on loopback
-(``--insecure``), free ports, an isolated ``FLWR_HOME`` under ``RUN_DIR/flower/``
+worker, no 3 s poll) per concurrent client slot (``devices``: slot i trains on the i-th
+device, round robin, seeing only that GPU), on loopback (``--insecure``), free ports, an isolated ``FLWR_HOME`` under ``RUN_DIR/flower/``
 (logs there too), telemetry and update checks off. With ``superlink=HOST:PORT`` nothing
 is started: the run is submitted to that SuperLink (TLS with ``root_certificates``).
 """
@@ -118,23 +118,56 @@ class Started:
     port: int
 
 
-class LocalFederation:
-    """A SuperLink and ``slots`` SuperNodes on 127.0.0.1, all stopped by :meth:`stop`."""
+def slot_env(device: str) -> dict[str, str]:
+    """The environment of a SuperNode slot that trains on ``device``: ``cuda:N`` sees only
+    GPU N (``CUDA_VISIBLE_DEVICES=N``) and its worker trains on ``cuda`` (that GPU);
+    ``cuda``: the GPUs as they are; ``cpu``: no GPU at all."""
+    from fedasr.fl.flower.worker import DEVICE_ENV
 
-    def __init__(self, workdir: Path, slots: int, threads: int, federation: str | None = None):
+    if device == "cpu":
+        return {"CUDA_VISIBLE_DEVICES": "", DEVICE_ENV: "cpu"}
+    if device.startswith("cuda:"):
+        return {"CUDA_VISIBLE_DEVICES": device.split(":", 1)[1], DEVICE_ENV: "cuda"}
+    if device == "cuda":
+        return {DEVICE_ENV: "cuda"}
+    raise FedasrError(f"--devices: unknown device {device!r} (cpu, cuda, cuda:N)")
+
+
+def parse_devices(text: str | None) -> list[str]:
+    """``cuda:0,cuda:1`` -> ["cuda:0", "cuda:1"] (each checked: cpu, cuda or cuda:N)."""
+    if not text:
+        return []
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    for d in devices:
+        if not (d in ("cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
+            raise FedasrError(f"--devices: unknown device {d!r} (cpu, cuda, cuda:N)")
+    if not devices:
+        raise FedasrError(f"--devices: no device in {text!r}")
+    return devices
+
+
+class LocalFederation:
+    """A SuperLink and ``slots`` SuperNodes on 127.0.0.1, all stopped by :meth:`stop`;
+    ``devices``: slot i trains on ``devices[i % len(devices)]`` (:func:`slot_env`)."""
+
+    def __init__(self, workdir: Path, slots: int, threads: int, federation: str | None = None,
+                 devices: list[str] | None = None):
         self.workdir = workdir
         self.home = workdir / "home"
         self.home.mkdir(parents=True, exist_ok=True)
         self.slots = slots
         self.federation = federation
+        self.devices = list(devices or [])
         self.env = flower_env(self.home, threads)
         self.procs: list[Started] = []
         self.superlink = ""
 
-    def _spawn(self, name: str, argv: list[str], port: int, ready: str, timeout: float = 120.0) -> Started:
+    def _spawn(self, name: str, argv: list[str], port: int, ready: str, timeout: float = 120.0,
+               env: dict | None = None) -> Started:
         log = self.workdir / f"{name}.log"
         with open(log, "wb") as fh:
-            p = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+            p = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
+                                 cwd=self.workdir,
                                  start_new_session=True, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         st = Started(name, p, log, port)
         self.procs.append(st)
@@ -162,7 +195,8 @@ class LocalFederation:
                     "--host", "127.0.0.1", "--port", str(p)]
             if node_cfg:
                 argv += ["--node-config", node_cfg]
-            self._spawn(f"supernode-{i}", argv, p, r"SuperNode ID: \d+")
+            env = slot_env(self.devices[i % len(self.devices)]) if self.devices else None
+            self._spawn(f"supernode-{i}", argv, p, r"SuperNode ID: \d+", env=env)
         return self.superlink
 
     def pids(self) -> list[int]:
@@ -232,7 +266,7 @@ def _flwr(args: list[str], env: dict, timeout: float = 120.0) -> dict:
 
 def run_flower(run_dir: Path, federation: Path, config: dict, *, resume: bool = False, init_from: str | None = None,
                superlink: str | None = None, insecure: bool = True, root_certificates: str | None = None,
-               slots: int = 2, round_timeout: float = 900.0,
+               slots: int = 2, round_timeout: float = 900.0, devices: list[str] | None = None,
                on_row: Callable[[dict], None] = lambda r: None) -> None:
     """Submit the run to Flower (starting a local federation unless ``superlink``), follow
     its metrics.jsonl (``on_row`` per finished round) until it ends; a failed run is a
@@ -244,7 +278,7 @@ def run_flower(run_dir: Path, federation: Path, config: dict, *, resume: bool = 
     threads = max(1, cores // max(1, slots))  # each slot its share of the cores, at most OMP_NUM_THREADS
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         threads = min(threads, int(os.environ["OMP_NUM_THREADS"]))
-    local = None if superlink else LocalFederation(work, slots, threads, str(Path(federation).resolve()))
+    local = None if superlink else LocalFederation(work, slots, threads, str(Path(federation).resolve()), devices)
     env = flower_env(work / "home")
     run_id = None
     previous = len(rd.metrics()) if resume else 0

@@ -30,7 +30,9 @@ def main(grid: Grid, context: Context) -> None:
         patch_grid()  # replies' objects: retried after 0.05 s, not 1 s (checked against flwr's source)
         transport = FlowerTransport(grid, float(rc.get("round-timeout", 900.0)), log=lambda s: print(s, flush=True))
         if rc.get("resume"):
-            runner = Runner.resume(run_dir, federation=rc["federation"] or None, engine="flower", transport=transport)
+            device = json.loads(rc["config"]).get("device") if rc.get("config") else None  # (fedasr train --device)
+            runner = Runner.resume(run_dir, federation=rc["federation"] or None, engine="flower", transport=transport,
+                                   device=device)
         else:
             cfg = parse_config(json.loads(rc["config"]))
             runner = Runner(run_dir, Federation(rc["federation"]), cfg, engine="flower", transport=transport)

@@ -23,6 +23,7 @@ from fedasr.fl.flower.patches import trim_heap
 from fedasr.fl.flower.wire import ChannelClosed, recv_frames, send_frames
 
 CACHE_CLIENTS_ENV = "FEDASR_FLOWER_CACHE_CLIENTS"
+DEVICE_ENV = "FEDASR_DEVICE"  # where this worker trains, instead of the run config's device
 DEFAULT_CACHE_CLIENTS = 8
 
 
@@ -42,28 +43,37 @@ class Worker:
 
             self.client = self.key = None  # the previous run's state goes first
             k = json.loads(key)
-            self.client = ClientWorker.for_run(json.loads(k["config"]), k["federation"], self.cache_clients)
+            # a SuperNode slot's own device (FEDASR_DEVICE, set per slot with its CUDA_VISIBLE_DEVICES)
+            self.client = ClientWorker.for_run(json.loads(k["config"]), k["federation"], self.cache_clients,
+                                               device=os.environ.get(DEVICE_ENV) or None)
             self.key = key
         return self.client
 
     def serve(self, sock: socket.socket) -> None:
         from fedasr.errors import FedasrError
+        from fedasr.fl.round import fault_reason, is_device_fault
 
         while True:
             try:
                 key, header, payload = recv_frames(sock, 3)
             except (ChannelClosed, OSError):
                 return
+            fatal = False
             try:
                 reply = [b"ok", self._client(key).handle(header, payload)]
             except FedasrError as e:
                 reply = [b"error", str(e).encode()]
             except Exception as e:  # noqa: BLE001 - reported to the server as this client's failure
                 traceback.print_exc()
-                reply = [b"error", f"{type(e).__name__}: {e}".splitlines()[0].encode()]
+                # a device fault (out of memory, CUDA error) is marked so that the server stops
+                # the run; this process exits after replying (its CUDA context may be unusable)
+                fatal = is_device_fault(e)
+                reply = [b"error", fault_reason(e).encode()]
             try:
                 send_frames(sock, *reply)
             except OSError:
+                return
+            if fatal:
                 return
             trim_heap()  # batch shapes vary per client: glibc would keep the peak
 
