@@ -7,9 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from fedasr.data import synth
-from fedasr.data.federation import ShardOptions, shard
-
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
 # A model small enough for exhaustive checks (model, decoding tests).
@@ -148,6 +145,8 @@ def single_thread():
 def corpus(tmp_path_factory) -> Path:
     """4 training speakers x 12 utterances (+dev/test), 1 unseen test-other speaker, and
     2 server speakers x 12 utterances (train-server: the other splits do not change)."""
+    from fedasr.data import synth  # (here: the model tests' helpers import without the data stack)
+
     root = tmp_path_factory.mktemp("corpus")
     plan = synth.plan_corpus(speakers=4, utterances_per_speaker=12, seed=7, domain="small",
                              test_other_speakers=1, dev_per_speaker=2, test_per_speaker=2, server_speakers=2)
@@ -157,6 +156,8 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def federation(corpus, tmp_path_factory) -> Path:
+    from fedasr.data.federation import ShardOptions, shard
+
     out = tmp_path_factory.mktemp("fed") / "federation"
     shard(ShardOptions(corpus=corpus, train_splits=["train"], dev_splits=["dev"],
                        test_splits=["test-clean", "test-other"], out=out, vocab_size=48, jobs=2))
@@ -166,6 +167,8 @@ def federation(corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server_federation(corpus, tmp_path_factory) -> Path:
     """The same clients, plus the server's own data (train-server): never a client."""
+    from fedasr.data.federation import ShardOptions, shard
+
     out = tmp_path_factory.mktemp("fed") / "server_federation"
     shard(ShardOptions(corpus=corpus, train_splits=["train"], dev_splits=["dev"],
                        test_splits=["test-clean", "test-other"], server_splits=["train-server"], out=out,

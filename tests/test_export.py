@@ -1,8 +1,10 @@
 """`fedasr export` for sherpa-onnx: the metadata it reads, the front end it computes from the
 waveform (kaldi-native-fbank) against the one `fedasr shard` stores (lhotse Fbank), int8
-copies, and sherpa-onnx decoding an export to the hypotheses of `fedasr eval`."""
+copies; a trained export decoded by onnxruntime and sherpa-onnx as fedasr decodes it (each
+held to a float64 run of the model), and sherpa-onnx's int8 decode against its fp32 one."""
 
-import csv
+import copy
+import json
 import shutil
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from conftest import run_cli, tiny_model
+from nearties import f32_tol, greedy_trace, near_tie_or_same, onnx_joint, torch_joint
 from fedasr.data.features import GlobalCMVN, fbank_extractor
 from fedasr.data.tokenizer import train_tokenizer
 from fedasr.evaluate import score
@@ -131,17 +134,6 @@ def test_export_writes_sherpa_metadata_and_int8_copies(tmp_path):
         counts.append(len(ref))
     assert 0 < counts[0] < len(e) and counts[0] < counts[2], counts  # blank frames and frames with several symbols
 
-    so = pytest.importorskip("sherpa_onnx")
-    for suffix in ("", ".int8"):
-        rec = so.OfflineRecognizer.from_transducer(
-            encoder=str(d / f"encoder{suffix}.onnx"), decoder=str(d / f"decoder{suffix}.onnx"),
-            joiner=str(d / f"joiner{suffix}.onnx"), tokens=str(d / "tokens.txt"), num_threads=1, feature_dim=80,
-            decoding_method="greedy_search")
-        s = rec.create_stream()
-        s.accept_waveform(SR, _waveform(1.5, 2))
-        rec.decode_stream(s)
-        assert isinstance(s.result.text, str)
-
 
 def _one_matmul(tmp_path, weight: np.ndarray):
     """A one-MatMul fp32 ONNX model y = x @ weight."""
@@ -224,16 +216,13 @@ def test_int8_default_is_accurate_on_an_avx2_cpu_without_vnni(tmp_path):
     assert rows["u8s8"]["violations"] > 0 and rows["u8s8"]["max_error"] > 0.1 * rows["u8s8"]["max_abs"], rows
 
 
-def _read_tsv(path) -> dict:
-    with open(path, newline="") as f:
-        return {r["id"]: (r["ref"], r["hyp"]) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)}
+# ------------------------------------------------------------------ a trained export, decoded by three engines
+@pytest.fixture(scope="module")
+def trained(federation, tmp_path_factory, single_thread):
+    """A briefly trained stateless checkpoint (on the dev split, which it is decoded on with
+    test-clean) and its `fedasr export --int8`."""
+    from types import SimpleNamespace
 
-
-def test_sherpa_onnx_decodes_an_export_as_fedasr_eval_does(federation, tmp_path, single_thread):
-    """A briefly trained checkpoint: `fedasr eval` on the stored features and sherpa-onnx on
-    the waveforms (its own front end and greedy search) give the same hypotheses. sherpa-onnx's
-    greedy search emits at most one symbol a frame: `--max-symbols-per-frame 1`."""
-    so = pytest.importorskip("sherpa_onnx")
     import yaml
 
     from fedasr.checkpoint import save_checkpoint
@@ -244,50 +233,135 @@ def test_sherpa_onnx_decodes_an_export_as_fedasr_eval_does(federation, tmp_path,
     from fedasr.trainer import make_optimizer, train_steps
 
     fed = Federation(federation)
-    cuts = fed.split_cuts("dev")  # the utterances it learns (a little) and is decoded on
     model = tiny_model(preset="tiny", vocab_size=fed.tokenizer.vocab_size, num_layers=2, d_model=96, ffn_dim=192,
                        predictor="stateless", pred_embed_dim=96, joint_dim=96, simple_head=True, dropout=0.0)
     cfg = TrainSection(lr=3e-3, warmup_steps=10, lr_schedule="constant", max_duration=60.0, spec_augment=False,
                        ctc_weight=0.5, simple_loss_weight=0.5)
-    train_steps(model, make_optimizer(model, cfg), AsrDataset(cuts, fed.tokenizer, fed.cmvn), cfg, seed=0,
-                num_steps=170)
-    run = RunDir(tmp_path / "run")
+    train_steps(model, make_optimizer(model, cfg), AsrDataset(fed.split_cuts("dev"), fed.tokenizer, fed.cmvn), cfg,
+                seed=0, num_steps=170)
+    tmp = tmp_path_factory.mktemp("trained")
+    run = RunDir(tmp / "run")
     run.ckpt_dir.mkdir(parents=True)
     run.config_path.write_text(yaml.safe_dump({"federation": str(federation)}))
     save_checkpoint(run.checkpoint(1), model, fed.tokenizer, config={"federation": str(federation)})
     run.set_latest(run.checkpoint(1))
-
-    r = run_cli("eval", "--run", run.root, "--split", "dev", "--split", "test-clean", "--max-symbols-per-frame", "1")
+    r = run_cli("eval", "--run", run.root, "--split", "dev", "--split", "test-clean")  # measured: into config.json
     assert r.returncode == 0, r.stderr
-    r = run_cli("export", run.checkpoint(1), "--out", tmp_path / "onnx", "--int8")
+    r = run_cli("export", run.checkpoint(1), "--out", tmp / "onnx", "--int8")
     assert r.returncode == 0, r.stderr
-    d = tmp_path / "onnx"
-    import json
+    cuts = [c for split in ("dev", "test-clean") for c in fed.split_cuts(split)]
+    return SimpleNamespace(fed=fed, model=model.eval(), onnx=tmp / "onnx", cuts=cuts, run=run)
 
-    conf = json.loads((d / "config.json").read_text())  # the WER measured on this checkpoint, and how
+
+def _sherpa(d, suffix: str = ""):
+    so = pytest.importorskip("sherpa_onnx")
+    return so.OfflineRecognizer.from_transducer(
+        encoder=str(d / f"encoder{suffix}.onnx"), decoder=str(d / f"decoder{suffix}.onnx"),
+        joiner=str(d / f"joiner{suffix}.onnx"), tokens=str(d / "tokens.txt"), num_threads=1, feature_dim=80,
+        decoding_method="greedy_search")
+
+
+def _sherpa_decode(rec, cuts, d) -> list[list[int]]:
+    """sherpa-onnx on the waveforms, in one padded batch as a server would: token ids."""
+    pieces = [line.rsplit(" ", 1) for line in (d / "tokens.txt").read_text().splitlines()]
+    ids = {p.replace("\u2581", " "): int(i) for p, i in pieces}  # sherpa-onnx's result shows "▁" as a space
+    assert len(ids) == len(pieces)
+    streams = []
+    for c in cuts:
+        s = rec.create_stream()
+        s.accept_waveform(c.sampling_rate, c.load_audio()[0])
+        streams.append(s)
+    rec.decode_streams(streams)
+    return [[ids[p] for p in s.result.tokens] for s in streams]
+
+
+def test_sherpa_onnx_and_onnxruntime_decode_an_export_as_fedasr_does(trained):
+    """A briefly trained checkpoint decoded by fedasr's greedy search (one symbol a frame, in
+    eval's batches), by its export in onnxruntime on the same stored features, and by
+    sherpa-onnx on the waveforms (its own front end, kaldi-native-fbank, and its own greedy
+    search). Each is held to a float64 run of the model on its features: its logits within
+    float32 rounding (F32_TOL) and its hypothesis the same, but for a near tie. Where the
+    front ends differ, test_shard_features_equal_the_sherpa_onnx_front_end bounds the
+    features instead."""
+    from lhotse import CutSet
+
+    from fedasr.data.batching import AsrDataset
+    from fedasr.export import OnnxTransducer
+    from fedasr.model.decode import greedy_search
+
+    fed, model, cuts = trained.fed, trained.model, trained.cuts
+    blank, context = model.blank_id, model.cfg.pred_context
+    conf = json.loads((trained.onnx / "config.json").read_text())  # the WER measured on this checkpoint, and how
     assert conf["decoding"]["sherpa_onnx"] == "greedy_search" and conf["decoding"]["max_symbols_per_frame"] == 1
     assert set(conf["measured"]) == {"dev", "test-clean"}
     assert conf["measured"]["dev"]["decoding"] == "greedy search, 1 symbol per frame"
-    assert conf["measured"]["dev"]["wer"] == json.loads((run.root / "results.json").read_text())["dev"]["wer"]
-    assert all((d / f"{n}.int8.onnx").is_file() for n in ("encoder", "decoder", "joiner"))
-    rec = so.OfflineRecognizer.from_transducer(encoder=str(d / "encoder.onnx"), decoder=str(d / "decoder.onnx"),
-                                               joiner=str(d / "joiner.onnx"), tokens=str(d / "tokens.txt"),
-                                               num_threads=1, feature_dim=80, decoding_method="greedy_search")
-    for split in ("dev", "test-clean"):
-        ours = _read_tsv(run.root / "decode" / f"{split}-beam1.tsv")
-        split_cuts = list(fed.split_cuts(split))
-        streams = []
-        for c in split_cuts:
-            s = rec.create_stream()
-            s.accept_waveform(c.sampling_rate, c.load_audio()[0])
-            streams.append(s)
-        rec.decode_streams(streams)  # one padded batch, as a server would
-        theirs = [" ".join(s.result.text.split()) for s in streams]
-        refs = [ours[c.id][0] for c in split_cuts]
-        hyps = [" ".join(ours[c.id][1].split()) for c in split_cuts]  # the words (a final "▁" leaves a space)
-        same = sum(a == b for a, b in zip(hyps, theirs))
-        assert same >= 0.98 * len(split_cuts), list(zip(hyps, theirs))
-        wer, wer_sherpa = score(refs, hyps)["wer"], score(refs, theirs)["wer"]
-        assert abs(wer - wer_sherpa) <= 0.003, (wer, wer_sherpa)
-        if split == "dev":  # the trained-on split: a model that has learnt something
-            assert wer < 0.9 and sum(bool(h) for h in hyps) >= 0.75 * len(hyps), (wer, hyps)
+    assert conf["measured"]["dev"]["wer"] == json.loads((trained.run.root / "results.json").read_text())["dev"]["wer"]
+    assert all((trained.onnx / f"{n}.int8.onnx").is_file() for n in ("encoder", "decoder", "joiner"))
+    exact = copy.deepcopy(model).double()
+    onnx = OnnxTransducer(trained.onnx)
+    # fedasr's decoding as `fedasr eval --max-symbols-per-frame 1` runs it: padded batches
+    ours = {}
+    ds = AsrDataset(CutSet.from_cuts(cuts), fed.tokenizer, fed.cmvn, spec_augment=None, cache=False)
+    with torch.no_grad():
+        for b in ds.batches(120.0, shuffle=False, num_buckets=1):
+            enc, lens = model.encode(b.feats, b.feat_lens)
+            ours.update(zip(b.ids, greedy_search(model, enc, lens, max_symbols_per_frame=1)))
+    sherpa = _sherpa_decode(_sherpa(trained.onnx), cuts, trained.onnx)
+    parted, refs, hyps = [], [], []
+    for c, theirs in zip(cuts, sherpa):
+        raw = c.load_features()
+        feats = fed.cmvn.apply(torch.from_numpy(raw).float())
+        ref_joint, frames = torch_joint(exact, feats)
+        ref = greedy_trace(ref_joint, frames, blank, context)
+        tol = f32_tol(ref)
+        # float32 PyTorch and onnxruntime: their logits along the reference's path
+        enc = onnx.encode(raw[None], np.array([len(raw)]))[0][0]
+        for joint in (torch_joint(model, feats)[0], onnx_joint(onnx, enc)):
+            err = max(float(np.abs(joint(t, ctx) - logits).max()) for t, (ctx, _, logits) in enumerate(ref))
+            assert err <= tol, (c.id, err, tol)  # (measured: 4-6 ulps, a hundredth of tol)
+        # and their greedy searches
+        assert near_tie_or_same(ref, ours[c.id], blank, 2 * tol), (c.id, "fedasr's greedy_search")
+        assert near_tie_or_same(ref, onnx.greedy(enc, 1), blank, 2 * tol), (c.id, "OnnxTransducer.greedy")
+        # sherpa-onnx: held to the float64 model on its own front end's features
+        knf = _sherpa_fbank(c.load_audio()[0])
+        knf_joint, knf_frames = torch_joint(exact, fed.cmvn.apply(torch.from_numpy(knf).float()))
+        knf_ref = greedy_trace(knf_joint, knf_frames, blank, context)
+        knf_tol = f32_tol(knf_ref)
+        assert near_tie_or_same(knf_ref, theirs, blank, 2 * knf_tol), (c.id, "sherpa-onnx")
+        best = [k for _, k, _ in ref if k != blank]
+        parted += [c.id for toks in (ours[c.id], onnx.greedy(enc, 1)) if toks != best]
+        parted += [c.id] if theirs != [k for _, k, _ in knf_ref if k != blank] else []
+        refs.append(c.supervisions[0].text)
+        hyps.append(fed.tokenizer.decode(ours[c.id]))
+    assert len(set(parted)) <= len(cuts) // 4, parted  # near ties are rare: most hypotheses are compared whole
+    dev = [i for i, c in enumerate(cuts) if c.id in {x.id for x in fed.split_cuts("dev")}]
+    wer = score([refs[i] for i in dev], [hyps[i] for i in dev])["wer"]
+    assert wer < 0.9 and sum(bool(hyps[i]) for i in dev) >= 0.75 * len(dev), (wer, hyps)  # it has learnt something
+
+
+
+
+def _edits(a: list, b: list) -> int:
+    """Levenshtein distance between two sequences."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def test_sherpa_onnx_int8_export_decodes_close_to_fp32(trained):
+    """sherpa-onnx with the int8 models against the fp32 ones on the same waveforms: the
+    character error rate of the int8 hypotheses, the fp32 ones as references, is below 0.15.
+    Dynamic int8 quantisation moves the logits by about 1% of their range (the encoder output
+    here: 1.5%), which flips the decisions taken by smaller margins: measured 4% of the
+    characters (on an AVX-512 VNNI CPU). Quantisation that saturates or loses more scrambles
+    more: weights rounded to 4 bits in effect gave 21%."""
+    d, cuts, tok = trained.onnx, trained.cuts, trained.fed.tokenizer
+    fp = [tok.decode(t) for t in _sherpa_decode(_sherpa(d), cuts, d)]
+    q = [tok.decode(t) for t in _sherpa_decode(_sherpa(d, ".int8"), cuts, d)]
+    chars = sum(len(a) for a in fp)
+    assert chars > 10 * len(cuts)  # the fp32 model says something
+    cer = sum(_edits(a, b) for a, b in zip(fp, q)) / chars
+    assert cer < 0.15, (cer, list(zip(fp, q)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,21 +269,32 @@ def test_config_round_trip_and_errors():
 # --------------------------------------------------------------------------- torchaudio
 
 
-def test_layer_matches_torchaudio_conformer():
-    ta_models = pytest.importorskip("torchaudio.models")
-    d, heads, ffn, k, n_layers = 16, 4, 24, 5, 2
-    model = micro_model(d_model=d, num_heads=heads, ffn_dim=ffn, conv_kernel=k, num_layers=n_layers).eval()
+TA_CONFORMER = dict(d_model=16, num_heads=4, ffn_dim=24, conv_kernel=5, num_layers=2)
+TA_FIXTURE = Path(__file__).parent / "fixtures" / "torchaudio_conformer.pt"
+
+
+def ta_conformer_model() -> Transducer:
+    """fedasr's side of the torchaudio cross-check (two layers, non-trivial BatchNorm)."""
+    model = micro_model(**TA_CONFORMER).eval()
     randomize_bn(model)
-    ref = ta_models.Conformer(
-        input_dim=d, num_heads=heads, ffn_dim=ffn, num_layers=n_layers, depthwise_conv_kernel_size=k, dropout=0.0
-    ).eval()
+    return model
+
+
+def ta_conformer_input() -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(2, 23, TA_CONFORMER["d_model"], generator=torch.Generator().manual_seed(23))
+    return x, torch.tensor([23, 23])  # torchaudio's conv module lets padding leak; compare unpadded
+
+
+def copy_into_torchaudio(model: Transducer, ref: nn.Module) -> None:
+    """fedasr's encoder layers -> ``torchaudio.models.Conformer`` (torchaudio's conv module
+    has no biases: fedasr's are zeroed)."""
 
     def copy_(dst: nn.Module, src: nn.Module) -> None:
         dst.weight.copy_(src.weight)
         if getattr(dst, "bias", None) is not None:
             dst.bias.copy_(src.bias)
         elif getattr(src, "bias", None) is not None:
-            src.bias.zero_()  # torchaudio's conv module has no biases: make ours zero
+            src.bias.zero_()
 
     with torch.no_grad():
         for ours, theirs in zip(model.encoder.layers, ref.conformer_layers):
@@ -303,13 +315,46 @@ def test_layer_matches_torchaudio_conformer():
             copy_(seq[5], cv.pointwise2)
             copy_(theirs.final_layer_norm, ours.final_norm)
 
-        x = torch.randn(2, 23, d)
-        lengths = torch.tensor([23, 23])  # torchaudio's conv module lets padding leak; compare unpadded
-        expected, _ = ref(x, lengths)
+
+def run_layers(model: Transducer, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
         h = x
         for layer in model.encoder.layers:
-            h = layer(h, lengths_to_mask(lengths, 23))
-    torch.testing.assert_close(h, expected, atol=1e-5, rtol=1e-5)
+            h = layer(h, lengths_to_mask(lengths, x.size(1)))
+    return h
+
+
+def torchaudio_conformer_run(ta_models):
+    """fedasr's layers (:func:`ta_conformer_model`), their weights copied into torchaudio's
+    Conformer, which runs on :func:`ta_conformer_input`: (model, x, lengths, torchaudio's output)."""
+    model = ta_conformer_model()
+    c = TA_CONFORMER
+    ref = ta_models.Conformer(input_dim=c["d_model"], num_heads=c["num_heads"], ffn_dim=c["ffn_dim"],
+                              num_layers=c["num_layers"], depthwise_conv_kernel_size=c["conv_kernel"],
+                              dropout=0.0).eval()
+    copy_into_torchaudio(model, ref)
+    x, lengths = ta_conformer_input()
+    with torch.no_grad():
+        expected, _ = ref(x, lengths)
+    return model, x, lengths, expected
+
+
+def test_layer_matches_torchaudio_conformer():
+    model, x, lengths, expected = torchaudio_conformer_run(pytest.importorskip("torchaudio.models"))
+    torch.testing.assert_close(run_layers(model, x, lengths), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_matches_torchaudio_conformer_fixture():
+    """The same comparison against torchaudio's output kept in tests/fixtures (made by
+    scripts/make_torchaudio_fixtures.py in an environment with a torchaudio that loads):
+    it runs where torchaudio does not."""
+    fx = torch.load(TA_FIXTURE, weights_only=True)
+    model = ta_conformer_model()
+    with torch.no_grad():  # the weights torchaudio ran with (fedasr's conv biases zeroed by the copy)
+        model.encoder.layers.load_state_dict(fx["layers"])
+    x, lengths = ta_conformer_input()
+    assert torch.equal(x, fx["x"]) and torch.equal(lengths, fx["lengths"])
+    torch.testing.assert_close(run_layers(model, x, lengths), fx["expected"], atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- group table

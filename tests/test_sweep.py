@@ -65,8 +65,10 @@ def test_reduced_ci_sweep_and_report(server_federation, tmp_path):
     assert seed_run.read_config()["data"] == "server" and len(seed_run.metrics()) == 1
     seed_ckpt = seed_run.latest()
     seed_sha = file_sha256(seed_ckpt)
+    steps = {}  # each run's optimizer steps, all its clients together (metrics.jsonl)
     for f in sorted((out / "runs").glob("**/sweep.json")):
         conf = RunDir(f.parent).read_config()
+        steps[f.parent.parent.name] = sum(sum(row["steps"]) for row in RunDir(f.parent).metrics())
         if f.parent.parent.name == "server-only":  # the FP scheme's pruning, centrally on the server's data
             assert conf["data"] == "server" and conf["mode"] == "centralized"
             assert conf["fl"]["centralized_optimizer"] == "per_round"
@@ -75,6 +77,9 @@ def test_reduced_ci_sweep_and_report(server_federation, tmp_path):
         else:
             assert conf["mode"] == "federated"
         assert conf["init_from"] == str(seed_ckpt) and conf["init_from_sha256"] == seed_sha
+    # the server-only reference took as many steps as the federated FP run's clients together
+    # (REDUCED: 2 rounds x 2 clients x 2 local steps)
+    assert steps["server-only"] == steps[schemes[0]] == 2 * 2 * 2
     png = (out / "wer_vs_sparsity.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     # re-running skips the finished runs (the seed too: trained once); report alone works too

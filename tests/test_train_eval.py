@@ -94,7 +94,7 @@ def test_eval_cli_writes_results(short_run, federation):
         assert res["utterances"] == 8 and res["beam"] == 2
         assert res["wer"] >= 0 and 0 <= res["cer"]
         assert res["substitutions"] + res["deletions"] <= res["words"]
-        assert res["rtf"] > 0
+        assert res["decode_seconds"] > 0 and res["rtf"] == pytest.approx(res["decode_seconds"] / (3600 * res["hours"]))
         lines = (short_run / "decode" / f"{split}-beam2.tsv").read_text().splitlines()
         assert len(lines) == 9
     # test-clean speakers are the training clients' speakers; test-other speakers are unseen
