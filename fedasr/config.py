@@ -333,7 +333,45 @@ def parse_config(data: dict | None) -> RunConfig:
     return from_dict(RunConfig, {k: v for k, v in (data or {}).items() if k not in SWEEP_KEYS})
 
 
+# the recipes shipped with the package (a link to the repository's top-level recipes/)
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name -> file of every shipped recipe; the name is the path under recipes/ without
+    ``.yaml`` (``ci``, ``librispeech100/federated_pruning``)."""
+    return {p.relative_to(RECIPES_DIR).with_suffix("").as_posix(): p for p in sorted(RECIPES_DIR.rglob("*.yaml"))}
+
+
+def recipe_description(path: Path) -> str:
+    """What a recipe is, in a few words (`fedasr recipes`): the first sentence of its opening
+    comment, up to a parenthesis."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#") or not line.strip("# "):
+            break
+        lines.append(line.lstrip("# ").strip())
+    text = " ".join(lines)
+    for stop in (". ", " (", " — "):
+        text = text.split(stop, 1)[0]
+    return text.rstrip(".")
+
+
+def recipe_path(recipe: str | Path) -> Path:
+    """A recipe as the commands take it: a YAML file, or the name of a shipped recipe
+    (``ci``, ``ci.yaml``, ``recipes/ci.yaml`` from anywhere, ``librispeech100/federated_pruning``)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    name = path.as_posix().removesuffix(".yaml").removeprefix("recipes/")
+    shipped = shipped_recipes()
+    if name in shipped:
+        return shipped[name]
+    raise FedasrError(f"{recipe}: no such recipe file, nor a shipped recipe of that name "
+                      f"(shipped: {', '.join(shipped)}; `fedasr recipes` lists them)")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """A recipe file (or the defaults) with ``--set`` overrides, parsed."""
-    data = read_recipe(path) if path is not None else {}
+    """A recipe (a file or a shipped recipe's name; or the defaults) with ``--set`` overrides, parsed."""
+    data = read_recipe(recipe_path(path)) if path is not None else {}
     return parse_config(apply_overrides(data, overrides or []))

@@ -110,12 +110,13 @@ def test_eval_cli_writes_results(short_run, federation):
 
 
 def test_eval_cli_errors(short_run, tmp_path):
+    """A bad option value is a usage error (exit 2), a bad input a runtime error (exit 1)."""
     r = run_cli("eval", "--run", short_run, "--split", "nope")
-    assert r.returncode != 0 and "--split: unknown split 'nope'" in r.stderr
+    assert r.returncode == 2 and "--split: unknown split 'nope'" in r.stderr
     r = run_cli("eval", "--run", tmp_path)
-    assert r.returncode != 0 and "not a run directory" in r.stderr
-    r = run_cli("eval", "--run", short_run, "--checkpoint", tmp_path / "missing.pt")
-    assert r.returncode != 0 and "missing.pt: checkpoint does not exist" in r.stderr
+    assert r.returncode == 1 and "not a run directory" in r.stderr
+    r = run_cli("eval", tmp_path / "missing.pt", "--run", short_run)
+    assert r.returncode == 1 and "missing.pt: checkpoint does not exist" in r.stderr
 
 
 def test_non_finite_gradient_is_rejected_before_the_step(federation):
