@@ -113,15 +113,17 @@ class SeedModelSection:
 
 @dataclass
 class SweepScheme:
-    name: str = "scheme"
+    """One pruning scheme of a sweep: a curve, one run per target sparsity (or per knob value)."""
+
+    name: str = "scheme"  # the curve's name, and its runs' directory SWEEP/runs/NAME/ (not dense)
     pruning: dict = field(default_factory=dict)  # pruning.* keys of this scheme (method included)
     overrides: list = field(default_factory=list)  # further "key=value" settings
     # a reference: this scheme's pruning, overrides and sparsities are those of scheme ``like``
     # (its own overrides are added), trained centrally (centralized: true) on the clients'
     # union (data: clients, the centralized twin) or on the server's data (data: server)
     like: Optional[str] = None
-    centralized: bool = False
-    data: str = "clients"
+    centralized: bool = False  # train centrally (fedasr train --centralized): a reference scheme
+    data: str = "clients"  # centralized: on the clients' union (clients) or the server's own data (server)
     # a method that decides its own sparsity (ASP) sweeps its knob instead of the targets:
     # {key: pruning.asp.k, values: [1.5, 2.0, 2.5]}
     knob: dict = field(default_factory=dict)
@@ -157,10 +159,10 @@ class SweepScheme:
 class SweepSection:
     """One run per (scheme, sparsity); sparsity 0 is one shared dense run."""
 
-    sparsities: list = field(default_factory=lambda: [0.0, 0.5])
-    schemes: list[SweepScheme] = field(default_factory=list)
+    sparsities: list = field(default_factory=lambda: [0.0, 0.5])  # target sparsities (0: the shared dense run)
+    schemes: list[SweepScheme] = field(default_factory=list)  # the pruning schemes (sweep.schemes[] below)
     splits: list = field(default_factory=list)  # test splits to evaluate [default: all]
-    beam: int = 1
+    beam: int = 1  # the runs' test decoding: 1 = greedy (sherpa-onnx's), more = modified beam search
 
     def validate(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""
