@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import io
 import re
@@ -49,6 +50,7 @@ parsed as YAML: `--set fl.rounds=20`, `--set 'pruning.include=[joiner.*]'`), and
 """
 
 
+@functools.lru_cache(maxsize=None)
 def field_comments(cls) -> dict[str, str]:
     """Field name -> its comment (the comment lines right above the field and the one at the
     end of its line(s)), for the fields ``cls`` itself defines."""

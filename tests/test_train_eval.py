@@ -13,6 +13,7 @@ from fedasr.data.federation import Federation
 from fedasr.errors import FedasrError
 from fedasr.evaluate import evaluate, score
 from fedasr.model.transducer import ModelConfig, Transducer
+from fedasr.rundir import RunDir
 from fedasr.trainer import lr_at, make_optimizer, train_steps
 
 
@@ -102,9 +103,12 @@ def test_eval_cli_writes_results(short_run, federation):
     assert "per_client" not in results["test-other"]
     assert "WER" in r.stdout
     assert all(res["decoding"] == "modified beam search, beam 2 (1 symbol per frame)" for res in results.values())
-    r = run_cli("eval", "--run", short_run, "--split", "test-clean")  # the default: the deployed greedy search
+    # the default: the deployed greedy search; RUN/checkpoints/latest names the run's newest checkpoint,
+    # and the run (where results.json goes) is the checkpoint's own
+    r = run_cli("eval", short_run / "checkpoints" / "latest", "--split", "test-clean")
     assert r.returncode == 0, r.stderr
     res = json.loads((short_run / "results.json").read_text())["test-clean"]
+    assert res["checkpoint"] == str(RunDir(short_run).latest())
     assert res["decoding"] == "greedy search, 1 symbol per frame" and res["max_symbols_per_frame"] == 1
     assert "1 symbol per frame" in r.stdout
 
