@@ -37,7 +37,7 @@ def gradient_report(model: Transducer, names: list[str], fed: Federation, batche
         if i >= batches:
             break
         model.zero_grad(set_to_none=True)
-        loss, _ = transducer_loss(model, batch.to(dev), 0.0)
+        loss, _ = transducer_loss(model, batch, 0.0)  # it moves the batch to the model's device
         loss.backward()
         acc.after_backward(model)
     model.zero_grad(set_to_none=True)
