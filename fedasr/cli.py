@@ -697,15 +697,30 @@ def config_(
     print(f"# fedasr config {recipe}{options}\n{text}", end="")
 
 
+def _error(message: str, code: int) -> None:
+    """Every error the same way: one line on stderr, then the exit status."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main() -> None:
+    """The `fedasr` entry point: runtime errors (FedasrError) exit 1, usage errors (Click's and
+    OptionError: bad option values or combinations) 2, each as one line."""
     try:
-        app()
+        rv = app(standalone_mode=False)
     except FedasrError as e:
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted")
-        sys.exit(130)
+        _error(str(e), e.exit_code)
+    except click.ClickException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `fedasr` alone: the help was printed
+            sys.exit(e.exit_code)
+        ctx = getattr(e, "ctx", None)
+        hint = f" ({ctx.command_path} --help)" if ctx is not None else ""
+        _error(" ".join(e.format_message().split()) + hint, e.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        _error("interrupted", 130)
+    if rv == 130:  # Typer turns an interrupt inside a command into exit status 130
+        _error("interrupted", 130)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

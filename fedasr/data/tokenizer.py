@@ -100,7 +100,7 @@ class Tokenizer:
 AUTO_MAX_VOCAB = 256
 
 
-class _VocabTooLarge(FedasrError):
+class _VocabTooLarge(OptionError):  # a usage error: the option asks for more than the data allow
     def __init__(self, requested: int, limit: int, model_type: str):
         super().__init__(f"--vocab-size: {requested} is larger than the training transcripts allow "
                          f"(at most {limit} for {model_type})")
