@@ -9,17 +9,33 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
+import typer.core
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from fedasr import __version__
-from fedasr.errors import FedasrError
+from fedasr.errors import FedasrError, OptionError
+
+# Click >= 8.3 sets Parameter.help in its own __init__, after Typer's TyperArgument has set it,
+# so positional arguments lost their help text: pass it through again (harmless where not needed).
+_typer_argument_init = typer.core.TyperArgument.__init__
+
+
+def _argument_init(self, *args, help: Optional[str] = None, **kwargs) -> None:
+    _typer_argument_init(self, *args, help=help, **kwargs)
+    self.help = help
+
+
+typer.core.TyperArgument.__init__ = _argument_init
 
 app = typer.Typer(
     name="fedasr",
-    help="Pruning federated speech-recognition models: synth → shard → train → prune → eval.",
+    help="Pruning federated speech-recognition models (Conformer-Transducer). The pipeline: synth (or your own "
+         "corpus) → shard → train or sweep → report, eval → prune, compact → export; `fedasr COMMAND --help` for each.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -29,6 +45,51 @@ console = Console(stderr=False, soft_wrap=True)
 err_console = Console(stderr=True)
 if not console.is_terminal and "COLUMNS" not in os.environ:
     console.width = 160  # logs and pipes: keep tables readable instead of 80 columns
+
+# The CLI's conventions (docs/cli.md):
+# - a recipe is the first argument (a YAML file or a shipped recipe's name: `fedasr recipes`);
+# - a checkpoint is the first argument (a file, a run directory, or RUN/checkpoints/latest);
+# - a list is a repeatable option (--split a --split b);
+# - --jobs N: N workers run in parallel (what a worker is, each command's help says);
+# - --device: where the command computes (auto, cpu, cuda, cuda:N);
+# - runtime errors exit 1, usage errors (bad option values or combinations) 2.
+# Fixed choices, as the modules below define them (tests/test_cli.py checks they agree; the
+# CLI does not import them, so that `fedasr --help` does not load torch).
+PARTITIONS = ("speaker", "chapter", "iid", "dirichlet")  # fedasr.data.partition.SCHEMES
+DOMAINS = ("small", "open")  # fedasr.data.text.DOMAINS
+TOKENIZER_TYPES = ("unigram", "bpe")  # fedasr.data.tokenizer.MODEL_TYPES
+ENGINES = ("embedded", "flower")
+DATA = ("clients", "server")
+PATTERNS = ("unstructured", "row", "column", "half_row", "half_column", "coherent_column", "unit")  # fedasr.methods.federated_pruning
+IMPORTANCES = ("magnitude", "gradient", "random")
+ALLOCATIONS = ("uniform", "global", "adaptive")
+NORMS = ("l1", "l2")
+INT8_SCHEMES = ("u8u8", "u8s8-7bit", "u8s8")  # fedasr.export.INT8_SCHEMES
+SPARSITY = click.FloatRange(0.0, 1.0, max_open=True)
+DEVICE_HELP = "auto (CUDA when there is one), cpu, cuda or cuda:N"
+FLOWER = "Flower engine"
+
+
+def choice(values: tuple[str, ...]) -> click.Choice:
+    return click.Choice(list(values))
+
+
+def deprecated(old: str, new: str) -> None:
+    """The one-line note an old spelling prints (it keeps working for one release)."""
+    print(f"fedasr: note: {old} is deprecated and goes in the next release; use {new}", file=sys.stderr, flush=True)
+
+
+def listed(values: list[str], option: str) -> list[str]:
+    """A repeatable option's values; the old comma-separated spelling (``--x a,b``) is split,
+    with a deprecation note."""
+    out: list[str] = []
+    for v in values:
+        if "," in v:
+            deprecated(f"{option} A,B", f"{option} A {option} B")
+            out += [x.strip() for x in v.split(",") if x.strip()]
+        else:
+            out.append(v)
+    return out
 
 
 def progress_bar() -> Progress:
@@ -57,21 +118,29 @@ def default_jobs() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
+JOBS_DEFAULT = "the cores, at most 8"
+
+
 @app.command()
 def synth(
     out: Path = typer.Option(..., "--out", help="Root directory; the corpus is written to OUT/LibriSpeech."),
-    speakers: int = typer.Option(24, help="Training speakers (seen in train, dev and test-clean)."),
-    utterances_per_speaker: int = typer.Option(50, help="Training utterances per speaker."),
-    test_other_speakers: Optional[int] = typer.Option(None, help="Unseen speakers for test-other [default: speakers/4]."),
-    dev_per_speaker: Optional[int] = typer.Option(None, help="Dev utterances per speaker [default: utts/10]."),
-    test_per_speaker: Optional[int] = typer.Option(None, help="test-clean utterances per speaker [default: utts/10]."),
-    chapters_per_speaker: int = typer.Option(3, help="Chapters per speaker and split."),
-    server_speakers: int = typer.Option(0, help="Further speakers in a train-server split: the server's own "
+    speakers: int = typer.Option(24, min=1, help="Training speakers (seen in train, dev and test-clean)."),
+    utterances_per_speaker: int = typer.Option(50, min=1, help="Training utterances per speaker."),
+    test_other_speakers: Optional[int] = typer.Option(None, min=0, show_default="speakers/4",
+                                                      help="Unseen speakers for test-other."),
+    dev_per_speaker: Optional[int] = typer.Option(None, min=0, show_default="utterances/10",
+                                                  help="Dev utterances per speaker."),
+    test_per_speaker: Optional[int] = typer.Option(None, min=0, show_default="utterances/10",
+                                                   help="test-clean utterances per speaker."),
+    chapters_per_speaker: int = typer.Option(3, min=1, help="Chapters per speaker and split."),
+    server_speakers: int = typer.Option(0, min=0, help="Further speakers in a train-server split: the server's own "
                                         "data (seed model), sentences disjoint from every other split."),
-    domain: str = typer.Option("small", help="Text domain: 'small' (≤200 words: digits, times, dates, "
-                               "commands) or 'open' (≥1000-word grammar, hard)."),
+    domain: str = typer.Option("small", click_type=choice(DOMAINS),
+                               help="Text domain: small (≤200 words: digits, times, dates, commands) or open "
+                                    "(≥1000-word grammar, hard)."),
     seed: int = typer.Option(0, help="Seed for voices, texts and noise."),
-    jobs: int = typer.Option(default_jobs(), help="Parallel TTS processes."),
+    jobs: int = typer.Option(default_jobs(), min=1, show_default=JOBS_DEFAULT,
+                             help="Parallel workers: text-to-speech processes at once."),
     overwrite: bool = typer.Option(False, help="Replace an existing OUT/LibriSpeech."),
 ) -> None:
     """Generate a synthetic LibriSpeech-layout corpus with text-to-speech (espeak-ng/flite; needs the Debian
@@ -101,29 +170,39 @@ def synth(
 
 @app.command()
 def shard(
-    corpus: Optional[Path] = typer.Option(None, help="LibriSpeech-layout root (the directory holding the split "
+    corpus: Optional[Path] = typer.Option(None, show_default="none: every split from --manifests",
+                                          help="LibriSpeech-layout root (the directory holding the split "
                                           "folders); the splits that --manifests does not name come from here."),
-    manifests: list[str] = typer.Option([], "--manifests", help="SPLIT=PATH (repeatable): lhotse manifests of a "
+    manifests: list[str] = typer.Option([], "--manifests", show_default="none",
+                                        help="SPLIT=PATH (repeatable): lhotse manifests of a "
                                         "split: a CutSet file, RECORDINGS,SUPERVISIONS, or a directory of them "
                                         "(docs/data.md). Any sample rate and channel count."),
     out: Path = typer.Option(..., help="Federation directory to create."),
     train_split: list[str] = typer.Option(..., "--train-split", help="Training split (repeatable)."),
-    dev_split: list[str] = typer.Option([], "--dev-split", help="Dev split (repeatable)."),
-    test_split: list[str] = typer.Option([], "--test-split", help="Test split (repeatable)."),
-    server_split: list[str] = typer.Option([], "--server-split", help="The server's own data (repeatable; never a "
+    dev_split: list[str] = typer.Option([], "--dev-split", show_default="none", help="Dev split (repeatable)."),
+    test_split: list[str] = typer.Option([], "--test-split", show_default="none", help="Test split (repeatable)."),
+    server_split: list[str] = typer.Option([], "--server-split", show_default="none",
+                                           help="The server's own data (repeatable; never a "
                                            "client): the seed model trains on it, e.g. train-clean-100."),
-    by: str = typer.Option("speaker", help="Partition: speaker, chapter, iid, dirichlet."),
-    num_clients: Optional[int] = typer.Option(None, help="Clients for iid/dirichlet."),
+    by: str = typer.Option("speaker", click_type=choice(PARTITIONS),
+                           help="Partition: one client per speaker or chapter; iid or dirichlet "
+                                "(--num-clients)."),
+    num_clients: Optional[int] = typer.Option(None, min=1, show_default="none; required by iid and dirichlet",
+                                              help="Clients for iid/dirichlet."),
     alpha: float = typer.Option(0.5, help="Dirichlet concentration (dirichlet only)."),
-    min_utterances: int = typer.Option(1, help="Drop clients with fewer utterances."),
-    max_clients: Optional[int] = typer.Option(None, help="Keep a seeded random subset of this many clients."),
+    min_utterances: int = typer.Option(1, min=1, help="Drop clients with fewer utterances."),
+    max_clients: Optional[int] = typer.Option(None, min=1, show_default="all",
+                                              help="Keep a seeded random subset of this many clients."),
     seed: int = typer.Option(0, help="Seed for iid/dirichlet partitions and client subsets."),
-    vocab_size: Optional[int] = typer.Option(None, help="SentencePiece vocabulary size (including blank and unk) "
-                                             "[default: the most the transcripts allow, at most 256]."),
-    tokenizer_type: str = typer.Option("unigram", help="SentencePiece model type: unigram or bpe."),
-    tokenizer: Optional[Path] = typer.Option(None, help="Use this SentencePiece model instead of training one."),
+    vocab_size: Optional[int] = typer.Option(None, min=2, show_default="the most the transcripts allow, at most 256",
+                                             help="SentencePiece vocabulary size (including blank and unk)."),
+    tokenizer_type: str = typer.Option("unigram", click_type=choice(TOKENIZER_TYPES),
+                                       help="SentencePiece model type."),
+    tokenizer: Optional[Path] = typer.Option(None, show_default="train one",
+                                             help="Use this SentencePiece model instead of training one."),
     skip_invalid: bool = typer.Option(False, help="Drop bad utterances (listed in federation.yaml) instead of failing."),
-    jobs: int = typer.Option(default_jobs(), help="Parallel workers for scanning and features."),
+    jobs: int = typer.Option(default_jobs(), min=1, show_default=JOBS_DEFAULT,
+                             help="Parallel workers: audio files scanned and feature-extraction processes at once."),
     overwrite: bool = typer.Option(False, help="Replace an existing federation directory."),
 ) -> None:
     """Shard a corpus (LibriSpeech layout or lhotse manifests) into federated pseudo-clients (+ tokenizer, features)."""
@@ -198,48 +277,79 @@ class _RoundProgress:
         self.prog.console.print(f"round {row['round']}:{loss}{dev}{drop} ({row['round_time']:.1f} s)")
 
 
+RECIPE_HELP = "Recipe: a YAML file or a shipped recipe's name (`fedasr recipes`), e.g. ci."
+CHECKPOINT_HELP = "a checkpoint file, a run directory (its newest checkpoint) or RUN/checkpoints/latest"
+
+
+def _recipe_arg(recipe: Optional[str], config: Optional[Path], command: str) -> Optional[str]:
+    """The recipe as the first argument; the old ``--config FILE`` still read, with a note."""
+    if config is None:
+        return recipe
+    if recipe is not None:
+        raise OptionError("--config: give the recipe once, as the first argument")
+    deprecated("--config FILE", f"the recipe as the first argument (fedasr {command} FILE ...)")
+    return str(config)
+
+
 @app.command()
 def train(
-    federation: Optional[Path] = typer.Option(None, help="Federation directory made by `fedasr shard`."),
-    config: Optional[Path] = typer.Option(None, help="Recipe YAML (e.g. recipes/ci.yaml)."),
-    out: Optional[Path] = typer.Option(None, help="Run directory to create."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set fl.rounds=20 (repeatable)."),
+    recipe: Optional[str] = typer.Argument(None, show_default="the built-in defaults", help=RECIPE_HELP),
+    federation: Optional[Path] = typer.Option(None, show_default="required; with --resume: the run's",
+                                              help="Federation directory made by `fedasr shard`."),
+    out: Optional[Path] = typer.Option(None, show_default="required unless --resume",
+                                       help="Run directory to create."),
+    set_: list[str] = typer.Option([], "--set", show_default="none",
+                                   help="Override a config key, e.g. --set fl.rounds=20 (repeatable; "
+                                        "docs/config.md lists the keys)."),
     centralized: bool = typer.Option(False, help="Train centrally: on the union of the clients' data (baseline), "
                                      "or with --data server on the server's own data (the seed model)."),
-    data: str = typer.Option("clients", help="--centralized only: clients (their union) or server (the "
-                             "federation's server data, `shard --server-split`)."),
-    resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory from its latest checkpoint."),
-    init_from: Optional[Path] = typer.Option(None, help="Start from this checkpoint's weights and masks "
-                                             "(e.g. the output of `fedasr prune`) and fine-tune."),
+    data: str = typer.Option("clients", click_type=choice(DATA),
+                             help="--centralized only: the clients' data (their union) or the server's "
+                                  "(`shard --server-split`)."),
+    resume: Optional[Path] = typer.Option(None, show_default="none",
+                                          help="Continue the run in this directory from its latest checkpoint."),
+    init_from: Optional[Path] = typer.Option(None, show_default="none",
+                                             help=f"Start from this checkpoint's weights and masks ({CHECKPOINT_HELP}; "
+                                                  "e.g. the output of `fedasr prune`) and fine-tune."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
-    engine: str = typer.Option("embedded", help="embedded (one process) or flower (Flower's Deployment Engine)."),
-    superlink: Optional[str] = typer.Option(None, help="flower: a running SuperLink HOST:PORT [default: start one "
-                                            "and SuperNodes on this machine, on loopback]."),
-    insecure: bool = typer.Option(False, help="flower: plain HTTP to --superlink (loopback or tests only)."),
-    root_certificates: Optional[Path] = typer.Option(None, help="flower: CA certificate(s) of --superlink (TLS)."),
-    slots: Optional[int] = typer.Option(None, help="flower, one machine: SuperNodes = concurrent clients "
-                                        "[default: one per --devices entry; one on a GPU; else clients per "
-                                        "round, at most the cores]."),
-    round_timeout: float = typer.Option(900.0, help="flower: seconds a round waits for its clients."),
-    devices: Optional[str] = typer.Option(None, help="flower, one machine: the SuperNode slots' devices, e.g. "
-                                          "cuda:0,cuda:1 (slot i on the i-th, round robin; each sees only its "
-                                          "GPU) [default: one slot per device given]."),
-    device: Optional[str] = typer.Option(None, help="The config's device replaced (auto, cpu, cuda, cuda:N); "
-                                         "with --resume too (a run going on on another machine)."),
+    device: Optional[str] = typer.Option(None, metavar="DEVICE", show_default="the config's device: auto",
+                                         help=f"Where the clients train: {DEVICE_HELP}; replaces the config's "
+                                              "device, with --resume too (a run going on on another machine)."),
+    engine: str = typer.Option("embedded", click_type=choice(ENGINES),
+                               help="embedded (one process) or flower (Flower's Deployment Engine)."),
+    superlink: Optional[str] = typer.Option(None, show_default="start one and SuperNodes on this machine, on "
+                                            "loopback", help="A running SuperLink HOST:PORT.",
+                                            rich_help_panel=FLOWER),
+    insecure: bool = typer.Option(False, help="Plain HTTP to --superlink (loopback or tests only).",
+                                  rich_help_panel=FLOWER),
+    root_certificates: Optional[Path] = typer.Option(None, show_default="none",
+                                                     help="CA certificate(s) of --superlink (TLS).",
+                                                     rich_help_panel=FLOWER),
+    slots: Optional[int] = typer.Option(None, min=1, show_default="one per --devices entry; one on a GPU; else "
+                                        "clients per round, at most the cores",
+                                        help="One machine: SuperNodes = concurrent clients.", rich_help_panel=FLOWER),
+    round_timeout: float = typer.Option(900.0, help="Seconds a round waits for its clients.", rich_help_panel=FLOWER),
+    devices: list[str] = typer.Option([], "--devices", show_default="none",
+                                      help="One machine: a SuperNode slot's device (repeatable: slot i on the i-th, "
+                                           "round robin; each sees only its GPU).", rich_help_panel=FLOWER),
+    config: Optional[Path] = typer.Option(None, "--config", hidden=True, help="Deprecated: the recipe, now the "
+                                          "first argument."),
 ) -> None:
     """Train the Conformer-Transducer federatedly (or centrally) over the federation's clients."""
     from fedasr.commands.train import train as do_train
+
+    recipe = _recipe_arg(recipe, config, "train")
 
     @contextmanager
     def rounds_progress(rounds: int, done: int):
         with progress_bar() as prog:
             yield _RoundProgress(prog, rounds, done)
 
-    history, root = do_train(federation=federation, config=config, out=out, overrides=set_, centralized=centralized,
+    history, root = do_train(federation=federation, config=recipe, out=out, overrides=set_, centralized=centralized,
                              data=data, resume=resume, init_from=init_from, overwrite=overwrite, engine=engine,
                              superlink=superlink, insecure=insecure, root_certificates=root_certificates,
-                             slots=slots, round_timeout=round_timeout, devices=devices, device=device,
-                             events=rounds_progress)
+                             slots=slots, round_timeout=round_timeout, devices=listed(devices, "--devices"),
+                             device=device, events=rounds_progress)
     _print_history(history, root)
 
 
@@ -269,32 +379,42 @@ def _print_history(history: list[dict], root: Path) -> None:
 
 @app.command(name="eval")
 def eval_(
-    run: Path = typer.Option(..., help="Run directory (made by `fedasr train`)."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint to evaluate [default: the run's latest]."),
-    split: list[str] = typer.Option([], "--split", help="Split to evaluate (repeatable) [default: all test splits]."),
-    beam: int = typer.Option(1, help="Beam size; 1 = greedy search."),
-    federation: Optional[Path] = typer.Option(None, help="Federation directory [default: the run's]."),
-    max_duration: float = typer.Option(120.0, help="Seconds of audio per decoding batch."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    max_symbols_per_frame: int = typer.Option(1, help="Greedy search: symbols a frame at most (1: sherpa-onnx's "
+    checkpoint: Optional[Path] = typer.Argument(None, show_default="--run's newest checkpoint",
+                                                help=f"What to evaluate: {CHECKPOINT_HELP}."),
+    run: Optional[Path] = typer.Option(None, show_default="the checkpoint's run directory",
+                                       help="Run directory (made by `fedasr train`): its federation, and where "
+                                            "results.json goes."),
+    split: list[str] = typer.Option([], "--split", show_default="the federation's test splits",
+                                    help="Split to evaluate (repeatable)."),
+    beam: int = typer.Option(1, min=1, help="Beam size; 1 = greedy search."),
+    federation: Optional[Path] = typer.Option(None, show_default="the run's", help="Federation directory."),
+    max_duration: float = typer.Option(120.0, min=0.001, help="Seconds of audio per decoding batch."),
+    device: str = typer.Option("auto", metavar="DEVICE", help=f"Where to decode: {DEVICE_HELP}."),
+    max_symbols_per_frame: int = typer.Option(1, min=1, help="Greedy search: symbols a frame at most (1: sherpa-onnx's "
                                               "greedy search, the deployed decoding)."),
-    unrestricted: int = typer.Option(3, help="Also score greedy search with up to this many symbols a frame, shown "
-                                     "beside where it differs (0: off)."),
+    unrestricted: int = typer.Option(3, min=0, help="Also score greedy search with up to this many symbols a frame, "
+                                     "shown beside where it differs (0: off)."),
+    checkpoint_old: Optional[Path] = typer.Option(None, "--checkpoint", hidden=True,
+                                                  help="Deprecated: the checkpoint, now the first argument."),
 ) -> None:
     """Decode test splits and report WER/CER (per split and per client) into RUN_DIR/results.json."""
     from fedasr.commands.evaluate import evaluate_run
     from fedasr.rundir import RunDir
 
+    if checkpoint_old is not None:
+        if checkpoint is not None:
+            raise OptionError("--checkpoint: give the checkpoint once, as the first argument")
+        deprecated("--checkpoint FILE", "the checkpoint as the first argument (fedasr eval FILE --run RUN)")
+        checkpoint = checkpoint_old
     with progress_bar() as prog:
         def progress(split, total):
             task = prog.add_task(f"decoding {split}", total=total)
             return lambda n: prog.advance(task, n)
 
-        results, splits, ckpt_path = evaluate_run(run, checkpoint=checkpoint, splits=split, beam=beam,
-                                                  federation=federation, max_duration=max_duration, device=device,
-                                                  progress=progress, max_symbols_per_frame=max_symbols_per_frame,
-                                                  unrestricted=unrestricted)
-    results_path = RunDir(run).results_path
+        results, splits, ckpt_path, run_dir = evaluate_run(
+            run, checkpoint=checkpoint, splits=split, beam=beam, federation=federation, max_duration=max_duration,
+            device=device, progress=progress, max_symbols_per_frame=max_symbols_per_frame, unrestricted=unrestricted)
+    results_path = RunDir(run_dir).results_path
     table = Table(title=f"WER — {ckpt_path}", caption=results[splits[0]]["decoding"] if splits else None)
     alt = next((results[s]["unrestricted"]["decoding"] for s in splits if "unrestricted" in results[s]), None)
     cols = ["split", "utts", "WER", "CER", "sub", "del", "ins", "RTF", "clients"] + ([f"WER, {alt}"] if alt else [])
@@ -314,16 +434,22 @@ def eval_(
 
 @app.command()
 def prune(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint to prune (e.g. RUN_DIR/checkpoints/round_0020.pt)."),
+    checkpoint: Path = typer.Argument(..., help=f"Checkpoint to prune: {CHECKPOINT_HELP}."),
     out: Path = typer.Option(..., help="Pruned checkpoint to write."),
-    sparsity: float = typer.Option(..., help="Target share of prunable weights set to zero, in [0, 1)."),
-    pattern: str = typer.Option("unstructured", help="unstructured, row, column, half_row, half_column, coherent_column, unit."),
-    importance: str = typer.Option("magnitude", help="magnitude, gradient (needs --federation), random."),
-    allocation: str = typer.Option("uniform", help="uniform, global, adaptive."),
-    norm: str = typer.Option("l2", help="Group norm for magnitude importance: l1 or l2."),
-    federation: Optional[Path] = typer.Option(None, help="Federation whose training data gives gradients."),
-    batches: int = typer.Option(8, help="Training batches for gradient importance."),
+    sparsity: float = typer.Option(..., click_type=SPARSITY,
+                                   help="Target share of prunable weights set to zero, in [0, 1)."),
+    pattern: str = typer.Option("unstructured", click_type=choice(PATTERNS),
+                                help="What is pruned together (docs/methods.md)."),
+    importance: str = typer.Option("magnitude", click_type=choice(IMPORTANCES),
+                                   help="How weights are ranked; gradient needs --federation."),
+    allocation: str = typer.Option("uniform", click_type=choice(ALLOCATIONS),
+                                   help="Sparsity per layer: the same, one global threshold, or by importance."),
+    norm: str = typer.Option("l2", click_type=choice(NORMS), help="Group norm for magnitude importance."),
+    federation: Optional[Path] = typer.Option(None, show_default="none",
+                                              help="Federation whose training data gives gradients."),
+    batches: int = typer.Option(8, min=1, help="Training batches for gradient importance."),
     seed: int = typer.Option(0, help="Seed (random importance, gradient batches)."),
+    device: str = typer.Option("auto", metavar="DEVICE", help=f"Where gradients are computed: {DEVICE_HELP}."),
 ) -> None:
     """One-shot pruning of a trained checkpoint (the centralized-pruning baseline).
 
@@ -331,14 +457,15 @@ def prune(
     from fedasr.commands.prune import prune_checkpoint
 
     rep = prune_checkpoint(checkpoint, out, sparsity=sparsity, pattern=pattern, importance=importance,
-                           allocation=allocation, norm=norm, federation=federation, batches=batches, seed=seed)
-    console.print(f"pruned {checkpoint} -> {out}: sparsity {100 * rep['sparsity']:.2f}% of "
+                           allocation=allocation, norm=norm, federation=federation, batches=batches, seed=seed,
+                           device=device)
+    console.print(f"pruned {rep['checkpoint']} -> {out}: sparsity {100 * rep['sparsity']:.2f}% of "
                   f"{rep['prunable']:,} prunable weights ({pattern}, {importance}, {allocation})")
 
 
 @app.command()
 def compact(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint whose unit masks remove whole units."),
+    checkpoint: Path = typer.Argument(..., help=f"Checkpoint whose unit masks remove whole units: {CHECKPOINT_HELP}."),
     out: Path = typer.Option(..., help="Checkpoint of the smaller model to write."),
     allow_partial: bool = typer.Option(False, help="Masks of another pattern: compact the whole units only "
                                        "and keep the other masks."),
@@ -348,7 +475,7 @@ def compact(
     from fedasr.commands.compact import compact_checkpoint
 
     rep = compact_checkpoint(checkpoint, out, allow_partial)
-    table = Table(title=f"{checkpoint} -> {out}")
+    table = Table(title=f"{rep['checkpoint']} -> {out}")
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_row("parameters", f"{rep['parameters_before']:,} -> {rep['parameters_after']:,} "
@@ -362,30 +489,33 @@ def compact(
 
 @app.command()
 def export(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint to export (compact it first for a smaller model)."),
+    checkpoint: Path = typer.Argument(..., help=f"Checkpoint to export (compact it first for a smaller model): "
+                                                f"{CHECKPOINT_HELP}."),
     out: Path = typer.Option(..., help="Directory to write encoder/decoder/joiner .onnx, tokens.txt, config.json."),
-    federation: Optional[Path] = typer.Option(None, help="Federation whose normalisation statistics go into the "
-                                              "encoder [default: the checkpoint's run's]."),
+    federation: Optional[Path] = typer.Option(None, show_default="the checkpoint's run's",
+                                              help="Federation whose normalisation statistics go into the encoder."),
     int8: bool = typer.Option(False, "--int8", help="Also write dynamically int8-quantised *.int8.onnx models."),
-    int8_scheme: str = typer.Option("u8u8", help="--int8: u8u8 (uint8 weights: accurate on every CPU), u8s8-7bit "
-                                    "(7-bit int8 weights) or u8s8 (int8 weights: saturates on x86 CPUs "
-                                    "without VNNI)."),
+    int8_scheme: str = typer.Option("u8u8", click_type=choice(INT8_SCHEMES),
+                                    help="--int8: u8u8 (uint8 weights: accurate on every CPU), u8s8-7bit "
+                                         "(7-bit int8 weights) or u8s8 (int8 weights: saturates on x86 CPUs "
+                                         "without VNNI)."),
 ) -> None:
     """Export to ONNX (encoder, predictor, joiner; dynamic batch and length axes) for onnxruntime
     and sherpa-onnx (stateless predictor)."""
     from fedasr.commands.export import export_checkpoint
 
     meta = export_checkpoint(checkpoint, out, federation, int8=int8, int8_scheme=int8_scheme)
-    console.print(f"exported {checkpoint} -> {out}: encoder.onnx, decoder.onnx ({meta['predictor']}), joiner.onnx"
+    console.print(f"exported {meta['source']} -> {out}: encoder.onnx, decoder.onnx ({meta['predictor']}), joiner.onnx"
                   f"{' (+ *.int8.onnx)' if int8 else ''}, tokens.txt, config.json; {meta['parameters']:,} parameters"
                   f"{'' if meta['sherpa_onnx'] else '; sherpa-onnx needs model.predictor=stateless'}")
 
 
 @app.command()
 def info(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint to describe."),
-    seconds: float = typer.Option(10.0, help="Utterance length for the FLOP count."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers to this JSON file."),
+    checkpoint: Path = typer.Argument(..., help=f"Checkpoint to describe: {CHECKPOINT_HELP}."),
+    seconds: float = typer.Option(10.0, min=0.01, help="Utterance length for the FLOP count."),
+    json_out: Optional[Path] = typer.Option(None, "--json", show_default="none",
+                                            help="Also write the numbers to this JSON file."),
 ) -> None:
     """Per-layer shape, sparsity and nonzeros; parameter, byte and FLOP totals of a checkpoint."""
     import json
@@ -394,7 +524,7 @@ def info(
     from fedasr.commands.info import checkpoint_info
 
     d = checkpoint_info(checkpoint, seconds)
-    table = Table(title=f"{checkpoint}")
+    table = Table(title=f"{d['checkpoint']}")
     for col in ("layer", "shape", "sparsity", "nonzeros"):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for l in d["layers"]:
@@ -417,62 +547,81 @@ def info(
         atomic_write_text(json_out, json.dumps(d, indent=2))
 
 
-def _parse_sparsities(text: Optional[str]) -> Optional[list[float]]:
-    if text is None:
-        return None
+def _sweep_sparsities(sparsity: list[float], sparsities: Optional[str]) -> Optional[list[float]]:
+    """``--sparsity`` (repeatable); the old ``--sparsities A,B`` still read, with a note."""
+    if sparsities is None:
+        return list(sparsity) or None
+    if sparsity:
+        raise OptionError("--sparsities: give the targets once, as --sparsity A --sparsity B")
+    deprecated("--sparsities A,B", "--sparsity A --sparsity B")
     try:
-        values = [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in sparsities.split(",") if x.strip()]
     except ValueError:
-        raise FedasrError(f"--sparsities: expected comma-separated numbers, got {text!r}") from None
+        raise OptionError(f"--sparsities: expected comma-separated numbers, got {sparsities!r}") from None
     if not values or any(not 0 <= v < 1 for v in values):
-        raise FedasrError(f"--sparsities: each value must be in [0, 1), got {text!r}")
+        raise OptionError(f"--sparsities: each value must be in [0, 1), got {sparsities!r}")
     return values
+
+
+def _engine_args(engine: str, superlink: Optional[str], insecure: bool, root_certificates: Optional[Path]) -> list[str]:
+    """`fedasr train`'s engine options for a sweep's federated runs (checked here, before any run)."""
+    if engine != "flower":
+        if superlink or insecure or root_certificates:
+            raise OptionError("--superlink/--insecure/--root-certificates: only with --engine flower")
+        return []
+    if superlink and not insecure and root_certificates is None:
+        raise OptionError("--superlink: give --root-certificates CA.pem (TLS), or --insecure for loopback tests")
+    return ["--engine", "flower", *(["--superlink", superlink] if superlink else []),
+            *(["--insecure"] if insecure else []),
+            *(["--root-certificates", str(root_certificates)] if root_certificates else [])]
 
 
 @app.command()
 def sweep(
-    recipe: Path = typer.Argument(..., help="Recipe YAML with a sweep: section (e.g. recipes/ci.yaml)."),
+    recipe: str = typer.Argument(..., help="Recipe with a sweep: section: a YAML file or a shipped recipe's name "
+                                           "(`fedasr recipes`), e.g. ci."),
     federation: Path = typer.Option(..., help="Federation directory."),
     out: Path = typer.Option(..., help="Sweep directory (runs/ inside; re-running skips finished runs)."),
-    sparsities: Optional[str] = typer.Option(
-        None, help="Replace the recipe's targets (the schemes' own lists too), e.g. 0,0.5,0.9."),
-    jobs: int = typer.Option(1, help="Runs in parallel (threads are split between them)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a recipe key for every run (repeatable)."),
-    only: list[str] = typer.Option([], "--only", help="Run only SCHEME or SCHEME@SPARSITY (repeatable; dense, "
+    sparsity: list[float] = typer.Option([], "--sparsity", click_type=SPARSITY,
+                                         show_default="the recipe's",
+                                         help="A target sparsity (repeatable): replaces the recipe's targets, the "
+                                              "schemes' own lists too."),
+    jobs: int = typer.Option(1, min=1, help="Parallel workers: training runs at once (each a process; the cores "
+                                            "are split between them)."),
+    set_: list[str] = typer.Option([], "--set", show_default="none",
+                                   help="Override a recipe key for every run (repeatable)."),
+    only: list[str] = typer.Option([], "--only", show_default="every run",
+                                   help="Run only SCHEME or SCHEME@SPARSITY (repeatable; dense, "
                                    "seed too): a part of the sweep, e.g. one job of an array sharing --out."),
-    devices: Optional[str] = typer.Option(None, help="Spread runs over these devices, round robin (e.g. "
-                                          "cuda:0,cuda:1; each run's --set device=...; flower: its SuperNode "
-                                          "slots)."),
-    engine: str = typer.Option("embedded", help="The federated runs' engine: embedded or flower (Flower's "
-                               "Deployment Engine; the seed and the centralized reference runs stay embedded)."),
-    superlink: Optional[str] = typer.Option(None, help="flower: a running SuperLink HOST:PORT [default: each "
-                                            "run starts its own on this machine]."),
-    insecure: bool = typer.Option(False, help="flower: plain HTTP to --superlink (loopback or tests only)."),
-    root_certificates: Optional[Path] = typer.Option(None, help="flower: CA certificate(s) of --superlink (TLS)."),
+    devices: list[str] = typer.Option([], "--devices", show_default="none: each run's config device",
+                                      help="A device to spread runs over (repeatable; round robin; each run's "
+                                           "--set device=...; flower: its SuperNode slots)."),
+    engine: str = typer.Option("embedded", click_type=choice(ENGINES),
+                               help="The federated runs' engine (the seed and the centralized reference runs stay embedded)."),
+    superlink: Optional[str] = typer.Option(None, show_default="each run starts its own on this machine",
+                                            help="A running SuperLink HOST:PORT.", rich_help_panel=FLOWER),
+    insecure: bool = typer.Option(False, help="Plain HTTP to --superlink (loopback or tests only).",
+                                  rich_help_panel=FLOWER),
+    root_certificates: Optional[Path] = typer.Option(None, show_default="none",
+                                                     help="CA certificate(s) of --superlink (TLS).",
+                                                     rich_help_panel=FLOWER),
+    sparsities: Optional[str] = typer.Option(None, "--sparsities", hidden=True,
+                                             help="Deprecated: comma-separated targets (now --sparsity, repeated)."),
 ) -> None:
     """Train and evaluate one run per (pruning scheme, sparsity) of a recipe."""
     from fedasr.fl.flower.launch import parse_devices
     from fedasr.sweep import plan_sweep, resolved_recipe, run_sweep, runs_to_do
 
     t0 = time.time()
-    if engine not in ("embedded", "flower"):
-        raise FedasrError(f"--engine: unknown {engine!r} (embedded, flower)")
-    if engine != "flower" and (superlink or insecure or root_certificates):
-        raise FedasrError("--superlink/--insecure/--root-certificates: only with --engine flower")
-    if superlink and not insecure and root_certificates is None:
-        raise FedasrError("--superlink: give --root-certificates CA.pem (TLS), or --insecure for loopback tests")
-    engine_args = [] if engine == "embedded" else ["--engine", "flower", *(["--superlink", superlink] if superlink
-                                                                           else []),
-                                                   *(["--insecure"] if insecure else []),
-                                                   *(["--root-certificates", str(root_certificates)]
-                                                     if root_certificates else [])]
-    plan = plan_sweep(resolved_recipe(recipe, set_, _parse_sparsities(sparsities)), out)
+    engine_args = _engine_args(engine, superlink, insecure, root_certificates)
+    device_list = parse_devices(listed(devices, "--devices"))
+    plan = plan_sweep(resolved_recipe(recipe, set_, _sweep_sparsities(sparsity, sparsities)), out)
     total = sum(r.rounds for r in runs_to_do(plan, only))  # (an unknown --only: one line, nothing started)
     with progress_bar() as prog:
         # rounds, not runs: a run takes minutes, so the bar follows the rounds each run in
         # flight has checkpointed; the seed model's rounds come first
         events = _SweepProgress(prog, total, seed=plan.seed is not None)
-        run_sweep(plan, federation, jobs=jobs, events=events, only=only, devices=parse_devices(devices),
+        run_sweep(plan, federation, jobs=jobs, events=events, only=only, devices=device_list,
                   engine_args=engine_args)
     console.print(f"sweep finished in {time.time() - t0:.0f} s; `fedasr report {out}` for the curve")
     _report(out)
@@ -517,15 +666,61 @@ def report(sweep_dir: Path = typer.Argument(..., help="Sweep directory made by `
     _report(sweep_dir)
 
 
+@app.command()
+def recipes() -> None:
+    """List the shipped recipes (their names work wherever a recipe is asked for)."""
+    from fedasr.config import recipe_description, shipped_recipes
+
+    table = Table(title="Shipped recipes (`fedasr config NAME` shows one resolved)")
+    for col in ("name", "what", "file"):
+        table.add_column(col)
+    for name, path in shipped_recipes().items():
+        table.add_row(name, recipe_description(path), str(path))
+    console.print(table)
+
+
+@app.command(name="config")
+def config_(
+    recipe: str = typer.Argument(..., help=RECIPE_HELP),
+    set_: list[str] = typer.Option([], "--set", show_default="none", help="Override a key (repeatable), as in "
+                                   "train and sweep."),
+    sparsity: list[float] = typer.Option([], "--sparsity", click_type=SPARSITY,
+                                         show_default="the recipe's",
+                                         help="A target sparsity (repeatable), as in sweep."),
+) -> None:
+    """Print a recipe resolved: every key of the run config (defaults filled in, method blocks in full)
+    and its sweep part, as YAML (itself a recipe; docs/config.md explains each key)."""
+    from fedasr.sweep import resolved_recipe, resolved_recipe_text
+
+    text = resolved_recipe_text(resolved_recipe(recipe, set_, list(sparsity) or None))
+    options = "".join(f" --set {o}" for o in set_) + "".join(f" --sparsity {v:g}" for v in sparsity)
+    print(f"# fedasr config {recipe}{options}\n{text}", end="")
+
+
+def _error(message: str, code: int) -> None:
+    """Every error the same way: one line on stderr, then the exit status."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main() -> None:
+    """The `fedasr` entry point: runtime errors (FedasrError) exit 1, usage errors (Click's and
+    OptionError: bad option values or combinations) 2, each as one line."""
     try:
-        app()
+        rv = app(standalone_mode=False)
     except FedasrError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted")
-        sys.exit(130)
+        _error(str(e), e.exit_code)
+    except click.ClickException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `fedasr` alone: the help was printed
+            sys.exit(e.exit_code)
+        ctx = getattr(e, "ctx", None)
+        hint = f" ({ctx.command_path} --help)" if ctx is not None else ""
+        _error(" ".join(e.format_message().split()) + hint, e.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        _error("interrupted", 130)
+    if rv == 130:  # Typer turns an interrupt inside a command into exit status 130
+        _error("interrupted", 130)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,11 @@ from fedasr.errors import FedasrError
 
 @dataclass
 class ModelSection:
-    """The model: a named preset plus optional overrides of any ModelConfig field."""
+    """The model: a named preset plus optional overrides of any architecture field
+    (`model.overrides` below)."""
 
-    preset: str = "tiny"
-    overrides: dict = field(default_factory=dict)
+    preset: str = "tiny"  # tiny (2.9M parameters) | small (9.2M, Conformer-S-like) | medium (29.0M)
+    overrides: dict = field(default_factory=dict)  # architecture fields replacing the preset's (model.overrides.*)
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -41,29 +42,31 @@ PRECISIONS = ("fp32", "bf16")
 class TrainSection:
     """The local trainer, shared by centralized runs and federated clients."""
 
-    optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 1e-3
+    optimizer: str = "adamw"  # the local optimizer: adamw | sgd
+    lr: float = 1e-3  # peak learning rate (reached at the end of the warm-up)
     momentum: float = 0.9  # sgd: heavy-ball momentum (0: plain SGD)
-    weight_decay: float = 1e-6
-    warmup_steps: int = 100
+    weight_decay: float = 1e-6  # decoupled weight decay (adamw) or L2 penalty (sgd)
+    warmup_steps: int = 100  # linear warm-up of the learning rate over these local steps
     # a run started with --init-from continues at its checkpoint's schedule position (the
     # learning rate the recipe asks for: past the warm-up); true: warm up again from step 0
     warmup_on_init: bool = False
     lr_schedule: str = "noam"  # noam (warm-up then 1/sqrt decay) | constant (after warm-up) | eden
     lr_decay_steps: int = 1000  # eden: steps where the decay sets in
-    grad_clip: float = 5.0
+    grad_clip: float = 5.0  # the gradients' global norm is clipped to this (0: no clipping)
     max_duration: float = 40.0  # seconds of audio per batch
     max_batch: Optional[int] = None  # utterances per batch at most
+    # lhotse's duration buckets the batches are drawn from (utterances of similar length
+    # together); 1: batches of random utterances
     num_buckets: int = 4
-    ctc_weight: float = 0.3
+    ctc_weight: float = 0.3  # weight of the auxiliary CTC loss on the encoder output
     simple_loss_weight: float = 0.0  # auxiliary simple transducer loss (needs model simple_head: true)
     # full: the joiner on every (frame, label position) | pruned: only in a band of
     # prune_range label positions per frame chosen by the simple loss (k2's pruned RNN-T loss;
     # needs simple_head and simple_loss_weight > 0)
     loss: str = "full"
-    prune_range: int = 5
+    prune_range: int = 5  # pruned: label positions per frame the joiner is evaluated on (S)
     prune_warmup_steps: int = 0  # pruned: its weight rises linearly from 0.1 to 1 over these steps
-    spec_augment: bool = True
+    spec_augment: bool = True  # SpecAugment: 2 frequency masks of at most 27 bins, 4 time masks of at most 5%
     # fp32 | bf16: the model's forward under bfloat16 autocast (the losses, the RNN-T recursions,
     # the conv modules' norms and the optimizer stay in float32; evaluation is in float32)
     precision: str = "fp32"
@@ -106,10 +109,12 @@ class TrainSection:
 
 @dataclass
 class EvalSection:
+    """Dev evaluation during training (on the federation's dev split, decoded on the server)."""
+
     every: int = 1  # dev evaluation every k rounds and after the last (0: after the last only)
-    dev_max_utterances: Optional[int] = 200
+    dev_max_utterances: Optional[int] = 200  # dev utterances decoded at most (a fixed spread by id; null: all)
     beam: int = 1  # dev decoding: 1 = greedy, more = modified beam search
-    max_duration: float = 120.0
+    max_duration: float = 120.0  # seconds of audio per decoding batch
 
     def validate(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""
@@ -145,28 +150,32 @@ class FLSection:
     rounds with ``clients_per_round x local_steps`` steps per round on the union of the
     clients' data, i.e. the same compute as the federated run."""
 
-    rounds: int = 10
-    clients_per_round: int = 4
+    rounds: int = 10  # federated rounds (a checkpoint after each)
+    clients_per_round: int = 4  # clients sampled each round (seeded)
     client_fraction: Optional[float] = None  # overrides clients_per_round when set
-    local_steps: Optional[int] = 20
-    local_epochs: Optional[int] = None  # instead of local_steps
+    local_steps: Optional[int] = 20  # optimizer steps each client takes per round (null: local_epochs)
+    local_epochs: Optional[int] = None  # passes over the client's data per round, instead of local_steps
+    # the server's optimizer over the averaged update: fedavg | fedavgm (momentum) | fedadam |
+    # fedyogi (Reddi et al. 2021) | fedlamb (FedAdam's moments, a layer-wise normalised step)
     aggregation: str = "fedavg"
     # examples: the client's dataset size n_k (utterances; McMahan et al.) | processed:
     # utterances the client processed this round (repeats included) | uniform
     weighting: str = "examples"
-    server_lr: Optional[float] = None  # [default: per aggregation, see SERVER_LR_DEFAULTS]
-    server_momentum: float = 0.9  # fedavgm
-    beta1: float = 0.9  # fedadam / fedyogi
-    beta2: float = 0.99
+    # the server's step on the averaged update [default: per aggregation: 1.0 for fedavg and
+    # fedavgm (plain averaging), 0.01 for fedadam, fedyogi and fedlamb]
+    server_lr: Optional[float] = None
+    server_momentum: float = 0.9  # fedavgm: the server's momentum
+    beta1: float = 0.9  # fedadam / fedyogi / fedlamb: first-moment decay
+    beta2: float = 0.99  # fedadam / fedyogi / fedlamb: second-moment decay
     tau: float = 1e-3  # adaptivity (epsilon) of fedadam / fedyogi / fedlamb
-    min_clients: int = 1
+    min_clients: int = 1  # a round goes on while at least this many clients succeed (else the run stops)
     # server learning rate by round: linear warm-up over the first server_lr_warmup_rounds
     # rounds, then constant | cosine (to 0 at fl.rounds) | step (x server_lr_gamma every
     # server_lr_step_rounds rounds)
     server_lr_schedule: str = "constant"
-    server_lr_warmup_rounds: int = 0
-    server_lr_step_rounds: int = 10
-    server_lr_gamma: float = 0.5
+    server_lr_warmup_rounds: int = 0  # rounds of linear server learning-rate warm-up
+    server_lr_step_rounds: int = 10  # step: rounds between two decays
+    server_lr_gamma: float = 0.5  # step: the factor of each decay
     # what a client trains when the round's masks remove whole units: masked (the full model
     # with zeros) | compact (the physically smaller dense model; masks of another kind are an
     # error) | auto (compact where the masks allow, masked otherwise)
@@ -244,10 +253,10 @@ class PruningSection:
     layer knows the methods, parses each block into its method's ``Config`` and rejects
     unknown names (:func:`fedasr.methods.method_blocks`)."""
 
-    method: str = "none"
+    method: str = "none"  # the pruning method (a registered name, below; none: dense training)
     target_sparsity: float = 0.5  # share of the prunable weights that are zero at the end
-    include: list = field(default_factory=lambda: list(DEFAULT_PRUNABLE))  # name globs (>= 2-D tensors)
-    exclude: list = field(default_factory=list)
+    include: list = field(default_factory=lambda: list(DEFAULT_PRUNABLE))  # name globs of the prunable tensors (only >= 2-D ones count)
+    exclude: list = field(default_factory=list)  # name globs of tensors never pruned
     # after every change of the masks the server recomputes the BatchNorm statistics of the
     # served model on this many batches of its own data (0: off; they stay the clients' pooled ones)
     recalibrate_bn: int = 0
@@ -280,14 +289,17 @@ SWEEP_KEYS = ("seed_model", "sweep")
 
 @dataclass
 class RunConfig:
-    seed: int = 0
+    """A run's config: what `fedasr train` reads from a recipe (the sections below), beside the
+    top-level keys."""
+
+    seed: int = 0  # the run's random seed (initial weights, client sampling, batches, masks)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N — where clients train
     keep_checkpoints: int = 3  # newest round checkpoints kept (0 = all)
-    model: ModelSection = field(default_factory=ModelSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    fl: FLSection = field(default_factory=FLSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    pruning: PruningSection = field(default_factory=PruningSection)
+    model: ModelSection = field(default_factory=ModelSection)  # the architecture
+    train: TrainSection = field(default_factory=TrainSection)  # the local trainer
+    fl: FLSection = field(default_factory=FLSection)  # the federated rounds
+    eval: EvalSection = field(default_factory=EvalSection)  # dev evaluation
+    pruning: PruningSection = field(default_factory=PruningSection)  # pruning in the rounds
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -333,7 +345,45 @@ def parse_config(data: dict | None) -> RunConfig:
     return from_dict(RunConfig, {k: v for k, v in (data or {}).items() if k not in SWEEP_KEYS})
 
 
+# the recipes shipped with the package (a link to the repository's top-level recipes/)
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name -> file of every shipped recipe; the name is the path under recipes/ without
+    ``.yaml`` (``ci``, ``librispeech100/federated_pruning``)."""
+    return {p.relative_to(RECIPES_DIR).with_suffix("").as_posix(): p for p in sorted(RECIPES_DIR.rglob("*.yaml"))}
+
+
+def recipe_description(path: Path) -> str:
+    """What a recipe is, in a few words (`fedasr recipes`): the first sentence of its opening
+    comment, up to a parenthesis."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#") or not line.strip("# "):
+            break
+        lines.append(line.lstrip("# ").strip())
+    text = " ".join(lines)
+    for stop in (". ", " (", " — "):
+        text = text.split(stop, 1)[0]
+    return text.rstrip(".")
+
+
+def recipe_path(recipe: str | Path) -> Path:
+    """A recipe as the commands take it: a YAML file, or the name of a shipped recipe
+    (``ci``, ``ci.yaml``, ``recipes/ci.yaml`` from anywhere, ``librispeech100/federated_pruning``)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    name = path.as_posix().removesuffix(".yaml").removeprefix("recipes/")
+    shipped = shipped_recipes()
+    if name in shipped:
+        return shipped[name]
+    raise FedasrError(f"{recipe}: no such recipe file, nor a shipped recipe of that name "
+                      f"(shipped: {', '.join(shipped)}; `fedasr recipes` lists them)")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """A recipe file (or the defaults) with ``--set`` overrides, parsed."""
-    data = read_recipe(path) if path is not None else {}
+    """A recipe (a file or a shipped recipe's name; or the defaults) with ``--set`` overrides, parsed."""
+    data = read_recipe(recipe_path(path)) if path is not None else {}
     return parse_config(apply_overrides(data, overrides or []))

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from fedasr.errors import FedasrError
+from fedasr.errors import FedasrError, OptionError
 
 
 def _type_name(tp) -> str:
@@ -107,7 +107,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = yaml.safe_load(yaml.safe_dump(data or {}))  # deep copy
     for item in overrides:
         if "=" not in item:
-            raise FedasrError(f"--set {item}: expected KEY=VALUE")
+            raise OptionError(f"--set {item}: expected KEY=VALUE")
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw)
@@ -118,7 +118,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise FedasrError(f"--set {key}: {p} is not a section")
+                raise OptionError(f"--set {key}: {p} is not a section")
         node[parts[-1]] = value
     return data
 

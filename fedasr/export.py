@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from fedasr.data.features import FBANK_OPTIONS as FEATURES
-from fedasr.errors import FedasrError
+from fedasr.errors import FedasrError, OptionError
 from fedasr.fsutil import atomic_dir
 
 OPSET = 17
@@ -126,7 +126,7 @@ def _quantize_int8(src: Path, dst: Path, scheme: str = INT8_DEFAULT) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if scheme not in INT8_SCHEMES:
-        raise FedasrError(f"--int8-scheme: unknown {scheme!r} ({', '.join(INT8_SCHEMES)})")
+        raise OptionError(f"--int8-scheme: unknown {scheme!r} ({', '.join(INT8_SCHEMES)})")
     opts = dict(INT8_SCHEMES[scheme])
     opts["weight_type"] = getattr(QuantType, opts["weight_type"])
     root = logging.getLogger()  # onnxruntime's quantizer advises pre-processing on the root logger

@@ -103,3 +103,24 @@ class RunDir:
 
     def results(self) -> dict:
         return json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint as every command takes it (prune, compact, export, info, eval, train
+    --init-from): a checkpoint file; a run directory, or its ``checkpoints/`` directory (the
+    run's newest complete checkpoint); or ``RUN/checkpoints/latest`` (the file naming it).
+    Whether the file is a readable checkpoint is :func:`fedasr.checkpoint.read_checkpoint`'s
+    concern."""
+    path = Path(path)
+    if path.is_dir():
+        run = RunDir(path.parent if path.name == "checkpoints" else path)
+        if not run.ckpt_dir.is_dir():
+            raise FedasrError(f"{path}: a directory, but not a run directory (no checkpoints/ inside)")
+    elif path.name == "latest" and path.parent.name == "checkpoints" and path.is_file():
+        run = RunDir(path.parent.parent)
+    else:
+        return path
+    latest = run.latest()
+    if latest is None:
+        raise FedasrError(f"{path}: the run has no complete checkpoint yet")
+    return latest

@@ -4,7 +4,7 @@ A sweep runs one training run per (scheme, sparsity) of the recipe's ``sweep:`` 
 (sparsity 0 is a single shared dense run), evaluates each on the federation's test
 splits, and ``report`` gathers them into ``wer_vs_sparsity.csv`` and ``.png``::
 
-    SWEEP_DIR/recipe.yaml                 the recipe as given (with --sparsities applied)
+    SWEEP_DIR/recipe.yaml                 the recipe as given (with --sparsity and --set applied)
     SWEEP_DIR/seed/                       the seed model (recipe ``seed_model:``): trained once,
                                           centrally on the server's data; every run starts from it
     SWEEP_DIR/runs/dense/                 a normal run directory (+ results.json, log.txt)
@@ -40,7 +40,7 @@ through Flower's Deployment Engine (docs/cluster.md).
 
 A recipe is a run's config plus the sweep's part (``seed_model:`` and ``sweep:``, the
 schema below: :class:`SweepConfig`); :func:`split_recipe` parses each once. Every run is
-``fedasr train --config SWEEP_DIR/recipe.yaml --set ...``, which ignores the sweep's part,
+``fedasr train SWEEP_DIR/recipe.yaml --set ...``, which ignores the sweep's part,
 so a run's config.yaml records its own config only (its scheme and settings are in the
 run's sweep.json).
 """
@@ -68,10 +68,10 @@ from typing import Optional, Protocol
 
 import yaml
 
-from fedasr.config import SWEEP_KEYS, RunConfig, parse_config
+from fedasr.config import SWEEP_KEYS, RunConfig, parse_config, recipe_path
 from fedasr.configlib import apply_overrides, from_dict, read_recipe
 from fedasr.data.federation import Federation
-from fedasr.errors import FedasrError
+from fedasr.errors import FedasrError, OptionError
 from fedasr.fsutil import atomic_write_bytes, atomic_write_text
 from fedasr.rundir import RunDir
 
@@ -113,15 +113,17 @@ class SeedModelSection:
 
 @dataclass
 class SweepScheme:
-    name: str = "scheme"
+    """One pruning scheme of a sweep: a curve, one run per target sparsity (or per knob value)."""
+
+    name: str = "scheme"  # the curve's name, and its runs' directory SWEEP/runs/NAME/ (not dense)
     pruning: dict = field(default_factory=dict)  # pruning.* keys of this scheme (method included)
     overrides: list = field(default_factory=list)  # further "key=value" settings
     # a reference: this scheme's pruning, overrides and sparsities are those of scheme ``like``
     # (its own overrides are added), trained centrally (centralized: true) on the clients'
     # union (data: clients, the centralized twin) or on the server's data (data: server)
     like: Optional[str] = None
-    centralized: bool = False
-    data: str = "clients"
+    centralized: bool = False  # train centrally (fedasr train --centralized): a reference scheme
+    data: str = "clients"  # centralized: on the clients' union (clients) or the server's own data (server)
     # a method that decides its own sparsity (ASP) sweeps its knob instead of the targets:
     # {key: pruning.asp.k, values: [1.5, 2.0, 2.5]}
     knob: dict = field(default_factory=dict)
@@ -157,10 +159,10 @@ class SweepScheme:
 class SweepSection:
     """One run per (scheme, sparsity); sparsity 0 is one shared dense run."""
 
-    sparsities: list = field(default_factory=lambda: [0.0, 0.5])
-    schemes: list[SweepScheme] = field(default_factory=list)
+    sparsities: list = field(default_factory=lambda: [0.0, 0.5])  # target sparsities (0: the shared dense run)
+    schemes: list[SweepScheme] = field(default_factory=list)  # the pruning schemes (sweep.schemes[] below)
     splits: list = field(default_factory=list)  # test splits to evaluate [default: all]
-    beam: int = 1
+    beam: int = 1  # the runs' test decoding: 1 = greedy (sherpa-onnx's), more = modified beam search
 
     def validate(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""
@@ -227,7 +229,7 @@ class SweepPlan:
 
 
 def load_recipe(path: str | Path) -> dict:
-    return read_recipe(path, "recipe")
+    return read_recipe(recipe_path(path), "recipe")
 
 
 def _check_run(recipe: dict, run: SweepRun) -> None:
@@ -364,6 +366,21 @@ def resolved_recipe(recipe_path: str | Path, overrides: list[str] | None = None,
     return recipe
 
 
+def resolved_recipe_text(recipe: dict) -> str:
+    """`fedasr config`: a (resolved) recipe with every key filled in, as YAML: the run config
+    (:class:`RunConfig`, the pruning method blocks in full) and the sweep's part
+    (:class:`SweepConfig`), each checked as `fedasr sweep` checks them."""
+    from fedasr.methods import resolved_pruning
+
+    cfg, sweep = split_recipe(recipe)
+    data = cfg.to_dict()
+    data["pruning"] = resolved_pruning(cfg.pruning)
+    sweep_part = dataclasses.asdict(sweep)
+    text = yaml.safe_dump(data, sort_keys=False)
+    return (f"{text}# the sweep's part (`fedasr sweep`; `fedasr train` ignores it)\n"
+            f"{yaml.safe_dump(sweep_part, sort_keys=False)}")
+
+
 # ---------------------------------------------------------------------------- run
 def _finished(run: SweepRun, splits: list[str]) -> bool:
     rd = RunDir(run.path)
@@ -440,7 +457,7 @@ def select_runs(plan: SweepPlan, only: list[str] | None) -> list[SweepRun]:
         if not hits:
             names = ", ".join(f"{r.scheme}@{r.path.name.lstrip('s') if r.knob is None else r.path.name}"
                               if r.scheme not in ("dense", SEED_SCHEME) else r.scheme for r in everything)
-            raise FedasrError(f"--only {sel}: no such run (the sweep's runs: {names})")
+            raise OptionError(f"--only {sel}: no such run (the sweep's runs: {names})")
         chosen += [r for r in hits if r not in chosen]
     return [r for r in everything if r in chosen]  # in the plan's order
 
@@ -617,7 +634,7 @@ def run_sweep(plan: SweepPlan, federation: str | Path, *, jobs: int = 1, events:
         federated = "--centralized" not in run.train_args
         extra = engine_args if federated else []
         if group and federated and flower:
-            extra = extra + ["--devices", ",".join(group)]
+            extra = extra + [a for d in group for a in ("--devices", d)]
         if RunDir(run.path).latest() is not None:
             _cli(["train", "--resume", str(run.path), *extra, *(["--device", group[0]] if group else [])], log, threads)
             return
@@ -626,7 +643,7 @@ def run_sweep(plan: SweepPlan, federation: str | Path, *, jobs: int = 1, events:
             args += ["--init-from", str(seed_checkpoint(seed))]
         sets = [a for s in run.settings + ([f"device={group[0]}"] if group else []) for a in ("--set", s)]
         # --overwrite: under this job's claim, what is there is an unfinished run's start (no checkpoint)
-        _cli(["train", "--federation", str(fed.root), "--config", str(recipe_file), "--out", str(run.path),
+        _cli(["train", str(recipe_file), "--federation", str(fed.root), "--out", str(run.path),
               "--overwrite", *args, *extra, *sets], log, threads)
 
     def one(run: SweepRun, threads: int = threads, claim: Claim | None = None) -> SweepRun:
@@ -651,7 +668,7 @@ def run_sweep(plan: SweepPlan, federation: str | Path, *, jobs: int = 1, events:
             log = run.path / "log.txt"
             train(run, log, threads, group)
             evals = [a for s in splits for a in ("--split", s)]
-            _cli(["eval", "--run", str(run.path), "--beam", str(plan.sweep.sweep.beam), *evals,
+            _cli(["eval", str(run.path), "--beam", str(plan.sweep.sweep.beam), *evals,
                   *(["--device", group[0]] if group else [])], log, threads)
         finally:
             if group is not None:

@@ -303,10 +303,10 @@ def check_flower(dev: torch.device, fed_dir: Path, work: Path, force: bool) -> C
         return c.result(None, f"skipped: {torch.cuda.device_count()} CUDA device")
     if dev.type == "cpu" and not force:
         return c.result(None, "skipped on the CPU (--flower runs it with cpu,cpu)")
-    devices = "cuda:0,cuda:1" if dev.type == "cuda" else "cpu,cpu"
+    devices = ["cuda:0", "cuda:1"] if dev.type == "cuda" else ["cpu", "cpu"]
     run = work / "flower"
     args = [sys.executable, "-m", "fedasr.cli", "train", "--federation", str(fed_dir), "--out", str(run),
-            "--overwrite", "--engine", "flower", "--devices", devices, "--slots", "2"]
+            "--overwrite", "--engine", "flower", *[a for d in devices for a in ("--devices", d)], "--slots", "2"]
     for s in FAST + ["fl.rounds=1", f"device={dev}"]:
         args += ["--set", s]
     p = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})

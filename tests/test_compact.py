@@ -229,7 +229,7 @@ def test_compact_eval_info_and_export_through_the_cli(federation, tmp_path):
     # so `fedasr eval` gives both the same hypotheses, but where float32 rounding may break a near tie
     hyps = {}
     for c in (ckpt, small):
-        r = run_cli("eval", "--run", run, "--checkpoint", c, "--split", "test-clean", "--max-symbols-per-frame", "1")
+        r = run_cli("eval", c, "--run", run, "--split", "test-clean", "--max-symbols-per-frame", "1")
         assert r.returncode == 0, r.stderr
         tsv = (run / "decode" / "test-clean-beam1.tsv").read_text().splitlines()[1:]
         hyps[c.name] = {line.split("\t")[0]: line.split("\t")[2] for line in tsv}

@@ -1,5 +1,5 @@
 """The package's floors: a module imports only from its own floor or the floors below it
-(README's layout section; ../shared/DESIGN.md), lazy imports inside functions included."""
+(docs/development.md's layout; ../shared/DESIGN.md), lazy imports inside functions included."""
 
 import ast
 from pathlib import Path
@@ -27,7 +27,7 @@ def floor(module: str) -> int:
     for i, names in enumerate(FLOORS):
         if top in names:
             return i
-    raise AssertionError(f"{module}: on no floor (add it to FLOORS and README's layout)")
+    raise AssertionError(f"{module}: on no floor (add it to FLOORS and docs/development.md's layout)")
 
 
 def imports(path: Path):

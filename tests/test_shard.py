@@ -156,9 +156,9 @@ def test_skip_invalid_drops_and_records(corpus, tmp_path, how):
 @pytest.mark.parametrize("args,expect", [
     (["--corpus", "/nonexistent/LibriSpeech", *SPLIT_ARGS], "/nonexistent/LibriSpeech: corpus directory does not exist"),
     (["--train-split", "train-clean-100"], "unknown split 'train-clean-100'"),
-    (["--train-split", "train", "--by", "iid", "--num-clients", "0"], "--num-clients: must be at least 1"),
+    (["--train-split", "train", "--by", "iid", "--num-clients", "0"], "'--num-clients': 0 is not in the range x>=1"),
     (["--train-split", "train", "--vocab-size", "5000"], "--vocab-size: 5000 is larger"),
-    (["--train-split", "train", "--by", "nope"], "--by: unknown scheme"),
+    (["--train-split", "train", "--by", "nope"], "'--by': 'nope' is not one of 'speaker', 'chapter'"),
 ])
 def test_bad_options_fail_cleanly(corpus, tmp_path, args, expect):
     out = tmp_path / "fed"
@@ -166,6 +166,8 @@ def test_bad_options_fail_cleanly(corpus, tmp_path, args, expect):
         args = ["--corpus", corpus, *args]
     r = run_cli("shard", *args, "--out", out)
     assert_clean_failure(r, out, expect)
+    # a bad option value is a usage error (exit 2, Click's or ours), a bad corpus a runtime error (1)
+    assert r.returncode == (2 if "--" in expect else 1)
 
 
 def test_existing_output_is_not_clobbered(federation, corpus):

@@ -33,7 +33,7 @@ def test_reduced_ci_sweep_and_report(server_federation, tmp_path):
     """The ci recipe's sweep at toy size: the seed model once on the server's data, every run
     from it (federated schemes and the server-only baseline), the report with the seed row."""
     out = tmp_path / "sweep"
-    args = ["sweep", "recipes/ci.yaml", "--federation", server_federation, "--out", out, "--sparsities", "0,0.5",
+    args = ["sweep", "recipes/ci.yaml", "--federation", server_federation, "--out", out, "--sparsity", "0", "--sparsity", "0.5",
             "--jobs", "2", *sets(*REDUCED, "seed_model.steps=2", "seed_model.rounds=1")]
     r = run_cli(*args, env={"FEDASR_PROGRESS": "1"}, timeout=1800)
     assert r.returncode == 0, r.stderr + r.stdout
@@ -365,7 +365,7 @@ def test_two_only_jobs_at_once_give_the_csv_of_one_job(server_federation, tmp_pa
     assert not list(shared.glob("**/.claim"))  # every claim released
     assert run_cli("report", shared).returncode == 0
     one = tmp_path / "one"
-    r = run_cli(*common, "--out", one, "--devices", "cpu,cpu", timeout=900)
+    r = run_cli(*common, "--out", one, "--devices", "cpu", "--devices", "cpu", timeout=900)
     assert r.returncode == 0, r.stderr
     a, b = (list(csv.DictReader((d / "wer_vs_sparsity.csv").open())) for d in (shared, one))
     assert [row["scheme"] for row in a] == [row["scheme"] for row in b] == ["seed", "dense", "fp"]

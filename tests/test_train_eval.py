@@ -13,6 +13,7 @@ from fedasr.data.federation import Federation
 from fedasr.errors import FedasrError
 from fedasr.evaluate import evaluate, score
 from fedasr.model.transducer import ModelConfig, Transducer
+from fedasr.rundir import RunDir
 from fedasr.trainer import lr_at, make_optimizer, train_steps
 
 
@@ -102,20 +103,24 @@ def test_eval_cli_writes_results(short_run, federation):
     assert "per_client" not in results["test-other"]
     assert "WER" in r.stdout
     assert all(res["decoding"] == "modified beam search, beam 2 (1 symbol per frame)" for res in results.values())
-    r = run_cli("eval", "--run", short_run, "--split", "test-clean")  # the default: the deployed greedy search
+    # the default: the deployed greedy search; RUN/checkpoints/latest names the run's newest checkpoint,
+    # and the run (where results.json goes) is the checkpoint's own
+    r = run_cli("eval", short_run / "checkpoints" / "latest", "--split", "test-clean")
     assert r.returncode == 0, r.stderr
     res = json.loads((short_run / "results.json").read_text())["test-clean"]
+    assert res["checkpoint"] == str(RunDir(short_run).latest())
     assert res["decoding"] == "greedy search, 1 symbol per frame" and res["max_symbols_per_frame"] == 1
     assert "1 symbol per frame" in r.stdout
 
 
 def test_eval_cli_errors(short_run, tmp_path):
+    """A bad option value is a usage error (exit 2), a bad input a runtime error (exit 1)."""
     r = run_cli("eval", "--run", short_run, "--split", "nope")
-    assert r.returncode != 0 and "--split: unknown split 'nope'" in r.stderr
+    assert r.returncode == 2 and "--split: unknown split 'nope'" in r.stderr
     r = run_cli("eval", "--run", tmp_path)
-    assert r.returncode != 0 and "not a run directory" in r.stderr
-    r = run_cli("eval", "--run", short_run, "--checkpoint", tmp_path / "missing.pt")
-    assert r.returncode != 0 and "missing.pt: checkpoint does not exist" in r.stderr
+    assert r.returncode == 1 and "not a run directory" in r.stderr
+    r = run_cli("eval", tmp_path / "missing.pt", "--run", short_run)
+    assert r.returncode == 1 and "missing.pt: checkpoint does not exist" in r.stderr
 
 
 def test_non_finite_gradient_is_rejected_before_the_step(federation):

@@ -24,6 +24,7 @@ from fedasr.config import DEFAULT_PRUNABLE
 from fedasr.data.tokenizer import Tokenizer
 from fedasr.model.transducer import Transducer
 from fedasr.prune.masks import prunable_names as _matching
+from fedasr.rundir import resolve_checkpoint
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Checkpoint:
     """A checkpoint file as a command reads it: the model built from it, its tokenizer and
     the raw payload (see :mod:`fedasr.checkpoint`)."""
 
-    path: str | Path  # as given (commands record it in what they write)
+    path: Path  # the file (commands record it in what they write)
     model: Transducer
     tokenizer: Tokenizer
     raw: dict
@@ -47,6 +48,9 @@ class Checkpoint:
 
 
 def load(path: str | Path) -> Checkpoint:
+    """A checkpoint as the commands take it (:func:`fedasr.rundir.resolve_checkpoint`: a file,
+    a run directory or RUN/checkpoints/latest), loaded; ``path`` is the file it resolved to."""
+    path = resolve_checkpoint(path)
     model, tok, raw = load_checkpoint(path)
     return Checkpoint(path, model, tok, raw)
 

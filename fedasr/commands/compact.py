@@ -13,6 +13,7 @@ def compact_checkpoint(path, out, allow_partial: bool = False) -> dict:
     """`fedasr compact`: a checkpoint whose unit masks remove whole units -> a checkpoint of
     the physically smaller model (same tokenizer; the run config kept, the compaction noted)."""
     ckpt = load(path)
+    path = ckpt.path
     model, tok = ckpt.model, ckpt.tokenizer
     masks = ckpt.masks
     if not masks:
@@ -23,6 +24,6 @@ def compact_checkpoint(path, out, allow_partial: bool = False) -> dict:
     config = dict(ckpt.config)
     config["compacted_from"] = str(path)
     save_checkpoint(out, small, tok, masks=left, config=config)
-    return {"parameters_before": model.num_parameters(), "parameters_after": small.num_parameters(),
+    return {"checkpoint": str(path), "parameters_before": model.num_parameters(), "parameters_after": small.num_parameters(),
             "units_removed": plan.removed, "masks_left": len(left),
             "widths": {k: v for k, v in (plan.config.widths or {}).items()}}

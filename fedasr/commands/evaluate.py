@@ -4,40 +4,51 @@ decoding and scoring are :mod:`fedasr.evaluate`, which the runner's dev evaluati
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Callable
 
 from fedasr.commands import load
 from fedasr.config import resolve_device
 from fedasr.data.federation import Federation
-from fedasr.errors import FedasrError
+from fedasr.errors import FedasrError, OptionError
 from fedasr.evaluate import evaluate, speaker_client_map
 from fedasr.fsutil import atomic_write_text
-from fedasr.rundir import RunDir
+from fedasr.rundir import RunDir, resolve_checkpoint
 
 
-def evaluate_run(run_dir, *, checkpoint=None, splits: list[str] | None = None, beam: int = 1,
+def evaluate_run(run_dir=None, *, checkpoint=None, splits: list[str] | None = None, beam: int = 1,
                  federation=None, max_duration: float = 120.0, device: str = "auto",
                  progress: Callable[[str, int], Callable[[int], None]] | None = None,
-                 max_symbols_per_frame: int = 1, unrestricted: int | None = 3) -> tuple[dict, list[str], str]:
-    """`fedasr eval`: decode ``splits`` (default: the federation's test splits) with the run's
-    latest checkpoint (or ``checkpoint``), write RUN_DIR/results.json (merged with earlier
-    splits) and RUN_DIR/decode/SPLIT-beamN.tsv. ``progress(split, n_utts)`` returns a
-    per-batch callback. Greedy search emits up to ``max_symbols_per_frame`` symbols a frame
-    (default 1: what sherpa-onnx's greedy search does, so the WER is the deployed model's);
-    ``unrestricted``: also greedy with up to that many, reported beside where it differs
-    (None or 0: not). Returns (results, splits, checkpoint path)."""
+                 max_symbols_per_frame: int = 1, unrestricted: int | None = 3) -> tuple[dict, list[str], str, Path]:
+    """`fedasr eval`: decode ``splits`` (default: the federation's test splits) with
+    ``checkpoint`` (a file, a run directory or RUN/checkpoints/latest; default: ``run_dir``'s
+    newest), write RUN_DIR/results.json (merged with earlier splits) and
+    RUN_DIR/decode/SPLIT-beamN.tsv; ``run_dir`` defaults to the checkpoint's run. ``progress(split,
+    n_utts)`` returns a per-batch callback. Greedy search emits up to ``max_symbols_per_frame``
+    symbols a frame (default 1: what sherpa-onnx's greedy search does, so the WER is the
+    deployed model's); ``unrestricted``: also greedy with up to that many, reported beside where
+    it differs (None or 0: not). Returns (results, splits, checkpoint path, run directory)."""
+    if beam < 1:
+        raise OptionError("--beam: must be at least 1")
+    if max_symbols_per_frame < 1:
+        raise OptionError("--max-symbols-per-frame: must be at least 1")
+    if unrestricted is not None and unrestricted < 0:
+        raise OptionError("--unrestricted: must be >= 0 (0: off)")
+    if run_dir is None and checkpoint is None:
+        raise OptionError("fedasr eval: give a checkpoint (a file or a run directory) or --run RUN_DIR")
+    ckpt_path = resolve_checkpoint(checkpoint if checkpoint is not None else run_dir)
+    if run_dir is None:
+        given = Path(checkpoint)
+        if given.is_dir():
+            run_dir = given.parent if given.name == "checkpoints" else given
+        elif ckpt_path.parent.name == "checkpoints":
+            run_dir = ckpt_path.parent.parent
+        else:
+            raise OptionError(f"{checkpoint}: not inside a run directory; give --run RUN_DIR (its federation, "
+                              "and where results.json goes)")
     rd = RunDir(run_dir)
     raw = rd.read_config()
     fed = Federation(federation or raw["federation"])
-    ckpt_path = checkpoint or rd.latest()
-    if ckpt_path is None:
-        raise FedasrError(f"{run_dir}: no checkpoint yet (train first, or pass --checkpoint)")
-    if beam < 1:
-        raise FedasrError("--beam: must be at least 1")
-    if max_symbols_per_frame < 1:
-        raise FedasrError("--max-symbols-per-frame: must be at least 1")
-    if unrestricted is not None and unrestricted < 0:
-        raise FedasrError("--unrestricted: must be >= 0 (0: off)")
     ckpt = load(ckpt_path)
     model, tok = ckpt.model, ckpt.tokenizer
     model.to(resolve_device(device))
@@ -58,4 +69,4 @@ def evaluate_run(run_dir, *, checkpoint=None, splits: list[str] | None = None, b
         lines = "".join(f"{d.id}\t{d.ref}\t{d.hyp}\n" for d in decoded)
         atomic_write_text(rd.root / "decode" / f"{s}-beam{beam}.tsv", "id\tref\thyp\n" + lines)
     atomic_write_text(rd.results_path, json.dumps(results, indent=2))
-    return results, splits, str(ckpt_path)
+    return results, splits, str(ckpt_path), rd.root

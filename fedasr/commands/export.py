@@ -19,6 +19,7 @@ def export_checkpoint(path, out, federation=None, int8: bool = False, int8_schem
         raise FedasrError("fedasr export: needs the export extra (pip install 'fedasr[export]': onnx, "
                           "onnxruntime)") from None
     ckpt = load(path)
+    path = ckpt.path
     model, tok = ckpt.model, ckpt.tokenizer
     fed_dir = federation or ckpt.config.get("federation")
     if fed_dir is None:

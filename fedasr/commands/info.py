@@ -23,7 +23,7 @@ def checkpoint_info(path: str | Path, seconds: float = 10.0) -> dict:
               for n, p in params.items() if p.dim() >= 2]
     masks = ckpt.masks
     return {
-        "checkpoint": str(path),
+        "checkpoint": str(ckpt.path),
         "parameters": sum(p.numel() for p in params.values()),
         "nonzeros": sum(int((p != 0).sum()) for p in params.values()),
         "prunable": rep["prunable"],

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator
 
-from fedasr.errors import FedasrError
+from fedasr.errors import FedasrError, OptionError
 
 # events(rounds in the run, rounds already done) -> a context holding the round events
 # (round_start, client_done, round_end; the Flower engine reports round_end only)
@@ -31,11 +31,17 @@ def train(*, federation: Path | None = None, config: Path | None = None, out: Pa
           overrides: list[str] = (), centralized: bool = False, data: str = "clients", resume: Path | None = None,
           init_from: Path | None = None, overwrite: bool = False, engine: str = "embedded",
           superlink: str | None = None, insecure: bool = False, root_certificates: Path | None = None,
-          slots: int | None = None, round_timeout: float = 900.0, devices: str | None = None,
+          slots: int | None = None, round_timeout: float = 900.0, devices: list[str] | None = None,
           device: str | None = None, events: EventsFactory = _no_events) -> tuple[list[dict], Path]:
     """Start (or ``resume``) a run and train it to its last round. ``events`` wraps the
     rounds (e.g. a progress bar). ``device``: the config's ``device`` replaced (a resumed run
-    too: it may go on on another machine). Returns the run's metrics rows and its directory."""
+    too: it may go on on another machine). ``config``: a recipe file or a shipped recipe's name;
+    ``init_from``: a checkpoint file, a run directory or RUN/checkpoints/latest. Returns the
+    run's metrics rows and its directory."""
+    if init_from is not None:
+        from fedasr.rundir import resolve_checkpoint
+
+        init_from = resolve_checkpoint(init_from)
     if device is not None and resume is None:
         overrides = [*overrides, f"device={device}"]
     from fedasr.config import load_config
@@ -43,25 +49,25 @@ def train(*, federation: Path | None = None, config: Path | None = None, out: Pa
     from fedasr.fl.runner import Runner
 
     if engine not in ("embedded", "flower"):
-        raise FedasrError(f"--engine: unknown {engine!r} (embedded, flower)")
+        raise OptionError(f"--engine: unknown {engine!r} (embedded, flower)")
     if engine == "flower":
         if data != "clients":
-            raise FedasrError("--data server: the seed model trains centrally on the embedded engine")
+            raise OptionError("--data server: the seed model trains centrally on the embedded engine")
         return _train_flower(federation, config, out, overrides, centralized, resume, init_from, overwrite,
                              superlink, insecure, root_certificates, slots, round_timeout, devices, device, events)
     if superlink is not None:
-        raise FedasrError("--superlink: only with --engine flower")
+        raise OptionError("--superlink: only with --engine flower")
     if devices:
-        raise FedasrError("--devices: the SuperNode slots' devices, only with --engine flower "
+        raise OptionError("--devices: the SuperNode slots' devices, only with --engine flower "
                           "(the embedded engine trains on the config's device: --set device=cuda:N)")
     if resume is not None:
         if config is not None or overrides or centralized or init_from is not None or data != "clients":
-            raise FedasrError("--resume: the run's own config.yaml is used; "
-                              "drop --config/--set/--centralized/--data/--init-from")
+            raise OptionError("--resume: the run's own config.yaml is used; "
+                              "drop the recipe, --set, --centralized, --data and --init-from")
         runner = Runner.resume(resume, federation=federation, engine="embedded", device=device)
     else:
         if federation is None or out is None:
-            raise FedasrError("--federation and --out are required (or --resume RUN_DIR)")
+            raise OptionError("--federation and --out are required (or --resume RUN_DIR)")
         cfg = load_config(config, list(overrides))
         runner = Runner(out, Federation(federation), cfg, centralized=centralized, data=data)
         runner.start(overwrite=overwrite, init_from=init_from)
@@ -82,16 +88,16 @@ def _train_flower(federation, config, out, overrides, centralized, resume, init_
     from fedasr.rundir import RunDir
 
     if centralized:
-        raise FedasrError("--centralized: the baseline runs on the embedded engine (drop --engine flower)")
+        raise OptionError("--centralized: the baseline runs on the embedded engine (drop --engine flower)")
     if superlink is not None and not insecure and root_certificates is None:
-        raise FedasrError("--superlink: give --root-certificates CA.pem (TLS), or --insecure for loopback tests")
+        raise OptionError("--superlink: give --root-certificates CA.pem (TLS), or --insecure for loopback tests")
     slot_devices = parse_devices(devices)
     if slot_devices and superlink is not None:
-        raise FedasrError("--devices: places the SuperNodes this command starts; with --superlink start each "
+        raise OptionError("--devices: places the SuperNodes this command starts; with --superlink start each "
                           "SuperNode with its own CUDA_VISIBLE_DEVICES and FEDASR_DEVICE (docs/cluster.md)")
     if resume is not None:
         if config is not None or overrides or init_from is not None:
-            raise FedasrError("--resume: the run's own config.yaml is used; drop --config/--set/--init-from")
+            raise OptionError("--resume: the run's own config.yaml is used; drop the recipe, --set and --init-from")
         rd = RunDir(resume)
         run, raw = rd.run_config()
         if rd.latest() is None:
@@ -101,7 +107,7 @@ def _train_flower(federation, config, out, overrides, centralized, resume, init_
         run_dir = resume
     else:
         if federation is None or out is None:
-            raise FedasrError("--federation and --out are required (or --resume RUN_DIR)")
+            raise OptionError("--federation and --out are required (or --resume RUN_DIR)")
         cfg = load_config(config, list(overrides))
         fed = Federation(federation)
         validate(cfg)  # a bad method block or model config fails here, not in the ServerApp

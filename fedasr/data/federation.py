@@ -34,7 +34,7 @@ from fedasr.data.corpus import Problem
 from fedasr.data.features import SAMPLE_RATE, GlobalCMVN, compute_features, load_manifest
 from fedasr.data.sources import chapter_of, check_roles, read_split
 from fedasr.data.tokenizer import TEXT_NORMALIZATION, Tokenizer, train_tokenizer
-from fedasr.errors import FedasrError
+from fedasr.errors import FedasrError, OptionError
 from fedasr.fsutil import atomic_dir
 
 FEDERATION_FILE = "federation.yaml"
@@ -87,11 +87,11 @@ def _hours(cuts: CutSet) -> float:
 def shard(opts: ShardOptions, log: Callable[[str], None] = lambda s: None) -> dict:
     """Build the federation directory; returns the federation.yaml content."""
     if not opts.train_splits:
-        raise FedasrError("--train-split: at least one training split is required")
+        raise OptionError("--train-split: at least one training split is required")
     names = opts.train_splits + opts.server_splits + opts.dev_splits + opts.test_splits
     dupes = sorted({s for s in names if names.count(s) > 1})
     if dupes:
-        raise FedasrError(f"--train-split/--server-split/--dev-split/--test-split: split {dupes[0]!r} given twice")
+        raise OptionError(f"--train-split/--server-split/--dev-split/--test-split: split {dupes[0]!r} given twice")
     roles = {"train": opts.train_splits, "server": opts.server_splits, "dev": opts.dev_splits,
              "test": opts.test_splits}
     check_roles(roles, opts.corpus, opts.manifests)
@@ -103,7 +103,7 @@ def shard(opts: ShardOptions, log: Callable[[str], None] = lambda s: None) -> di
     if opts.out.exists() and not opts.overwrite:
         raise FedasrError(f"{opts.out}: already exists (use --overwrite to replace it)")
     if opts.scheme in ("iid", "dirichlet") and opts.num_clients is not None and opts.num_clients < 1:
-        raise FedasrError(f"--num-clients: must be at least 1, got {opts.num_clients}")
+        raise OptionError(f"--num-clients: must be at least 1, got {opts.num_clients}")
     given_tok = Tokenizer.load(opts.tokenizer) if opts.tokenizer else None
 
     dropped: list[Problem] = []
@@ -273,7 +273,7 @@ class Federation:
 
     def split_cuts(self, split: str) -> CutSet:
         if split not in self.meta["eval"]:
-            raise FedasrError(
+            raise OptionError(
                 f"--split: unknown split {split!r} (federation has: {', '.join(self.meta['eval']) or 'none'})")
         return load_manifest(self.root / self.meta["eval"][split]["manifest"], self.root)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedasr.errors import FedasrError
+from fedasr.errors import FedasrError, OptionError
 
 SCHEMES = ("speaker", "chapter", "iid", "dirichlet")
 
@@ -82,18 +82,18 @@ def partition(
     if not utts:
         raise FedasrError("training splits: no utterances to partition")
     if scheme not in SCHEMES:
-        raise FedasrError(f"--by: unknown scheme {scheme!r} (choose from {', '.join(SCHEMES)})")
+        raise OptionError(f"--by: unknown scheme {scheme!r} (choose from {', '.join(SCHEMES)})")
     if min_utterances < 1:
-        raise FedasrError("--min-utterances: must be at least 1")
+        raise OptionError("--min-utterances: must be at least 1")
     if max_clients is not None and max_clients < 1:
-        raise FedasrError("--max-clients: must be at least 1")
+        raise OptionError("--max-clients: must be at least 1")
     if scheme in ("iid", "dirichlet"):
         if num_clients is None:
-            raise FedasrError(f"--num-clients: required with --by {scheme}")
+            raise OptionError(f"--num-clients: required with --by {scheme}")
         if num_clients < 1:
-            raise FedasrError(f"--num-clients: must be at least 1, got {num_clients}")
+            raise OptionError(f"--num-clients: must be at least 1, got {num_clients}")
     if scheme == "dirichlet" and not alpha > 0:
-        raise FedasrError(f"--alpha: must be positive, got {alpha}")
+        raise OptionError(f"--alpha: must be positive, got {alpha}")
 
     if scheme == "speaker":
         clients = {f"spk{k}": v for k, v in _group(utts, lambda u: u.speaker).items()}

@@ -56,7 +56,7 @@ from lhotse.utils import fastcopy
 from fedasr.data.corpus import Problem, SplitScan, fail_or_collect, first_line, scan_split
 from fedasr.data.features import SAMPLE_RATE
 from fedasr.data.tokenizer import normalize_transcript
-from fedasr.errors import FedasrError
+from fedasr.errors import FedasrError, OptionError
 
 ROLE_OPTIONS = {"train": "--train-split", "server": "--server-split", "dev": "--dev-split", "test": "--test-split"}
 
@@ -69,9 +69,9 @@ def parse_manifest_args(items: list[str]) -> dict[str, str]:
     for item in items:
         split, sep, spec = (x.strip() for x in item.partition("="))
         if not sep or not split or not spec:
-            raise FedasrError(f"--manifests: expected SPLIT=PATH, got {item!r}")
+            raise OptionError(f"--manifests: expected SPLIT=PATH, got {item!r}")
         if split in out:
-            raise FedasrError(f"--manifests: split {split!r} given twice")
+            raise OptionError(f"--manifests: split {split!r} given twice")
         out[split] = spec
     return out
 
@@ -85,7 +85,7 @@ def manifest_files(split: str, spec: str) -> list[Path]:
     if "," in spec:
         paths = [Path(p.strip()) for p in spec.split(",")]
         if len(paths) != 2 or not all(str(p) for p in paths):
-            raise FedasrError(f"--manifests {split}: expected CUTS, RECORDINGS,SUPERVISIONS or a directory, got {spec!r}")
+            raise OptionError(f"--manifests {split}: expected CUTS, RECORDINGS,SUPERVISIONS or a directory, got {spec!r}")
     else:
         path = Path(spec)
         if path.is_dir():
@@ -400,11 +400,11 @@ def read_split(split: str, corpus: Path | None, manifests: dict[str, str], skip_
 def check_roles(roles: dict[str, list[str]], corpus: Path | None, manifests: dict[str, str]) -> None:
     """Every split named in a role has a source, and every manifest a role."""
     if corpus is None and not manifests:
-        raise FedasrError("--corpus or --manifests: give a LibriSpeech-layout corpus or lhotse manifests")
+        raise OptionError("--corpus or --manifests: give a LibriSpeech-layout corpus or lhotse manifests")
     named = {s for splits in roles.values() for s in splits}
     for split in manifests:
         if split not in named:
-            raise FedasrError(f"--manifests: split {split!r} has no role (name it in --train-split, --server-split, "
+            raise OptionError(f"--manifests: split {split!r} has no role (name it in --train-split, --server-split, "
                               "--dev-split or --test-split)")
     if corpus is None:
         for role, splits in roles.items():

@@ -35,7 +35,7 @@ import numpy as np
 import soundfile as sf
 
 from fedasr.data import text as textgen
-from fedasr.errors import FedasrError
+from fedasr.errors import FedasrError, OptionError
 from fedasr.fsutil import atomic_dir
 
 SAMPLE_RATE = 16000
@@ -173,15 +173,15 @@ def plan_corpus(
 ) -> SynthPlan:
     """Decide every utterance (speaker, chapter, text, voice) before any audio is made."""
     if speakers < 1:
-        raise FedasrError("--speakers: must be at least 1")
+        raise OptionError("--speakers: must be at least 1")
     if utterances_per_speaker < 1:
-        raise FedasrError("--utterances-per-speaker: must be at least 1")
+        raise OptionError("--utterances-per-speaker: must be at least 1")
     if chapters_per_speaker < 1:
-        raise FedasrError("--chapters-per-speaker: must be at least 1")
+        raise OptionError("--chapters-per-speaker: must be at least 1")
     if server_speakers < 0:
-        raise FedasrError("--server-speakers: must be >= 0")
+        raise OptionError("--server-speakers: must be >= 0")
     if domain not in textgen.DOMAINS:
-        raise FedasrError(f"--domain: unknown domain {domain!r} (choose from {', '.join(textgen.DOMAINS)})")
+        raise OptionError(f"--domain: unknown domain {domain!r} (choose from {', '.join(textgen.DOMAINS)})")
     n_other = max(1, speakers // 4) if test_other_speakers is None else test_other_speakers
     n_dev = max(1, utterances_per_speaker // 10) if dev_per_speaker is None else dev_per_speaker
     n_test = max(1, utterances_per_speaker // 10) if test_per_speaker is None else test_per_speaker

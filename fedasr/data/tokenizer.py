@@ -19,7 +19,7 @@ from typing import Iterable
 
 import sentencepiece as spm
 
-from fedasr.errors import FedasrError
+from fedasr.errors import FedasrError, OptionError
 from fedasr.fsutil import atomic_write_bytes
 
 BLANK_ID = 0
@@ -100,7 +100,7 @@ class Tokenizer:
 AUTO_MAX_VOCAB = 256
 
 
-class _VocabTooLarge(FedasrError):
+class _VocabTooLarge(OptionError):  # a usage error: the option asks for more than the data allow
     def __init__(self, requested: int, limit: int, model_type: str):
         super().__init__(f"--vocab-size: {requested} is larger than the training transcripts allow "
                          f"(at most {limit} for {model_type})")
@@ -122,9 +122,9 @@ def train_tokenizer(texts: list[str], vocab_size: int | None, model_type: str = 
 
 def _train(texts: list[str], vocab_size: int, model_type: str) -> Tokenizer:
     if model_type not in MODEL_TYPES:
-        raise FedasrError(f"--tokenizer-type: unknown type {model_type!r} (choose from {', '.join(MODEL_TYPES)})")
+        raise OptionError(f"--tokenizer-type: unknown type {model_type!r} (choose from {', '.join(MODEL_TYPES)})")
     if vocab_size < 3:
-        raise FedasrError(f"--vocab-size: must be at least 3, got {vocab_size}")
+        raise OptionError(f"--vocab-size: must be at least 3, got {vocab_size}")
     if not texts:
         raise FedasrError("--vocab-size: no training transcripts to train a tokenizer on")
     buf = io.BytesIO()

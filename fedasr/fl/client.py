@@ -37,6 +37,9 @@ from fedasr.trainer import BatchStream, make_optimizer, train_steps
 def model_config(cfg: RunConfig, vocab_size: int) -> ModelConfig:
     """The run's model architecture (``model.preset`` + ``model.overrides``), checked
     against what the training config needs of it: the server and every client build it."""
+    if "vocab_size" in cfg.model.overrides:
+        raise FedasrError("model.overrides.vocab_size: set by the federation's tokenizer (`fedasr shard "
+                          "--vocab-size`), not by the recipe")
     try:
         mcfg = ModelConfig.preset(cfg.model.preset, vocab_size=vocab_size, **cfg.model.overrides)
     except FedasrError as e:

@@ -32,7 +32,7 @@ from fedasr.aggregate import is_bn_stat
 from fedasr.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from fedasr.config import RunConfig, parse_config, resolve_device
 from fedasr.data.federation import Federation
-from fedasr.errors import FedasrError
+from fedasr.errors import FedasrError, OptionError
 from fedasr.evaluate import evaluate
 from fedasr.fl.client import ClientWorker, make_dataset, model_config, train_client
 from fedasr.fl.messages import derive_seed
@@ -70,9 +70,9 @@ class Runner:
         validate(cfg)  # the pruning method's config block, before anything is written
         self.centralized = centralized
         if data not in ("clients", "server"):
-            raise FedasrError(f"--data: unknown {data!r} (clients, server)")
+            raise OptionError(f"--data: unknown {data!r} (clients, server)")
         if data == "server" and not centralized:
-            raise FedasrError("--data server: only with --centralized (the server's data is never a client)")
+            raise OptionError("--data server: only with --centralized (the server's data is never a client)")
         if data == "server" and not fed.has_server_data:
             raise FedasrError(f"--data server: {fed.root} holds no server data (shard it with --server-split)")
         self.data = data

@@ -38,6 +38,10 @@ SIDES = ("both", "lower")
 
 @dataclass
 class ASPConfig:
+    """Automatic Structured Pruning (Nguyen et al., 2024): units outside a band of mean ± k
+    standard deviations of their family's norms leave the model, until the parameter count
+    stops falling; the method decides its own sparsity (k is the knob)."""
+
     k: float = 2.2  # band half-width in standard deviations (the authors' FEMNIST CNN config)
     sides: str = "both"  # both: keep units inside mu +- k sigma | lower: remove only below mu - k sigma
     patience: int = 3  # stop after this many rounds without a fall in the parameter count

@@ -58,11 +58,14 @@ INITS = ("magnitude", "random")
 
 @dataclass
 class FedDSTConfig:
+    """FedDST (Bibikar et al., AAAI 2022): clients prune and regrow their own masks, the server
+    aggregates sparsely (each position over the clients that kept it) and votes the next mask."""
+
     alpha: float = 0.05  # initial adjustment rate α (the authors' runs: 0.01-0.05)
     update_every: int = 2  # rounds between readjustments (ΔR; the authors' runs: 10-15 of 400+)
     end_round: Optional[int] = None  # α_r reaches 0 here [default: half the rounds]
-    init: str = "magnitude"  # magnitude | random
-    allocation: str = "erk"  # erk | uniform
+    init: str = "magnitude"  # the initial mask: magnitude | random
+    allocation: str = "erk"  # densities per tensor: erk (RigL's Erdős–Rényi-Kernel) | uniform
 
     def validate(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""

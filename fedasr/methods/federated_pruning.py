@@ -35,16 +35,26 @@ ALLOCATIONS = ("uniform", "global", "adaptive")
 
 @dataclass
 class FederatedPruningConfig:
+    """Federated Pruning (Lin et al., Interspeech 2022): the server computes the masks from the
+    aggregated model by a pattern, an importance, a schedule and a per-layer allocation."""
+
+    # what is pruned together: unstructured (single weights) | row | column | half_row |
+    # half_column | coherent_column (one input mask over the residual stream's readers) | unit
+    # (whole FFN units, heads, conv channels, predictor and joiner units: `fedasr compact`able)
     pattern: str = "unstructured"
+    # how groups are ranked: magnitude | gradient (first-order Taylor |w|·|g|, clients upload
+    # their mean |gradient|) | random
     importance: str = "magnitude"
     norm: str = "l2"  # group norm for magnitude importance: l1 | l2
-    schedule: str = "constant"
+    schedule: str = "constant"  # how sparsity rises: constant (from start_round) | step | cubic (Zhu & Gupta)
     start_round: int = 1  # first round trained with masks
     end_round: Optional[int] = None  # cubic: round where the target is reached [default: 3/4 of rounds]
     initial_sparsity: float = 0.0  # cubic: s0
     power: float = 3.0  # cubic: the exponent (3: Zhu & Gupta's cubic; 1: linear)
     step_size: float = 0.1  # step: raise by this much ...
     step_every: int = 2  # ... every this many rounds
+    # sparsity per layer: uniform (every layer at the target) | global (one threshold) | adaptive
+    # (layers whose weights matter less pruned more)
     allocation: str = "uniform"
     max_layer_sparsity: float = 0.95  # no layer is pruned beyond this
     refine: bool = True  # recompute masks from the dense master weights, so pruned weights can return

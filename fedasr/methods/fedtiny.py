@@ -61,6 +61,10 @@ PHASES = ("bn_stats", "candidate_loss")
 
 @dataclass
 class FedTinyConfig:
+    """FedTiny (Huang et al., ICDCS 2023): a coarse mask chosen among candidates with BatchNorm
+    statistics the clients recompute, then progressive prune/regrow from the clients' top-K
+    gradients."""
+
     candidates: int = 5  # coarse masks to select from
     density_noise: float = 0.5  # per-layer density d (1 + u), u ~ U[-noise, noise)
     density_tolerance: float = 0.02  # overall density within this relative error of the target
@@ -69,7 +73,9 @@ class FedTinyConfig:
     alpha: float = 0.1  # initial adjustment rate
     update_every: int = 2  # rounds between prune/regrow adjustments (ΔR)
     end_round: Optional[int] = None  # last adjustment round [default: 3/4 of the rounds]
-    granularity: str = "block"  # layer | block | entire
+    # the part adjusted at a time, cycling from the output side: a prunable layer | a block (a
+    # Conformer layer, the predictor, the joiner) | the entire model
+    granularity: str = "block"
     start_round: int = 1  # the round that begins with the mask selection (dense training before)
 
     def validate(self, prefix: str) -> None:

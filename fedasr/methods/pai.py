@@ -85,6 +85,9 @@ class PruneAtInitConfig:
 
 @dataclass
 class SnipConfig(PruneAtInitConfig):
+    """SNIP (Lee et al., ICLR 2019): pruning at initialisation by |w·g| on the server's data,
+    the mask fixed for the run."""
+
     batches: int = 4  # server batches the gradient is summed over
 
     def validate(self, prefix: str) -> None:
@@ -95,6 +98,9 @@ class SnipConfig(PruneAtInitConfig):
 
 @dataclass
 class SynFlowConfig(PruneAtInitConfig):
+    """SynFlow (Tanaka et al., NeurIPS 2020): data-free pruning at initialisation by iterative
+    synaptic flow on a linearised model, the mask fixed for the run."""
+
     iterations: int = 100  # scoring rounds of the exponential schedule (the paper's 100)
 
     def validate(self, prefix: str) -> None:

@@ -63,10 +63,15 @@ DENSITIES = ("fixed", "adaptive")
 
 @dataclass
 class PruneFLConfig:
+    """PruneFL (Jiang et al., IEEE TNNLS 2022): an initial pruning on the server's data, then
+    reconfigurations by importance (squared gradients) against cost."""
+
     reconfig_every: int = 5  # rounds between reconfigurations (the paper: 50 of 10,000)
     max_decrease: float = 0.3  # share of a tensor's kept weights that may leave per reconfiguration
     decrease_half_life: Optional[float] = None  # rounds over which max_decrease halves [default: never]
-    density: str = "fixed"  # fixed | adaptive
+    # fixed: exactly the target kept at every reconfiguration | adaptive: the paper's greedy
+    # importance/cost admission, the target as the cap (the sparsity is at least the target)
+    density: str = "fixed"
     time_constant: float = 0.0  # adaptive: the round's fixed time, in units of the dense prunable cost
     init_batches: int = 4  # server batches of the initial pruning's importance
 

@@ -39,23 +39,23 @@ class ModelConfigError(FedasrError, ValueError):
 
 @dataclass
 class ModelConfig:
-    """Hyper-parameters of :class:`Transducer`. Defaults are the ``tiny`` preset."""
+    """The architecture of :class:`Transducer` (its fields are `model.overrides`). Defaults are the ``tiny`` preset."""
 
-    num_features: int = 80
-    vocab_size: int = 256
-    d_model: int = 144
-    num_layers: int = 4
-    num_heads: int = 4
-    ffn_dim: int = 576
-    conv_kernel: int = 15
-    subsampling_channels: int = 64
-    dropout: float = 0.1
+    num_features: int = 80  # input features per frame (the federation's 80-dim fbank)
+    vocab_size: int = 256  # output tokens, blank included: set from the federation's tokenizer, not overridable
+    d_model: int = 144  # the Conformer's width (attention and residual stream)
+    num_layers: int = 4  # Conformer layers
+    num_heads: int = 4  # attention heads a layer (d_model must divide by it)
+    ffn_dim: int = 576  # hidden units of each feed-forward module
+    conv_kernel: int = 15  # depthwise convolution kernel of the conv modules (odd)
+    subsampling_channels: int = 64  # channels of the 4x convolutional subsampling front end
+    dropout: float = 0.1  # dropout in the encoder
     pred_embed_dim: int = 256  # embedding size (the stateless predictor's width)
     pred_hidden: int = 256  # LSTM units
-    pred_layers: int = 1
-    joint_dim: int = 256
-    ctc_head: bool = True
-    blank_id: int = 0
+    pred_layers: int = 1  # LSTM layers of the predictor
+    joint_dim: int = 256  # the joiner's hidden width
+    ctc_head: bool = True  # a CTC output head on the encoder (train.ctc_weight's auxiliary loss)
+    blank_id: int = 0  # the blank token's id (the tokenizer's: 0)
     predictor: str = "lstm"  # lstm | stateless (embedding + depthwise conv over pred_context tokens)
     pred_context: int = 2  # stateless: tokens the predictor sees (the current one included)
     input_scale: bool = True  # scale the subsampled features by sqrt(d_model) before adding positions

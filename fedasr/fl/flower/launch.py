@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from fedasr.errors import FedasrError
+from fedasr.errors import FedasrError, OptionError
 from fedasr.rundir import RunDir
 
 APP_DIR = Path(__file__).parent / "app"
@@ -130,19 +130,21 @@ def slot_env(device: str) -> dict[str, str]:
         return {"CUDA_VISIBLE_DEVICES": device.split(":", 1)[1], DEVICE_ENV: "cuda"}
     if device == "cuda":
         return {DEVICE_ENV: "cuda"}
-    raise FedasrError(f"--devices: unknown device {device!r} (cpu, cuda, cuda:N)")
+    raise OptionError(f"--devices: unknown device {device!r} (cpu, cuda, cuda:N)")
 
 
-def parse_devices(text: str | None) -> list[str]:
-    """``cuda:0,cuda:1`` -> ["cuda:0", "cuda:1"] (each checked: cpu, cuda or cuda:N)."""
-    if not text:
+def parse_devices(given: list[str] | str | None) -> list[str]:
+    """The ``--devices`` values (a list, or one comma-separated text: ``cuda:0,cuda:1``) ->
+    ["cuda:0", "cuda:1"], each checked: cpu, cuda or cuda:N."""
+    if not given:
         return []
-    devices = [d.strip() for d in text.split(",") if d.strip()]
+    texts = [given] if isinstance(given, str) else list(given)
+    devices = [d.strip() for t in texts for d in t.split(",") if d.strip()]
     for d in devices:
         if not (d in ("cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
-            raise FedasrError(f"--devices: unknown device {d!r} (cpu, cuda, cuda:N)")
+            raise OptionError(f"--devices: unknown device {d!r} (cpu, cuda, cuda:N)")
     if not devices:
-        raise FedasrError(f"--devices: no device in {text!r}")
+        raise OptionError(f"--devices: no device in {given!r}")
     return devices
 
 

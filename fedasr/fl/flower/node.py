@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from fedasr.errors import FedasrError
+from fedasr.errors import FedasrError, OptionError
 from fedasr.fl.flower import channel as channel_mod
 from fedasr.fl.flower.patches import POLL_ENV, patch_runtime, seconds, trim_heap
 
@@ -148,7 +148,7 @@ def _runtime_api(argv: list[str]) -> str:
     ap.add_argument("--isolation", default="process")
     a, _ = ap.parse_known_args(argv)
     if a.isolation != "process":
-        raise FedasrError(f"--isolation {a.isolation}: fedasr's SuperNode runs its ClientApps itself (process)")
+        raise OptionError(f"--isolation {a.isolation}: fedasr's SuperNode runs its ClientApps itself (process)")
     host = "127.0.0.1" if a.host in ("0.0.0.0", "") else a.host
     return f"{host}:{a.port}"
 
