@@ -269,7 +269,7 @@ def test_the_method_layer_resolves_the_method_blocks():
     block = method_config(cfg.pruning)
     assert isinstance(block, FedTinyConfig) and block.candidates == 3 and block.granularity == "block"
     assert block.density_tolerance == FedTinyConfig().density_tolerance  # a default the recipe leaves out
-    assert sorted(method_blocks(cfg.pruning)) == ["federated_pruning", "fedtiny"]  # every block given, parsed
+    assert sorted(method_blocks(cfg.pruning)) == ["asp", "feddst", "federated_pruning", "fedtiny", "prunefl"]  # every block given, parsed
     assert method_config(load_config(None, []).pruning) is None  # method none: no block
     full = resolved_pruning(cfg.pruning)  # every block in full: what a run's config.yaml can record
     assert full["fedtiny"] == dataclasses.asdict(block) and full["target_sparsity"] == cfg.pruning.target_sparsity
