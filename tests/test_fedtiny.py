@@ -54,6 +54,28 @@ def test_candidates_are_noisy_layerwise_magnitude_masks_at_the_target_density():
     assert all(torch.equal(a[n], b[n]) for a, b in zip(cands, ft.draw_candidates(w)) for n in ft.names)
 
 
+def test_erk_candidates_are_drawn_around_the_erdos_renyi_kernel_densities():
+    """``allocation: erk``: each layer's density within d_l^ERK (1 +- noise), so small layers
+    keep more than large ones (uniform keeps every layer near d); the total at the target."""
+    from fedasr.errors import FedasrError
+    from fedasr.prune.allocation import layer_counts
+
+    m = micro()
+    w = state(m)
+    erk = method(m, sparsity=0.9, candidates=3, density_noise=0.2, allocation="erk")
+    sizes = {n: w[n].numel() for n in erk.names}
+    base = layer_counts({n: tuple(w[n].shape) for n in erk.names}, 0.1, "erk")
+    for c in erk.draw_candidates(w):
+        assert abs(sum(int(c[n].sum()) for n in erk.names) / sum(sizes.values()) - 0.1) <= 0.02 * 0.1 + 1e-9
+        for n in erk.names:
+            k, d = int(c[n].sum()), base[n] / sizes[n]
+            assert max(1, math.floor(0.8 * d * sizes[n])) <= k <= min(sizes[n], math.ceil(1.2 * d * sizes[n]))
+    small, large = min(erk.names, key=sizes.get), max(erk.names, key=sizes.get)
+    assert base[small] / sizes[small] > 2 * base[large] / sizes[large]
+    with pytest.raises(FedasrError, match=r"pruning.fedtiny.allocation: unknown 'global' \(erk, uniform\)"):
+        FedTinyConfig(allocation="global").validate("pruning.fedtiny")
+
+
 def _batch(feats, lens, vocab):
     return tiny_batch(lens, [3] * feats.shape[0], seed=5, feats=feats, vocab=vocab)
 

@@ -6,7 +6,8 @@ Federated Learning") on the Conformer-Transducer.
    stand-in for the paper's server pre-training). The server draws ``candidates`` coarse
    masks from the model as it is then (initial, ``--init-from``, or after the dense
    rounds): layer-wise magnitude pruning to per-layer densities ``d_l = d (1 + u_l)``,
-   ``u_l ~ U[-noise, noise)``, redrawn until the overall density is within ``density_tolerance`` of the target
+   ``u_l ~ U[-noise, noise)`` (``allocation: erk``: ``d_l = d^ERK_l (1 + u_l)``, the
+   Erdős–Rényi-Kernel densities FedDST starts from, a departure), redrawn until the overall density is within ``density_tolerance`` of the target
    ``d = 1 - target_sparsity`` (the authors' ``noise-uniform-magnitude``). Two evaluate-only
    client phases follow: ``bn_stats`` — each client applies each candidate and recomputes
    the BatchNorm statistics (the Conformer's conv modules) by forward passes over
@@ -52,6 +53,7 @@ from torch import nn
 from fedasr.errors import FedasrError
 from fedasr.methods.base import (ClientHooks, GradientMeanHooks, Instructions, MeanAggregator, MethodUpdate,
                                  PruningMethod, Report, RoundContext, register)
+from fedasr.prune.allocation import LAYER_COUNTS, layer_counts
 from fedasr.prune.masks import Masks, apply_masks
 from fedasr.trainer import batchnorms, recalibrate_batchnorm
 
@@ -66,7 +68,10 @@ class FedTinyConfig:
     gradients."""
 
     candidates: int = 5  # coarse masks to select from
-    density_noise: float = 0.5  # per-layer density d (1 + u), u ~ U[-noise, noise)
+    # per-layer base densities d_l around which the candidates are drawn: uniform (d_l = d, the
+    # paper's) | erk (Erdős–Rényi-Kernel, as FedDST: small layers keep more)
+    allocation: str = "uniform"
+    density_noise: float = 0.5  # per-layer density d_l (1 + u), u ~ U[-noise, noise)
     density_tolerance: float = 0.02  # overall density within this relative error of the target
     phase_batches: int = 4  # client batches for BatchNorm recalibration and candidate losses
     adaptive_bn: bool = True  # select with recomputed BatchNorm statistics (false: the model's own)
@@ -94,6 +99,8 @@ class FedTinyConfig:
             raise FedasrError(f"{p}alpha: must be in [0, 1)")
         if self.granularity not in GRANULARITIES:
             raise FedasrError(f"{p}granularity: unknown {self.granularity!r} ({', '.join(GRANULARITIES)})")
+        if self.allocation not in LAYER_COUNTS:
+            raise FedasrError(f"{p}allocation: unknown {self.allocation!r} ({', '.join(LAYER_COUNTS)})")
 
     def check_common(self, pruning, prefix: str) -> None:
         if pruning.target_sparsity <= 0:
@@ -195,15 +202,21 @@ class FedTiny(PruningMethod):
 
     def draw_candidates(self, weights: dict[str, torch.Tensor]) -> list[Masks]:
         """``candidates`` masks: layer-wise magnitude pruning to noisy per-layer densities
-        whose overall density is within the tolerance of the target."""
+        (around the ``allocation``'s) whose overall density is within the tolerance of the
+        target."""
         gen = torch.Generator().manual_seed(self.seed * 7919 + 17)
         d = 1.0 - self.common.target_sparsity
         sizes = torch.tensor([weights[n].numel() for n in self.names], dtype=torch.float64)
+        if self.cfg.allocation == "uniform":
+            base = torch.full_like(sizes, d)
+        else:
+            counts = layer_counts({n: tuple(weights[n].shape) for n in self.names}, d, self.cfg.allocation)
+            base = torch.tensor([counts[n] for n in self.names], dtype=torch.float64) / sizes
         out = []
         for _ in range(self.cfg.candidates):
             for _attempt in range(10_000):
                 u = (torch.rand(len(self.names), generator=gen, dtype=torch.float64) - 0.5) * 2 * self.cfg.density_noise
-                dens = (d * (1 + u)).clamp(max=1.0)
+                dens = (base * (1 + u)).clamp(max=1.0)
                 keep = torch.maximum((dens * sizes).floor(), torch.ones_like(sizes))
                 if abs(float(keep.sum() / sizes.sum()) - d) <= self.cfg.density_tolerance * d:
                     break
