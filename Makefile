@@ -40,10 +40,11 @@ test-fast: $(STAMP)
 # unit (structured) at 0.5, and the references at 0.5 (server-only: the server's data alone;
 # centralized: the clients' data pooled); WER on test-clean/test-other for each
 # -> $(DEMO_DIR)/sweep/wer_vs_sparsity.{csv,png}.
+CI_SWEEP = $(FEDASR) sweep recipes/ci.yaml --federation $(DEMO_DIR)/federation --out $(DEMO_DIR)/sweep --jobs 2
 DEMO_RUNS := --only dense --only unstructured-magnitude-adaptive@0.5 --only unit-magnitude-global@0.5 \
 	--only server-only@0.5 --only centralized@0.5
 demo: $(DEMO_DIR)/federation/federation.yaml
-	$(FEDASR) sweep recipes/ci.yaml --federation $(DEMO_DIR)/federation --out $(DEMO_DIR)/sweep --jobs 2 $(DEMO_RUNS)
+	$(CI_SWEEP) $(DEMO_RUNS)
 
 $(DEMO_DIR)/federation/federation.yaml: $(STAMP)
 	$(FEDASR) synth --out $(DEMO_DIR)/corpus --speakers 24 --server-speakers 6 --utterances-per-speaker 50 \
@@ -55,13 +56,13 @@ $(DEMO_DIR)/federation/federation.yaml: $(STAMP)
 # The whole figure (README's): every scheme and sparsity of the ci recipe in the demo's sweep
 # directory (the demo's finished runs are skipped); its CSV and plot are copied to docs/.
 curve-full: $(DEMO_DIR)/federation/federation.yaml
-	$(FEDASR) sweep recipes/ci.yaml --federation $(DEMO_DIR)/federation --out $(DEMO_DIR)/sweep --jobs 2
+	$(CI_SWEEP)
 	cp $(DEMO_DIR)/sweep/wer_vs_sparsity.csv docs/wer_vs_sparsity_full.csv
 	cp $(DEMO_DIR)/sweep/wer_vs_sparsity.png docs/wer_vs_sparsity_full.png
 
 # the demo's sweep alone again (finished runs are skipped)
 curve: $(STAMP)
-	$(FEDASR) sweep recipes/ci.yaml --federation $(DEMO_DIR)/federation --out $(DEMO_DIR)/sweep --jobs 2 $(DEMO_RUNS)
+	$(CI_SWEEP) $(DEMO_RUNS)
 
 # More structured patterns and ASP's third k on the same recipe and seed
 curve-structured: $(DEMO_DIR)/federation/federation.yaml
