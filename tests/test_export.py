@@ -324,6 +324,9 @@ def test_sherpa_onnx_and_onnxruntime_decode_an_export_as_fedasr_does(trained):
         assert near_tie_or_same(ref, onnx.greedy(enc, 1), blank, 2 * tol), (c.id, "OnnxTransducer.greedy")
         # sherpa-onnx: held to the float64 model on its own front end's features
         knf = _sherpa_fbank(c.load_audio()[0])
+        # eval's stored features are sherpa-onnx's front end's (to its bound in
+        # test_shard_features_equal_the_sherpa_onnx_front_end), not a compressed copy of them
+        assert np.abs(raw - knf).max() < 2e-3, c.id
         knf_joint, knf_frames = torch_joint(exact, fed.cmvn.apply(torch.from_numpy(knf).float()))
         knf_ref = greedy_trace(knf_joint, knf_frames, blank, context)
         knf_tol = f32_tol(knf_ref)

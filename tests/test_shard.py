@@ -1,13 +1,14 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from conftest import run_cli
 from fedasr.data.batching import AsrDataset
-from fedasr.data.features import SpecAugment
+from fedasr.data.features import SpecAugment, fbank_extractor
 from fedasr.data.federation import Federation
 
 SPLIT_ARGS = ["--train-split", "train", "--dev-split", "dev", "--test-split", "test-clean",
@@ -41,6 +42,23 @@ def test_federation_dir_is_relocatable(federation, tmp_path):
     cut = fed.split_cuts("test-other")[0]
     assert str(moved.resolve()) in cut.features.storage_path
     assert cut.load_features().shape[1] == 80
+
+
+def test_eval_features_are_exactly_what_the_front_end_computes(federation):
+    """Dev/test features are stored uncompressed: `fedasr eval` decodes the very fbank a
+    deployment computes from the waveform (lilcom's steps of 1/32 moved the demo's dense WER by
+    0.35 points against sherpa-onnx). Training features stay lilcom-compressed."""
+    fed = Federation(federation)
+    assert fed.meta["features"]["storage"] == {"train": "lilcom_chunky", "eval": "numpy_files"}
+    ex = fbank_extractor()
+    for split in fed.eval_splits:
+        for cut in fed.split_cuts(split)[:3]:
+            want = ex.extract(cut.load_audio(), cut.sampling_rate)
+            got = cut.load_features()
+            assert got.dtype == np.float32 and np.array_equal(got, want), (split, cut.id)
+    cut = fed.client_cuts(fed.client_ids[0])[0]
+    diff = np.abs(cut.load_features() - ex.extract(cut.load_audio(), cut.sampling_rate))
+    assert 0 < diff.max() <= 1 / 64 + 1e-4  # lilcom: rounded to the nearest 1/32
 
 
 def test_features_shapes_and_normalisation(federation):

@@ -1,8 +1,12 @@
 """The feature pipeline the model consumes.
 
 - 80-dim log-mel filterbanks (lhotse's Kaldi-compatible :class:`lhotse.Fbank`, 25 ms
-  window, 10 ms shift), computed once by ``fedasr shard`` and stored lilcom-compressed
-  in ``FED_DIR/feats``; manifests keep paths relative to the federation directory.
+  window, 10 ms shift), computed once by ``fedasr shard`` and stored in ``FED_DIR/feats``;
+  manifests keep paths relative to the federation directory. Training data (clients',
+  server's) is stored lilcom-compressed (steps of 1/32 in log energy: a quarter of the
+  disk); dev and test splits uncompressed (float32 ``.npy``), so the WER ``fedasr eval``
+  reports is computed on the features a deployment computes from the waveform
+  (:data:`STORAGE`; with lilcom the demo's dense model read 0.35 points off sherpa-onnx).
   Every option is spelled out (:data:`FBANK_OPTIONS`) and equals what sherpa-onnx's
   ``OfflineRecognizer`` computes from a waveform with kaldi-native-fbank (its
   ``FeatureExtractorConfig`` defaults: samples in [-1, 1], no dither, no edge snipping,
@@ -33,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lhotse import CutSet, Fbank, FbankConfig, LilcomChunkyWriter
+from lhotse import CutSet, Fbank, FbankConfig, LilcomChunkyWriter, NumpyFilesWriter
 from lhotse.augmentation.resample import Resample
 from lhotse.utils import fastcopy
 
@@ -58,6 +62,9 @@ FBANK_OPTIONS = dict(sampling_rate=SAMPLE_RATE, frame_length=0.025, frame_shift=
 # bin against the same audio recorded at 16 kHz. 64 crossings keep the whole 20-7600 Hz band of
 # the features (0.004 there; tests/test_sources.py), at no cost measurable beside the fbank.
 RESAMPLER_ZERO_CROSSINGS = 64
+
+# How ``fedasr shard`` stores features, by use: lhotse writer names (federation.yaml records them).
+STORAGE = {"train": LilcomChunkyWriter, "eval": NumpyFilesWriter}
 
 
 @functools.lru_cache(maxsize=8)
@@ -113,8 +120,9 @@ def _quiet_audio_errors():
         root.removeFilter(quiet)
 
 
-def compute_features(cuts: CutSet, fed_dir: Path, name: str, jobs: int = 1) -> CutSet:
-    """Compute and store fbank for ``cuts`` under ``fed_dir/feats/name``.
+def compute_features(cuts: CutSet, fed_dir: Path, name: str, jobs: int = 1, use: str = "train") -> CutSet:
+    """Compute and store fbank for ``cuts`` under ``fed_dir/feats/name``, in the storage
+    :data:`STORAGE` gives ``use`` ("train": lilcom-compressed; "eval": exact float32).
 
     The returned cuts reference their features relative to ``fed_dir`` (see
     :func:`load_manifest`), so a federation directory can be moved or renamed.
@@ -131,7 +139,7 @@ def compute_features(cuts: CutSet, fed_dir: Path, name: str, jobs: int = 1) -> C
                 extractor=fbank_extractor(),
                 storage_path=feats_dir / name,
                 num_jobs=num_jobs,
-                storage_type=LilcomChunkyWriter,
+                storage_type=STORAGE[use],
                 progress_bar=False,
             ).to_eager()
     except Exception as e:  # name the audio file when decoding fails midway

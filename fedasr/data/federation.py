@@ -13,7 +13,8 @@ Layout of ``FED_DIR``::
     clients/CLIENT.jsonl.gz    one lhotse CutSet per client (with stored features)
     server.jsonl.gz            the server's own utterances (``--server-split``; never a client)
     eval/SPLIT.jsonl.gz        dev and test CutSets
-    feats/                     lilcom-compressed fbank features
+    feats/                     fbank features: lilcom-compressed for training, exact float32 (.npy)
+                               for dev/test (what a deployment computes from the audio)
 
 The directory is built under a temporary name and renamed into place at the end: on any
 error nothing is left behind.
@@ -31,7 +32,7 @@ from lhotse import CutSet
 
 from fedasr.data import partition as part
 from fedasr.data.corpus import Problem
-from fedasr.data.features import SAMPLE_RATE, GlobalCMVN, compute_features, load_manifest
+from fedasr.data.features import SAMPLE_RATE, STORAGE, GlobalCMVN, compute_features, load_manifest
 from fedasr.data.sources import chapter_of, check_roles, read_split
 from fedasr.data.tokenizer import TEXT_NORMALIZATION, Tokenizer, train_tokenizer
 from fedasr.errors import FedasrError, OptionError
@@ -173,7 +174,7 @@ def shard(opts: ShardOptions, log: Callable[[str], None] = lambda s: None) -> di
         for role, splits in (("dev", opts.dev_splits), ("test", opts.test_splits)):
             for split in splits:
                 log(f"computing features ({split})")
-                cs = compute_features(scans[split].cuts, tmp, split, opts.jobs)
+                cs = compute_features(scans[split].cuts, tmp, split, opts.jobs, use="eval")
                 cs.to_file(tmp / "eval" / f"{split}.jsonl.gz")
                 eval_meta[split] = {
                     "role": role,
@@ -206,7 +207,7 @@ def shard(opts: ShardOptions, log: Callable[[str], None] = lambda s: None) -> di
                           "blank_id": 0},
             "features": {"type": "fbank", "num_mel_bins": 80, "frame_shift": 0.01, "sampling_rate": SAMPLE_RATE,
                          "audio": "channels averaged, resampled to 16 kHz (lhotse's resampler)",
-                         "storage": "lilcom_chunky", "cmvn": "cmvn.json",
+                         "storage": {use: w.name for use, w in STORAGE.items()}, "cmvn": "cmvn.json",
                          "cmvn_from": "server" if opts.server_splits else "clients"},
             "summary": {
                 "clients": len(sizes),
