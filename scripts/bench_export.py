@@ -128,9 +128,9 @@ def main() -> None:
                 dec, _ = decode_cuts(model, cuts, tok, fed.cmvn, max_symbols_per_frame=m)
                 row[f"eval m{m}"] = [" ".join(x.hyp.split()) for x in dec]  # words (sherpa-onnx strips spaces)
                 refs = [x.ref for x in dec]
-            if cuts[0].features.storage_type == NumpyFilesWriter.name:
-                pass  # dev/test stored uncompressed: eval m1 decodes the front end's own fbank
-            else:  # a federation sharded when dev/test were lilcom-compressed (up to 0.016 off)
+            if cuts[0].features.storage_type != NumpyFilesWriter.name:
+                # a federation sharded when dev/test were lilcom-compressed (up to 0.016 off the
+                # front end's fbank): the same search on fbank recomputed uncompressed
                 raw = CutSet.from_cuts([c.drop_features() for c in cuts]).compute_and_store_features(
                     fbank_extractor(), storage_path=tmp / f"fbank-{split}", storage_type=NumpyFilesWriter)
                 dec, _ = decode_cuts(model, raw, tok, fed.cmvn, max_symbols_per_frame=1)

@@ -3,7 +3,7 @@
 - 80-dim log-mel filterbanks (lhotse's Kaldi-compatible :class:`lhotse.Fbank`, 25 ms
   window, 10 ms shift), computed once by ``fedasr shard`` and stored in ``FED_DIR/feats``;
   manifests keep paths relative to the federation directory. Training data (clients',
-  server's) is stored lilcom-compressed (steps of 1/32 in log energy: a quarter of the
+  server's) is stored lilcom-compressed (steps of 1/32 in log energy: about a quarter of the
   disk); dev and test splits uncompressed (float32 ``.npy``), so the WER ``fedasr eval``
   reports is computed on the features a deployment computes from the waveform
   (:data:`STORAGE`; with lilcom the demo's dense model read 0.35 points off sherpa-onnx).
