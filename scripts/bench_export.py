@@ -92,10 +92,10 @@ def main() -> None:
     import torch
 
     from fedasr.checkpoint import load_checkpoint
-    from lhotse import CutSet, NumpyFilesWriter
+    from lhotse import CutSet
 
     from fedasr.data.federation import Federation
-    from fedasr.data.features import fbank_extractor
+    from fedasr.data.features import STORAGE, compute_features
     from fedasr.evaluate import decode_cuts, score
     from fedasr.commands.export import export_checkpoint
     from fedasr.export import INT8_SCHEMES
@@ -128,11 +128,11 @@ def main() -> None:
                 dec, _ = decode_cuts(model, cuts, tok, fed.cmvn, max_symbols_per_frame=m)
                 row[f"eval m{m}"] = [" ".join(x.hyp.split()) for x in dec]  # words (sherpa-onnx strips spaces)
                 refs = [x.ref for x in dec]
-            if cuts[0].features.storage_type != NumpyFilesWriter.name:
+            if cuts[0].features.storage_type != STORAGE["eval"].name:
                 # a federation sharded when dev/test were lilcom-compressed (up to 0.016 off the
-                # front end's fbank): the same search on fbank recomputed uncompressed
-                raw = CutSet.from_cuts([c.drop_features() for c in cuts]).compute_and_store_features(
-                    fbank_extractor(), storage_path=tmp / f"fbank-{split}", storage_type=NumpyFilesWriter)
+                # front end's fbank): the same search on the features `fedasr shard` stores now
+                raw = compute_features(CutSet.from_cuts([c.drop_features() for c in cuts]), tmp, f"fbank-{split}",
+                                       use="eval").with_features_path_prefix(str(tmp.resolve()))
                 dec, _ = decode_cuts(model, raw, tok, fed.cmvn, max_symbols_per_frame=1)
                 row["eval m1, uncompressed fbank"] = [" ".join(x.hyp.split()) for x in dec]
             for name, rec in recs.items():
